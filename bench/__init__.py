@@ -1,0 +1,1 @@
+"""Benchmarks: run as scripts, print a table and write JSON; never part of the tests."""

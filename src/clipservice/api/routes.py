@@ -1,0 +1,165 @@
+"""HTTP handlers: create jobs, read and cancel them, serve clips, health."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import aiofiles.os
+from aiohttp import web
+
+from clipservice.api.keys import RUNNER, SETTINGS, STORE
+from clipservice.api.problems import PROBLEM_CONTENT_TYPE
+from clipservice.api.schemas import CreateClipsRequest, JobCreated
+from clipservice.errors import ProblemError
+from clipservice.jobs.models import ClipSpec, Job, JobSource, JobStatus, new_job_id
+from clipservice.media.naming import is_clip_file_name
+
+routes = web.RouteTableDef()
+
+MAX_BODY_BYTES = 64 * 1024
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def parse_json_body(body: bytes) -> Any:
+    """Strict JSON: no NaN/Infinity, no duplicate keys; 400 otherwise."""
+    try:
+        return json.loads(
+            body.decode("utf-8"),
+            parse_constant=_reject_constant,
+            object_pairs_hook=_no_duplicate_keys,
+        )
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ProblemError(400, "Malformed JSON", f"the body is not valid JSON: {exc}") from exc
+
+
+def _job_or_404(job: Job | None, job_id: str) -> Job:
+    if job is None:
+        raise ProblemError(404, "Job not found", f"no job {job_id!r} (it may have expired)")
+    return job
+
+
+def _job_response(request: web.Request, job: Job, status: int = 200) -> web.Response:
+    doc = job.public(request.app[SETTINGS].server.public_url)
+    return web.json_response(doc, status=status)
+
+
+def _request_hash(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+@routes.post("/api/create-clips")
+async def create_clips(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    store = request.app[STORE]
+    if request.content_type != "application/json":
+        raise ProblemError(
+            415, "Unsupported Media Type", "send the body as Content-Type: application/json"
+        )
+    payload = parse_json_body(await request.read())
+    body = CreateClipsRequest.model_validate(payload, context={"settings": settings})
+
+    idem_key = request.headers.get("Idempotency-Key")
+    req_hash = _request_hash(payload)
+    if idem_key is not None:
+        if not 1 <= len(idem_key) <= 255 or not idem_key.isprintable():
+            raise ProblemError(400, "Bad Idempotency-Key", "1 to 255 printable characters")
+        for other in await store.all():
+            if other.idempotency_key == idem_key:
+                if other.request_hash != req_hash:
+                    raise ProblemError(
+                        409,
+                        "Idempotency-Key reused",
+                        "this Idempotency-Key was used with a different body",
+                    )
+                return _created_response(other, 200)
+
+    default_mode = body.mode or settings.cut.default_mode
+    clips = [
+        ClipSpec(index=i, start=float(c.start), end=float(c.end), mode=c.mode or default_mode)
+        for i, c in enumerate(body.clips)
+    ]
+    job = Job(
+        job_id=new_job_id(),
+        video_id=body.video_id,
+        source=JobSource(
+            video_id=body.video_id, url=body.url, video_url=body.video_url, audio_url=body.audio_url
+        ),
+        clips=clips,
+        total=len(clips),
+        callback_url=body.callback_url,
+        idempotency_key=idem_key,
+        request_hash=req_hash,
+    )
+    await store.save(job)
+    request.app[RUNNER].submit(job)
+    return _created_response(job, 202)
+
+
+def _created_response(job: Job, status: int) -> web.Response:
+    created = JobCreated(
+        job_id=job.job_id,
+        status=job.status.value,
+        total=job.total,
+        status_url=f"/api/check-job/{job.job_id}",
+    )
+    return web.json_response(
+        created.model_dump(), status=status, headers={"Location": f"/api/jobs/{job.job_id}"}
+    )
+
+
+@routes.get("/api/check-job/{job_id}")
+@routes.get("/api/jobs/{job_id}")
+async def get_job(request: web.Request) -> web.Response:
+    job_id = request.match_info["job_id"]
+    job = _job_or_404(await request.app[STORE].get(job_id), job_id)
+    return _job_response(request, job)
+
+
+@routes.delete("/api/jobs/{job_id}")
+async def delete_job(request: web.Request) -> web.StreamResponse:
+    job_id = request.match_info["job_id"]
+    store = request.app[STORE]
+    runner = request.app[RUNNER]
+    job = _job_or_404(await store.get(job_id), job_id)
+    if job.status.ended:
+        await runner.delete_ended(job)
+        return web.Response(status=204)
+    await runner.cancel(job_id)
+    job = _job_or_404(await store.get(job_id), job_id)
+    if job.status is not JobStatus.CANCELLED:
+        raise ProblemError(409, "Job ended", f"the job ended as {job.status.value} meanwhile")
+    return _job_response(request, job)
+
+
+@routes.get("/api/clips/{file}")
+async def get_clip(request: web.Request) -> web.StreamResponse:
+    name = request.match_info["file"]
+    if not is_clip_file_name(name):
+        raise ProblemError(404, "Clip not found", "no such clip")
+    clips_dir = request.app[SETTINGS].clips_dir
+    path = clips_dir / name
+    if not await aiofiles.os.path.isfile(path):
+        raise ProblemError(404, "Clip not found", "no such clip (it may have expired)")
+    return web.FileResponse(path, headers={"Content-Type": "video/mp4"})
+
+
+@routes.get("/healthz")
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+__all__ = ["MAX_BODY_BYTES", "PROBLEM_CONTENT_TYPE", "routes"]

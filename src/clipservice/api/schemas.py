@@ -1,0 +1,176 @@
+"""Request and response bodies of the HTTP API.
+
+The same models validate requests, feed the OpenAPI document and type the
+Python client, so the three never disagree. Limits that depend on the
+configuration come in through the validation context (``{"settings": …}``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Annotated, Any
+
+from pydantic import (
+    AnyUrl,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from clipservice.config import CutMode, Settings
+
+_TIMESTAMP_RE = re.compile(r"^(?:(\d{1,3}):([0-5]\d)|(\d{1,4})):([0-5]\d)(?:\.(\d{1,6}))?$")
+_SECONDS_RE = re.compile(r"^\d{1,7}(?:\.\d{1,6})?$")
+VIDEO_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+MAX_URL_LENGTH = 4096
+
+
+def parse_time(value: Any) -> float:
+    """Seconds (a number ≥ 0) or ``[HH:]MM:SS[.fff]`` → seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected seconds or [HH:]MM:SS[.fff], not a boolean")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        if _SECONDS_RE.match(text):
+            seconds = float(text)
+        elif m := _TIMESTAMP_RE.match(text):
+            hours = int(m.group(1) or 0)
+            minutes = int(m.group(2) or m.group(3))
+            secs = int(m.group(4))
+            frac = float("0." + m.group(5)) if m.group(5) else 0.0
+            seconds = hours * 3600 + minutes * 60 + secs + frac
+        else:
+            raise ValueError(f"{value!r} is not seconds or [HH:]MM:SS[.fff]")
+    else:
+        raise ValueError("expected seconds or [HH:]MM:SS[.fff]")
+    if not math.isfinite(seconds) or seconds < 0 or seconds > 1e7:
+        raise ValueError("time must be a finite number of seconds between 0 and 10^7")
+    return round(seconds, 6)
+
+
+TimeValue = Annotated[
+    float | str,
+    Field(
+        description="Seconds (number ≥ 0) or a timestamp [HH:]MM:SS[.fff].",
+        examples=[10, "00:01:05.5"],
+    ),
+]
+
+
+def _settings(info: ValidationInfo) -> Settings | None:
+    ctx = info.context
+    if isinstance(ctx, dict):
+        s = ctx.get("settings")
+        return s if isinstance(s, Settings) else None
+    return None
+
+
+def _http_url(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if len(value) > MAX_URL_LENGTH:
+        raise ValueError(f"URL longer than {MAX_URL_LENGTH} characters")
+    try:
+        parsed = AnyUrl(value)
+    except ValueError:
+        raise ValueError("not a valid URL") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ValueError("must be an http(s) URL")
+    if any(ord(c) < 0x21 for c in value):
+        raise ValueError("URL contains whitespace or control characters")
+    return value
+
+
+class ClipRequest(BaseModel):
+    """One requested time range."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    start: TimeValue
+    end: TimeValue
+    mode: CutMode | None = Field(None, description="fast | accurate | reencode.")
+
+    @field_validator("start", "end", mode="before")
+    @classmethod
+    def _time(cls, value: Any) -> float:
+        return parse_time(value)
+
+    @model_validator(mode="after")
+    def _range(self, info: ValidationInfo) -> ClipRequest:
+        start, end = float(self.start), float(self.end)
+        if start >= end:
+            raise ValueError("start must be before end")
+        settings = _settings(info)
+        if settings and end - start > settings.jobs.max_clip_duration_s:
+            raise ValueError(
+                f"clip lasts {end - start:g}s, over max_clip_duration_s="
+                f"{settings.jobs.max_clip_duration_s:g}"
+            )
+        return self
+
+
+class CreateClipsRequest(BaseModel):
+    """Body of ``POST /api/create-clips``: one source and 1..max_clips_per_job clips."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    video_id: str | None = Field(None, pattern=VIDEO_ID_PATTERN, examples=["dQw4w9WgXcQ"])
+    url: str | None = Field(None, description="A page URL the resolver accepts.")
+    video_url: str | None = Field(None, description="A video (or muxed) stream URL.")
+    audio_url: str | None = Field(None, description="A separate audio stream URL.")
+    clips: list[ClipRequest] = Field(min_length=1)
+    mode: CutMode | None = Field(None, description="Default mode for clips that name none.")
+    callback_url: str | None = Field(None, description="Webhook for the final job document.")
+
+    @field_validator("url", "video_url", "audio_url", "callback_url")
+    @classmethod
+    def _urls(cls, value: str | None) -> str | None:
+        return _http_url(value)
+
+    @field_validator("clips")
+    @classmethod
+    def _clip_count(cls, value: list[ClipRequest], info: ValidationInfo) -> list[ClipRequest]:
+        settings = _settings(info)
+        if settings and len(value) > settings.jobs.max_clips_per_job:
+            raise ValueError(
+                f"{len(value)} clips, over max_clips_per_job={settings.jobs.max_clips_per_job}"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self, info: ValidationInfo) -> CreateClipsRequest:
+        given = [n for n in ("video_id", "url", "video_url") if getattr(self, n)]
+        if len(given) != 1:
+            raise ValueError("give exactly one source: video_id, url or video_url")
+        if self.audio_url and not self.video_url:
+            raise ValueError("audio_url goes with video_url")
+        settings = _settings(info)
+        if settings and settings.resolver.kind == "direct" and not self.video_url:
+            raise ValueError("this service resolves only video_url/audio_url (resolver: direct)")
+        return self
+
+
+class JobCreated(BaseModel):
+    """Answer of ``POST /api/create-clips`` (202)."""
+
+    job_id: str
+    status: str
+    total: int
+    status_url: str
+
+
+class ProblemDetail(BaseModel):
+    """RFC 9457 problem details, the body of every error response."""
+
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str = ""
+    code: str | None = None
+    errors: list[dict[str, Any]] | None = None

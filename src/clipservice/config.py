@@ -1,0 +1,198 @@
+"""Service configuration: one frozen pydantic model, loaded once.
+
+Sources, later ones winning: built-in defaults, a TOML file, then environment
+variables named ``CLIPSERVICE_<SECTION>__<KEY>``. Any unknown key or bad value
+raises :class:`ConfigError` with a message naming the key, so a typo never
+starts a service on silently different settings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+ENV_PREFIX = "CLIPSERVICE_"
+
+CutMode = Literal["fast", "accurate", "reencode"]
+
+
+class ConfigError(Exception):
+    """The configuration could not be loaded; the message names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ServerSettings(_Section):
+    """HTTP listener and shutdown behaviour."""
+
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8080, ge=0, le=65535, description="TCP port to listen on.")
+    public_url: str = Field(
+        "", description='Base for absolute clip URLs behind a proxy; "" = relative URLs.'
+    )
+    shutdown_grace_s: float = Field(
+        30, ge=0, description="On SIGTERM: how long running clips may finish."
+    )
+    trusted_proxies: tuple[str, ...] = Field(
+        (), description="Addresses/networks whose X-Forwarded-* headers are believed."
+    )
+
+
+class StorageSettings(_Section):
+    """Where job documents and clip files live."""
+
+    data_dir: Path = Field(Path("./data"), description="Holds jobs/ and clips/.")
+
+
+class JobsSettings(_Section):
+    """Limits and lifetimes of jobs and clips."""
+
+    retention_s: float = Field(
+        600, ge=0, description="Ended jobs and their files are deleted this long after they end."
+    )
+    clip_timeout_s: float = Field(
+        300, gt=0, description="Bound on all the FFmpeg work of one clip."
+    )
+    max_concurrent_clips: int = Field(4, ge=1, description="FFmpeg processes at once.")
+    max_clips_per_job: int = Field(50, ge=1, description="Most clips one job may ask for.")
+    max_clip_duration_s: float = Field(600, gt=0, description="Longest clip one may ask for.")
+
+
+class CutSettings(_Section):
+    """How clips are cut."""
+
+    default_mode: CutMode = Field("accurate", description="fast | accurate | reencode.")
+    ffmpeg_path: str = Field("", description='"" = the FFmpeg bundled with imageio-ffmpeg.')
+
+
+class ResolverSettings(_Section):
+    """The upstream that turns a video id or page URL into stream URLs."""
+
+    kind: Literal["vidfly", "direct"] = Field(
+        "vidfly", description="vidfly | direct (direct: only video_url/audio_url requests)."
+    )
+    base_url: str = Field("https://api.vidfly.ai", description="Vidfly API base URL.")
+    timeout_s: float = Field(30, gt=0, description="Timeout of one resolver request.")
+    max_height: int = Field(1080, ge=1, description="Prefer the best stream at or below this.")
+
+
+class SecuritySettings(_Section):
+    """Authentication, webhooks, rate limits and the outbound URL guard."""
+
+    api_keys: tuple[str, ...] = Field((), description="Empty: no authentication.")
+    webhook_secret: str = Field("", description="HMAC key for webhook signatures.")
+    webhook_retry_s: float = Field(86400, ge=0, description="Retry a failed webhook this long.")
+    create_rate_per_min: int = Field(60, ge=0, description="Job creations per key per minute.")
+    allow_private_sources: bool = Field(
+        False, description="Allow media/webhook URLs on loopback or private addresses."
+    )
+
+
+class QueueSettings(_Section):
+    """In-process jobs, or the distributed mode over Redis."""
+
+    url: str = Field("", description='"" = in-process; "redis://host:6379/0" = distributed.')
+
+
+class Settings(_Section):
+    """All of clipservice's settings."""
+
+    server: ServerSettings = ServerSettings()
+    storage: StorageSettings = StorageSettings()
+    jobs: JobsSettings = JobsSettings()
+    cut: CutSettings = CutSettings()
+    resolver: ResolverSettings = ResolverSettings()
+    security: SecuritySettings = SecuritySettings()
+    queue: QueueSettings = QueueSettings()
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.storage.data_dir / "jobs"
+
+    @property
+    def clips_dir(self) -> Path:
+        return self.storage.data_dir / "clips"
+
+    def replace(self, **sections: Mapping[str, Any]) -> Settings:
+        """A copy with some keys of some sections changed (validated again)."""
+        data = self.model_dump()
+        for name, values in sections.items():
+            data[name] = {**data[name], **values}
+        return Settings.model_validate(data)
+
+
+def _env_value(raw: str) -> Any:
+    # Lists, numbers and booleans are written as JSON; anything that is not
+    # valid JSON is taken as a plain string (a path, a URL).
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        rest = name[len(ENV_PREFIX) :]
+        section, sep, key = rest.partition("__")
+        if not sep or not section or not key:
+            raise ConfigError(f"environment variable {name}: expected {ENV_PREFIX}<SECTION>__<KEY>")
+        value = _env_value(raw)
+        # A string setting given as a JSON number ("8080" for host) stays a string.
+        out.setdefault(section.lower(), {})[key.lower()] = value if value is not None else raw
+    return out
+
+
+def _format_error(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid configuration ({origin}):"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_settings(
+    path: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    *,
+    default_path: str | Path = "config.toml",
+) -> Settings:
+    """Load settings from ``path`` (or ``./config.toml`` if present) and the environment."""
+    environ = os.environ if environ is None else environ
+    data: dict[str, Any] = {}
+    origin = "built-in defaults"
+    file = Path(path) if path is not None else Path(default_path)
+    if path is not None or file.is_file():
+        try:
+            with file.open("rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file not found: {file}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {file}: not valid TOML: {exc}") from exc
+        origin = str(file)
+    overrides = _env_overrides(environ)
+    for section, values in overrides.items():
+        current = data.get(section)
+        if current is not None and not isinstance(current, dict):
+            raise ConfigError(f"{section}: expected a table")
+        data[section] = {**(current or {}), **values}
+    if overrides:
+        origin += " + environment"
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, origin)) from exc

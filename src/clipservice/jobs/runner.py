@@ -1,0 +1,384 @@
+"""The in-process job runner: each job an asyncio task on the service's loop.
+
+A job resolves its source once, probes it once, then cuts its clips
+concurrently under the shared :class:`FairLimiter`. Every clip ends in
+``results`` or ``errors`` whatever happens to it, and the job document is
+saved after each one. Ended jobs are deleted ``retention_s`` after they end,
+scheduled with ``loop.call_later``; a clip file another live job still uses
+is kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import time
+from collections import Counter
+from collections.abc import Coroutine
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aiofiles.os
+import structlog
+
+from clipservice.config import Settings
+from clipservice.errors import ClipFailure, SourceError
+from clipservice.jobs.limiter import FairLimiter
+from clipservice.jobs.models import (
+    ClipError,
+    ClipResult,
+    ClipSpec,
+    Job,
+    JobError,
+    JobStatus,
+    utcnow,
+)
+from clipservice.jobs.store import FileJobStore
+from clipservice.media import plan
+from clipservice.media.cutter import Cutter, remove_stale_parts
+from clipservice.media.naming import clip_file_name
+from clipservice.media.probe import SourceInfo, probe_source
+from clipservice.sources.base import Resolver
+
+log = structlog.get_logger(__name__)
+
+# Ranges may end this far past the probed duration (container rounding).
+_RANGE_SLACK_S = 0.05
+# The job file is rewritten for progress at most this often.
+_PROGRESS_SAVE_INTERVAL_S = 0.5
+
+
+class LocalRunner:
+    """Runs jobs as tasks of this process and cleans them up after retention."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: FileJobStore,
+        resolver: Resolver,
+        cutter: Cutter,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.resolver = resolver
+        self.cutter = cutter
+        self.clips_dir: Path = settings.clips_dir
+        self.limiter = FairLimiter(settings.jobs.max_concurrent_clips)
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._cleanup_handles: dict[str, asyncio.TimerHandle] = {}
+        self._background: set[asyncio.Task[None]] = set()
+        self._files_in_use: Counter[str] = Counter()
+        self._cancel_requested: set[str] = set()
+        self._clip_progress: dict[str, dict[int, float]] = {}
+        self._last_progress_save: dict[str, float] = {}
+
+    # -- life cycle -------------------------------------------------------
+
+    async def start(self) -> None:
+        """Resume unfinished jobs and reschedule cleanups (at once if overdue)."""
+        await aiofiles.os.makedirs(self.clips_dir, exist_ok=True)
+        stale = await asyncio.to_thread(remove_stale_parts, self.clips_dir)
+        if stale:
+            log.info("stale_parts_removed", count=stale)
+        for job in await self.store.all():
+            if job.status.ended:
+                self._schedule_cleanup(job)
+            else:
+                log.info("job_resumed", job_id=job.job_id, done=len(job.done_indexes()))
+                self.submit(job)
+
+    async def stop(self) -> None:
+        """Cancel running jobs (they resume on the next start) and timers."""
+        for handle in self._cleanup_handles.values():
+            handle.cancel()
+        self._cleanup_handles.clear()
+        tasks = [*self._tasks.values(), *self._background]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- API-facing -------------------------------------------------------
+
+    def submit(self, job: Job) -> None:
+        task = asyncio.create_task(self._run_job(job), name=f"job-{job.job_id}")
+        self._tasks[job.job_id] = task
+        task.add_done_callback(functools.partial(self._forget_task, job.job_id))
+
+    def _forget_task(self, job_id: str, _task: asyncio.Task[None]) -> None:
+        self._tasks.pop(job_id, None)
+
+    async def cancel(self, job_id: str) -> bool:
+        """Cancel a pending or running job; True if it was running."""
+        task = self._tasks.get(job_id)
+        if task is None:
+            job = await self.store.get(job_id)
+            if job is not None and not job.status.ended:
+                await self._finish_cancelled(job)
+            return False
+        self._cancel_requested.add(job_id)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return True
+
+    async def delete_ended(self, job: Job) -> None:
+        """Delete an ended job and its files now."""
+        handle = self._cleanup_handles.pop(job.job_id, None)
+        if handle:
+            handle.cancel()
+        await self._cleanup(job.job_id)
+
+    # -- running a job ----------------------------------------------------
+
+    async def _run_job(self, job: Job) -> None:
+        with structlog.contextvars.bound_contextvars(job_id=job.job_id):
+            try:
+                await self._process(job)
+            except asyncio.CancelledError:
+                if job.job_id in self._cancel_requested:
+                    self._cancel_requested.discard(job.job_id)
+                    await asyncio.shield(self._finish_cancelled(job))
+                # Otherwise the service is stopping: the job stays pending or
+                # processing on disk and resumes on the next start.
+                raise
+            except Exception as exc:  # a bug must not leave the job hanging
+                log.exception("job_crashed")
+                await self._end(job, JobError(code="ffmpeg_failed", message=f"internal: {exc}"))
+
+    async def _process(self, job: Job) -> None:
+        job.status = JobStatus.PROCESSING
+        await self._save(job)
+        t0 = time.monotonic()
+        try:
+            resolved = await self.resolver.resolve(job.source)
+            src = plan.Inputs(resolved.video_url, resolved.audio_url)
+            info = await probe_source(src.video_url, src.audio_url)
+        except SourceError as exc:
+            log.warning("source_failed", code=exc.code, error=exc.message)
+            await self._end(job, JobError(code=exc.code, message=exc.message))
+            return
+        log.info(
+            "source_ready",
+            duration_s=info.duration_s,
+            codec=info.video.codec,
+            height=info.video.height,
+            separate_audio=src.audio_url is not None,
+            resolve_probe_s=round(time.monotonic() - t0, 3),
+        )
+        done = job.done_indexes()
+        pending = [c for c in job.clips if c.index not in done]
+        self._clip_progress[job.job_id] = {}
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for clip in pending:
+                    tg.create_task(self._run_clip(job, clip, src, info))
+        finally:
+            self._clip_progress.pop(job.job_id, None)
+        if job.results:
+            await self._end(job, None)
+        else:
+            codes = Counter(e.code for e in job.errors)
+            code = codes.most_common(1)[0][0] if codes else "ffmpeg_failed"
+            await self._end(job, JobError(code=code, message="every clip failed"))
+
+    async def _run_clip(self, job: Job, clip: ClipSpec, src: plan.Inputs, info: SourceInfo) -> None:
+        with structlog.contextvars.bound_contextvars(clip_index=clip.index):
+            name = clip_file_name(job.source, clip)
+            self._files_in_use[name] += 1
+            t_queued = time.monotonic()
+            t_started: float | None = None
+            outcome_code = "ok"
+            try:
+                if clip.end > info.duration_s + _RANGE_SLACK_S:
+                    raise ClipFailure(
+                        "invalid_range",
+                        f"clip ends at {clip.end}s but the video lasts {info.duration_s:.3f}s",
+                    )
+                async with self.limiter.slot(job.job_id):
+                    t_started = time.monotonic()
+                    result = await asyncio.wait_for(
+                        self._produce(job, clip, src, info, name),
+                        self.settings.jobs.clip_timeout_s,
+                    )
+                job.results.append(result)
+                job.results.sort(key=lambda r: r.index)
+            except ClipFailure as exc:
+                outcome_code = exc.code
+                self._record_error(job, clip, exc.code, exc.message)
+            except TimeoutError:
+                outcome_code = "timeout"
+                self._record_error(
+                    job, clip, "timeout", f"clip took over {self.settings.jobs.clip_timeout_s}s"
+                )
+            except asyncio.CancelledError:
+                outcome_code = "cancelled"
+                raise
+            except Exception as exc:
+                outcome_code = "ffmpeg_failed"
+                log.exception("clip_crashed")
+                self._record_error(job, clip, "ffmpeg_failed", f"internal error: {exc}")
+            finally:
+                self._files_in_use[name] -= 1
+                if self._files_in_use[name] <= 0:
+                    del self._files_in_use[name]
+                now = time.monotonic()
+                log.info(
+                    "clip_done",
+                    outcome=outcome_code,
+                    mode=clip.mode,
+                    start=clip.start,
+                    end=clip.end,
+                    queued_s=round((t_started or now) - t_queued, 3),
+                    cut_s=round(now - t_started, 3) if t_started else None,
+                )
+                if outcome_code != "cancelled":
+                    self._clip_progress.get(job.job_id, {}).pop(clip.index, None)
+                    self._update_counts(job)
+                    await asyncio.shield(self._save(job))
+
+    async def _produce(
+        self, job: Job, clip: ClipSpec, src: plan.Inputs, info: SourceInfo, name: str
+    ) -> ClipResult:
+        final = self.clips_dir / name
+        if await aiofiles.os.path.isfile(final):
+            log.info("clip_reused", file=name)
+            outcome = await self.cutter.describe_existing(final, clip.start, clip.end, clip.mode)
+        else:
+            duration = clip.end - clip.start
+
+            def on_progress(out_s: float) -> None:
+                self._on_progress(job, clip.index, min(1.0, out_s / duration))
+
+            outcome = await self.cutter.cut(
+                src,
+                info,
+                clip.start,
+                clip.end,
+                clip.mode,
+                final,
+                timeout_s=self.settings.jobs.clip_timeout_s,
+                on_progress=on_progress,
+            )
+        return ClipResult(
+            index=clip.index,
+            start=clip.start,
+            end=clip.end,
+            mode=clip.mode,
+            file=name,
+            url=f"/api/clips/{name}",
+            size_bytes=outcome.size_bytes,
+            duration_s=round(outcome.duration_s, 3),
+            actual_start=round(outcome.actual_start, 3),
+            actual_end=round(outcome.actual_end, 3),
+            note=outcome.note,
+        )
+
+    # -- bookkeeping ------------------------------------------------------
+
+    def _record_error(self, job: Job, clip: ClipSpec, code: str, message: str) -> None:
+        log.warning("clip_failed", code=code, error=message[:500])
+        job.errors.append(
+            ClipError(index=clip.index, start=clip.start, end=clip.end, code=code, message=message)
+        )
+        job.errors.sort(key=lambda e: e.index)
+
+    def _update_counts(self, job: Job) -> None:
+        job.processed = len(job.done_indexes())
+        partial = sum(self._clip_progress.get(job.job_id, {}).values())
+        job.progress = round(min(1.0, (job.processed + partial) / job.total), 4)
+        job.updated_at = utcnow()
+
+    def _on_progress(self, job: Job, index: int, fraction: float) -> None:
+        progress = self._clip_progress.get(job.job_id)
+        if progress is None:
+            return
+        progress[index] = fraction
+        self._update_counts(job)
+        now = time.monotonic()
+        if now - self._last_progress_save.get(job.job_id, 0.0) >= _PROGRESS_SAVE_INTERVAL_S:
+            self._last_progress_save[job.job_id] = now
+            self._spawn(self._save(job))
+
+    async def _save(self, job: Job) -> None:
+        await self.store.save(job)
+
+    async def _end(self, job: Job, error: JobError | None) -> None:
+        now = utcnow()
+        job.status = JobStatus.FAILED if error else JobStatus.FINISHED
+        job.error = error
+        self._finalize(job, now)
+        await self.store.save(job)
+        log.info(
+            "job_ended",
+            status=job.status.value,
+            results=len(job.results),
+            errors=len(job.errors),
+        )
+        self._schedule_cleanup(job)
+
+    async def _finish_cancelled(self, job: Job) -> None:
+        done = job.done_indexes()
+        for clip in job.clips:
+            if clip.index not in done:
+                job.errors.append(
+                    ClipError(
+                        index=clip.index,
+                        start=clip.start,
+                        end=clip.end,
+                        code="cancelled",
+                        message="the job was cancelled",
+                    )
+                )
+        job.errors.sort(key=lambda e: e.index)
+        job.status = JobStatus.CANCELLED
+        self._finalize(job, utcnow())
+        await self.store.save(job)
+        log.info("job_cancelled")
+        self._schedule_cleanup(job)
+
+    def _finalize(self, job: Job, now: datetime) -> None:
+        job.finished_at = job.updated_at = now
+        job.expires_at = now + timedelta(seconds=self.settings.jobs.retention_s)
+        job.processed = len(
+            {r.index for r in job.results} | {e.index for e in job.errors if e.code != "cancelled"}
+        )
+        job.progress = 1.0 if job.status is not JobStatus.CANCELLED else job.progress
+
+    # -- cleanup ----------------------------------------------------------
+
+    def _schedule_cleanup(self, job: Job) -> None:
+        assert job.expires_at is not None or job.finished_at is None
+        expires = job.expires_at or utcnow()
+        delay = max(0.0, (expires - utcnow()).total_seconds())
+        loop = asyncio.get_running_loop()
+        old = self._cleanup_handles.pop(job.job_id, None)
+        if old:
+            old.cancel()
+        self._cleanup_handles[job.job_id] = loop.call_later(delay, self._start_cleanup, job.job_id)
+
+    def _start_cleanup(self, job_id: str) -> None:
+        self._spawn(self._cleanup(job_id))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _cleanup(self, job_id: str) -> None:
+        self._cleanup_handles.pop(job_id, None)
+        job = await self.store.get(job_id)
+        if job is None or not job.status.ended:
+            return
+        still_used = set(self._files_in_use)
+        for other in await self.store.all():
+            if other.job_id != job_id:
+                still_used |= other.files()
+        removed = []
+        for name in sorted(job.files() - still_used):
+            with contextlib.suppress(FileNotFoundError):
+                await aiofiles.os.remove(self.clips_dir / name)
+                removed.append(name)
+        await self.store.delete(job_id)
+        log.info("job_deleted", job_id=job_id, files_removed=len(removed))

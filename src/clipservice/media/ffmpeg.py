@@ -1,0 +1,127 @@
+"""Running FFmpeg: one subprocess, always bounded, always reaped.
+
+Every run uses an argument list (never a shell), drains stderr into a bounded
+tail for error messages, reads ``-progress pipe:1`` for live progress, and is
+wrapped in ``asyncio.wait_for``. On timeout or cancellation the process is
+terminated, given a moment, killed, and waited for, so no FFmpeg outlives
+its clip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections import deque
+from collections.abc import Callable, Sequence
+from functools import cache
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+# Protocols FFmpeg may open for sources. Nothing local (file:, concat:,
+# subfile:, pipe:…) so a crafted URL or playlist cannot read the disk.
+NETWORK_PROTOCOLS = "http,https,tcp,tls"
+
+ProgressCallback = Callable[[float], None]
+
+_TERM_GRACE_S = 0.5
+
+running_processes: set[asyncio.subprocess.Process] = set()
+
+
+class FFmpegError(Exception):
+    """FFmpeg exited non-zero; the message is the tail of its stderr."""
+
+    def __init__(self, returncode: int | None, stderr_tail: str) -> None:
+        super().__init__(f"ffmpeg exited with {returncode}: {stderr_tail}")
+        self.returncode = returncode
+        self.stderr_tail = stderr_tail
+
+
+@cache
+def bundled_ffmpeg() -> str:
+    import imageio_ffmpeg
+
+    return str(imageio_ffmpeg.get_ffmpeg_exe())
+
+
+def ffmpeg_exe(configured: str = "") -> str:
+    return configured or bundled_ffmpeg()
+
+
+async def _read_progress(
+    stream: asyncio.StreamReader, on_progress: ProgressCallback | None
+) -> None:
+    async for raw in stream:
+        line = raw.decode("ascii", "replace").strip()
+        if on_progress is None or not line.startswith("out_time_us="):
+            continue
+        value = line.partition("=")[2]
+        if value.isdigit():
+            on_progress(int(value) / 1_000_000)
+
+
+async def _read_stderr(stream: asyncio.StreamReader, tail: deque[str]) -> None:
+    async for raw in stream:
+        tail.append(raw.decode("utf-8", "replace").rstrip())
+
+
+async def terminate(proc: asyncio.subprocess.Process) -> None:
+    """Terminate, wait briefly, kill, wait: the process is gone when this returns."""
+    if proc.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        # FFmpeg runs in its own session; signal the group so helpers die too.
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        await asyncio.wait_for(proc.wait(), _TERM_GRACE_S)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
+
+
+async def run_ffmpeg(
+    args: Sequence[str],
+    *,
+    timeout_s: float,
+    ffmpeg_path: str = "",
+    on_progress: ProgressCallback | None = None,
+) -> None:
+    """Run FFmpeg with ``args``; raise FFmpegError, TimeoutError or CancelledError."""
+    exe = ffmpeg_exe(ffmpeg_path)
+    argv = [exe, "-hide_banner", "-nostdin", "-y", "-progress", "pipe:1", "-nostats", *args]
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,
+    )
+    running_processes.add(proc)
+    tail: deque[str] = deque(maxlen=20)
+    assert proc.stdout is not None and proc.stderr is not None
+
+    async def _run() -> int:
+        assert proc.stdout is not None and proc.stderr is not None
+        await asyncio.gather(
+            _read_progress(proc.stdout, on_progress), _read_stderr(proc.stderr, tail)
+        )
+        return await proc.wait()
+
+    try:
+        returncode = await asyncio.wait_for(_run(), timeout_s)
+    except BaseException:
+        # Reap the process even if we are cancelled again while doing it.
+        reaper = asyncio.ensure_future(terminate(proc))
+        while not reaper.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(reaper)
+        raise
+    finally:
+        running_processes.discard(proc)
+    if returncode != 0:
+        raise FFmpegError(returncode, " | ".join(line for line in tail if line)[-2000:])

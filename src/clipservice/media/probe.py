@@ -1,0 +1,163 @@
+"""Probing media with PyAV: stream parameters, duration, and output validation.
+
+PyAV reads over HTTP with Range requests, so probing a remote source fetches
+only its index and the packets it looks at. PyAV calls block, so every public
+coroutine here runs its work in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import av
+
+from clipservice.errors import ClipFailure, SourceError
+from clipservice.media.ffmpeg import NETWORK_PROTOCOLS
+
+_OPEN_TIMEOUT_S = 15.0
+
+
+@dataclass(frozen=True)
+class StreamInfo:
+    """What a cut plan needs to know about one source stream."""
+
+    codec: str
+    duration_s: float | None
+    width: int = 0
+    height: int = 0
+    pix_fmt: str | None = None
+    profile: str | None = None
+    fps: float | None = None
+    time_base: Fraction | None = None
+    start_time_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """The probed source of a job: its video, and its audio (separate or muxed)."""
+
+    duration_s: float
+    video: StreamInfo
+    audio: StreamInfo | None
+
+
+def _open(url: str) -> Any:
+    return av.open(url, options={"protocol_whitelist": NETWORK_PROTOCOLS}, timeout=_OPEN_TIMEOUT_S)
+
+
+def _stream_duration(stream: Any, container: Any) -> float | None:
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return float(container.duration / av.time_base)
+    return None
+
+
+def _video_info(container: Any) -> StreamInfo | None:
+    if not container.streams.video:
+        return None
+    s = container.streams.video[0]
+    cc = s.codec_context
+    rate = s.average_rate or s.guessed_rate
+    start = float(s.start_time * s.time_base) if s.start_time is not None else 0.0
+    return StreamInfo(
+        codec=cc.name,
+        duration_s=_stream_duration(s, container),
+        width=cc.width,
+        height=cc.height,
+        pix_fmt=cc.format.name if cc.format is not None else None,
+        profile=cc.profile,
+        fps=float(rate) if rate else None,
+        time_base=s.time_base,
+        start_time_s=start,
+    )
+
+
+def _audio_info(container: Any) -> StreamInfo | None:
+    if not container.streams.audio:
+        return None
+    s = container.streams.audio[0]
+    start = float(s.start_time * s.time_base) if s.start_time is not None else 0.0
+    return StreamInfo(
+        codec=s.codec_context.name,
+        duration_s=_stream_duration(s, container),
+        time_base=s.time_base,
+        start_time_s=start,
+    )
+
+
+def _probe_sync(video_url: str, audio_url: str | None) -> SourceInfo:
+    try:
+        with _open(video_url) as c:
+            video = _video_info(c)
+            audio = _audio_info(c) if audio_url is None else None
+        if video is None:
+            raise SourceError("source_unavailable", "the video URL holds no video stream")
+        if audio_url is not None:
+            with _open(audio_url) as c:
+                audio = _audio_info(c)
+            if audio is None:
+                raise SourceError("source_unavailable", "the audio URL holds no audio stream")
+    except av.error.HTTPForbiddenError as exc:
+        raise SourceError("source_unavailable", f"source answered 403: {exc}") from exc
+    except av.FFmpegError as exc:
+        raise SourceError("source_unavailable", f"cannot read source: {exc}") from exc
+    durations = [d for d in (video.duration_s, audio.duration_s if audio else None) if d]
+    if not durations:
+        raise SourceError("source_unavailable", "source has no known duration")
+    return SourceInfo(duration_s=min(durations), video=video, audio=audio)
+
+
+async def probe_source(video_url: str, audio_url: str | None) -> SourceInfo:
+    """Probe a job's source once: duration and stream parameters."""
+    return await asyncio.to_thread(_probe_sync, video_url, audio_url)
+
+
+@dataclass(frozen=True)
+class OutputInfo:
+    """What validation learned about a finished output file."""
+
+    duration_s: float
+    video_duration_s: float
+    has_audio: bool
+    frames: int
+    size_bytes: int
+
+
+def _validate_sync(path: Path, expected_s: float, expect_audio: bool, tol_s: float) -> OutputInfo:
+    size = path.stat().st_size if path.is_file() else 0
+    if size == 0:
+        raise ClipFailure("output_invalid", "output file is missing or empty")
+    try:
+        with av.open(str(path)) as c:
+            if not c.streams.video:
+                raise ClipFailure("output_invalid", "output has no video stream")
+            has_audio = bool(c.streams.audio)
+            if expect_audio and not has_audio:
+                raise ClipFailure("output_invalid", "output has no audio stream")
+            vs = c.streams.video[0]
+            duration = float(c.duration / av.time_base) if c.duration else 0.0
+            vdur = float(vs.duration * vs.time_base) if vs.duration and vs.time_base else duration
+            first = next(c.decode(video=0), None)
+            if first is None:
+                raise ClipFailure("output_invalid", "output's first video frame does not decode")
+            frames = vs.frames
+    except av.FFmpegError as exc:
+        raise ClipFailure("output_invalid", f"output does not decode: {exc}") from exc
+    if abs(vdur - expected_s) > tol_s:
+        raise ClipFailure(
+            "output_invalid",
+            f"output lasts {vdur:.3f}s, expected {expected_s:.3f}s (±{tol_s:.3f}s)",
+        )
+    return OutputInfo(duration, vdur, has_audio, frames, size)
+
+
+async def validate_output(
+    path: Path, expected_s: float, *, expect_audio: bool, tol_s: float
+) -> OutputInfo:
+    """Check a cut output: non-empty, streams present, first frame decodes, duration right."""
+    return await asyncio.to_thread(_validate_sync, path, expected_s, expect_audio, tol_s)

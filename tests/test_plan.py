@@ -1,0 +1,57 @@
+"""FFmpeg argument building: pure functions, checked without running FFmpeg."""
+
+from __future__ import annotations
+
+from clipservice.media import plan
+
+SRC = plan.Inputs("https://cdn.test/v.mp4", "https://cdn.test/a.m4a")
+
+
+def test_ts_formatting() -> None:
+    """Seconds are written plainly, without float noise."""
+    assert plan.ts(10) == "10"
+    assert plan.ts(65.5) == "65.5"
+    assert plan.ts(0) == "0"
+    assert plan.ts(1 / 3) == "0.333333"
+
+
+def test_reencode_seeks_both_inputs_and_merges() -> None:
+    """Both inputs are seeked before -i (Range reads), mapped together, H.264/AAC MP4."""
+    args = plan.reencode_args(SRC, 10, 20, "/data/clips/x.mp4")
+    i_video = args.index("https://cdn.test/v.mp4")
+    i_audio = args.index("https://cdn.test/a.m4a")
+    assert args[i_video - 1] == "-i" and args[i_audio - 1] == "-i"
+    assert args[i_video - 3 : i_video - 1] == ["-ss", "10"]
+    assert args[i_audio - 3 : i_audio - 1] == ["-ss", "10"]
+    assert args[args.index("-t") + 1] == "10"
+    assert args[args.index("-map") : args.index("-map") + 4] == ["-map", "0:v:0", "-map", "1:a:0"]
+    assert "libx264" in args and "aac" in args
+    assert "+faststart" in args
+    assert args[-1] == "/data/clips/x.mp4"
+
+
+def test_inputs_restricted_to_network_protocols() -> None:
+    """Every input is opened with a protocol whitelist that has no local protocols."""
+    args = plan.reencode_args(SRC, 1, 2, "/o.mp4")
+    whitelists = [args[i + 1] for i, a in enumerate(args) if a == "-protocol_whitelist"]
+    assert len(whitelists) == 2
+    for w in whitelists:
+        assert set(w.split(",")) == {"http", "https", "tcp", "tls"}
+
+
+def test_muxed_source_maps_optional_audio() -> None:
+    """Without a separate audio URL, audio comes from the video input if it has any."""
+    args = plan.copy_args(
+        plan.Inputs("https://cdn.test/m.mp4", None), 1, 2, "/o.mp4", audio_codec=None
+    )
+    assert args.count("-i") == 1
+    assert "0:a:0?" in args
+
+
+def test_copy_keeps_aac_and_reencodes_other_audio() -> None:
+    """Fast mode copies AAC audio and re-encodes anything else to AAC."""
+    aac = plan.copy_args(SRC, 1, 2, "/o.mp4", audio_codec="aac")
+    opus = plan.copy_args(SRC, 1, 2, "/o.mp4", audio_codec="opus")
+    assert aac[aac.index("-c:a") + 1] == "copy"
+    assert opus[opus.index("-c:a") + 1] == "aac"
+    assert aac[aac.index("-c:v") + 1] == "copy"
