@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from clipservice.api.keys import HTTP, RUNNER, SETTINGS, STORE
+from clipservice.api.keys import GUARD, HTTP, RUNNER, SETTINGS, STORE
 from clipservice.api.problems import problem_middleware
 from clipservice.api.routes import MAX_BODY_BYTES, routes
 from clipservice.config import Settings
@@ -21,6 +21,7 @@ from clipservice.jobs.runner import LocalRunner
 from clipservice.jobs.store import FileJobStore
 from clipservice.media.cutter import Cutter
 from clipservice.sources.base import DirectResolver, Resolver
+from clipservice.sources.guard import GuardedResolver, UrlGuard
 from clipservice.sources.vidfly import VidflyResolver
 
 
@@ -34,6 +35,17 @@ async def _http_session(app: web.Application) -> AsyncIterator[None]:
         headers={"User-Agent": "clipservice"}, trust_env=False
     ) as session:
         app[HTTP] = session
+        yield
+
+
+async def _url_guard(app: web.Application) -> AsyncIterator[None]:
+    # Checks every client-supplied URL before it is fetched (see sources/guard.py).
+    settings = app[SETTINGS]
+    async with UrlGuard(
+        allow_private=settings.security.allow_private_sources,
+        timeout_s=settings.resolver.timeout_s,
+    ) as guard:
+        app[GUARD] = guard
         yield
 
 
@@ -51,6 +63,7 @@ async def _jobs(app: web.Application) -> AsyncIterator[None]:
             settings.resolver.timeout_s,
             settings.resolver.max_height,
         )
+    resolver = GuardedResolver(resolver, app[GUARD])
     runner = LocalRunner(settings, store, resolver, Cutter(settings.cut.ffmpeg_path))
     app[STORE] = store
     app[RUNNER] = runner
@@ -65,6 +78,7 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[problem_middleware], client_max_size=MAX_BODY_BYTES)
     app[SETTINGS] = settings
     app.cleanup_ctx.append(_http_session)
+    app.cleanup_ctx.append(_url_guard)
     app.cleanup_ctx.append(_jobs)
     app.add_routes(routes)
     return app
