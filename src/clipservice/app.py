@@ -13,8 +13,10 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
+from clipservice.api.auth import auth_middleware
 from clipservice.api.keys import GUARD, HTTP, RUNNER, SETTINGS, STORE
 from clipservice.api.problems import problem_middleware
+from clipservice.api.ratelimit import ratelimit_middleware, setup_ratelimit
 from clipservice.api.routes import MAX_BODY_BYTES, routes
 from clipservice.config import Settings
 from clipservice.jobs.runner import LocalRunner
@@ -75,8 +77,13 @@ async def _jobs(app: web.Application) -> AsyncIterator[None]:
 def create_app(settings: Settings) -> web.Application:
     """Build the clipservice application for ``settings``."""
     settings = _absolute(settings)
-    app = web.Application(middlewares=[problem_middleware], client_max_size=MAX_BODY_BYTES)
+    # The problem middleware is outermost, so it shapes the 401s and 429s too.
+    app = web.Application(
+        middlewares=[problem_middleware, auth_middleware, ratelimit_middleware],
+        client_max_size=MAX_BODY_BYTES,
+    )
     app[SETTINGS] = settings
+    setup_ratelimit(app)
     app.cleanup_ctx.append(_http_session)
     app.cleanup_ctx.append(_url_guard)
     app.cleanup_ctx.append(_jobs)

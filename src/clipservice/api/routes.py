@@ -9,6 +9,7 @@ from typing import Any
 import aiofiles.os
 from aiohttp import web
 
+from clipservice.api.auth import client_id
 from clipservice.api.keys import RUNNER, SETTINGS, STORE
 from clipservice.api.problems import PROBLEM_CONTENT_TYPE
 from clipservice.api.schemas import CreateClipsRequest, JobCreated
@@ -103,6 +104,7 @@ async def create_clips(request: web.Request) -> web.Response:
         callback_url=body.callback_url,
         idempotency_key=idem_key,
         request_hash=req_hash,
+        client_id=client_id(request),
     )
     await store.save(job)
     request.app[RUNNER].submit(job)

@@ -151,6 +151,12 @@ class CreateClipsRequest(BaseModel):
         if self.audio_url and not self.video_url:
             raise ValueError("audio_url goes with video_url")
         settings = _settings(info)
+        total_s = sum(float(c.end) - float(c.start) for c in self.clips)
+        if settings and total_s > settings.jobs.max_job_duration_s:
+            raise ValueError(
+                f"the clips last {total_s:g}s together, over max_job_duration_s="
+                f"{settings.jobs.max_job_duration_s:g}"
+            )
         if settings and settings.resolver.kind == "direct" and not self.video_url:
             raise ValueError("this service resolves only video_url/audio_url (resolver: direct)")
         return self

@@ -48,7 +48,7 @@ class FileJobStore:
         self._loaded = False
 
     def _path(self, job_id: str) -> Path:
-        if not _JOB_ID_RE.match(job_id):
+        if not _JOB_ID_RE.fullmatch(job_id):
             raise ValueError(f"bad job id {job_id!r}")
         return self.jobs_dir / f"{job_id}.json"
 
@@ -65,7 +65,7 @@ class FileJobStore:
                 # A write that never reached its rename: the old file is intact.
                 os.unlink(entry.path)
                 continue
-            if not entry.name.endswith(".json") or not _JOB_ID_RE.match(entry.name[:-5]):
+            if not entry.name.endswith(".json") or not _JOB_ID_RE.fullmatch(entry.name[:-5]):
                 continue
             try:
                 with open(entry.path, "rb") as fh:
@@ -95,7 +95,7 @@ class FileJobStore:
                 raise
 
     async def get(self, job_id: str) -> Job | None:
-        if not _JOB_ID_RE.match(job_id):
+        if not _JOB_ID_RE.fullmatch(job_id):
             return None
         return self._cache.get(job_id)
 
