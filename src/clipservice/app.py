@@ -15,6 +15,7 @@ from aiohttp import web
 
 from clipservice.api.auth import auth_middleware
 from clipservice.api.keys import GUARD, HTTP, RUNNER, SETTINGS, STORE
+from clipservice.api.openapi import setup_openapi
 from clipservice.api.problems import problem_middleware
 from clipservice.api.ratelimit import ratelimit_middleware, setup_ratelimit
 from clipservice.api.routes import MAX_BODY_BYTES, routes
@@ -88,4 +89,5 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_url_guard)
     app.cleanup_ctx.append(_jobs)
     app.add_routes(routes)
+    setup_openapi(app)
     return app

@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -43,6 +43,7 @@ from clipservice.sources.base import ResolvedSource, Resolver
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 AddressPolicy = Callable[[IPAddress], bool]
+HostResolver = Callable[[str, int], Awaitable[list[IPAddress]]]
 
 MAX_REDIRECTS = 5
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
@@ -159,7 +160,11 @@ async def resolve_host(host: str, port: int) -> list[IPAddress]:
 
 
 async def check_url(
-    url: str, *, allow_private: bool, policy: AddressPolicy = is_forbidden_address
+    url: str,
+    *,
+    allow_private: bool,
+    policy: AddressPolicy = is_forbidden_address,
+    resolve: HostResolver | None = None,
 ) -> None:
     """Raise ``SourceError("source_forbidden", …)`` unless ``url`` may be fetched.
 
@@ -171,7 +176,10 @@ async def check_url(
         return
     host = u.raw_host or ""
     literal = _ip_literal(host)
-    addresses = [literal] if literal is not None else await resolve_host(host, u.port or 80)
+    if literal is not None:
+        addresses = [literal]
+    else:
+        addresses = await (resolve or resolve_host)(host, u.port or 80)
     for ip in addresses:
         if policy(ip):
             raise _forbidden(url, f"{host} resolves to a non-public address ({ip})")
@@ -229,9 +237,11 @@ class UrlGuard:
         allow_private: bool,
         timeout_s: float = 15.0,
         policy: AddressPolicy = is_forbidden_address,
+        resolve: HostResolver | None = None,
     ) -> None:
         self.allow_private = allow_private
         self._policy = policy
+        self._resolve = resolve
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._session: aiohttp.ClientSession | None = None
 
@@ -256,7 +266,10 @@ class UrlGuard:
         await self.close()
 
     async def check(self, url: str) -> None:
-        await check_url(url, allow_private=self.allow_private, policy=self._policy)
+        """Raise ``SourceError("source_forbidden", …)`` unless ``url`` may be fetched."""
+        await check_url(
+            url, allow_private=self.allow_private, policy=self._policy, resolve=self._resolve
+        )
 
     async def final_url(self, url: str) -> str:
         """Follow ``url``'s redirects (each hop checked first); return where they end.
