@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -15,6 +16,16 @@ PROBLEM = "application/problem+json"
 # A job that fails at once (the fake resolver answers 500): nothing heavy runs.
 CHEAP_JOB: dict[str, Any] = {"video_id": "error500", "clips": [{"start": 1, "end": 2}]}
 KEYS = ("s3cret-key-one-0123456789", "s3cret-key-two-9876543210")
+
+
+async def _ended(svc: Any, job_id: str, headers: dict[str, str] | None = None) -> None:
+    """Wait for a job to end, so teardown never cancels it mid-write."""
+    async with asyncio.timeout(30):
+        while True:
+            async with svc.http.get(f"{svc.base_url}/api/jobs/{job_id}", headers=headers) as r:
+                if (await r.json())["status"] in ("finished", "failed", "cancelled"):
+                    return
+            await asyncio.sleep(0.02)
 
 
 async def _problem(resp: Any, status: int) -> dict[str, Any]:
@@ -70,6 +81,7 @@ async def test_valid_keys_in_both_headers(make_service: ServiceFactory) -> None:
         async with svc.http.get(f"{svc.base_url}/api/jobs/{job_id}", headers=headers) as r:
             assert r.status == 200
             assert KEYS[0] not in await r.text() and KEYS[1] not in await r.text()
+        await _ended(svc, job_id, headers)
     async with svc.http.get(f"{svc.base_url}/healthz") as r:
         assert r.status == 200
 
@@ -84,6 +96,7 @@ async def test_keys_never_logged(
     svc = await make_service(security={"api_keys": list(KEYS)})
     async with await svc.create(CHEAP_JOB, headers={"X-API-Key": KEYS[0]}) as r:
         job_id = (await r.json())["job_id"]
+    await _ended(svc, job_id, {"X-API-Key": KEYS[0]})
     async with await svc.create(CHEAP_JOB, headers={"X-API-Key": "wrong-key-abcdef"}) as r:
         assert r.status == 401
     async with svc.http.get(
@@ -115,11 +128,13 @@ async def test_create_rate_limit(make_service: ServiceFactory) -> None:
     for _ in range(2):
         async with await svc.create(CHEAP_JOB, headers=one) as r:
             assert r.status == 202
+            await _ended(svc, (await r.json())["job_id"], one)
     async with await svc.create(CHEAP_JOB, headers=one) as r:
         await _problem(r, 429)
         assert int(r.headers["Retry-After"]) >= 1
     async with await svc.create(CHEAP_JOB, headers={"X-API-Key": KEYS[1]}) as r:
         assert r.status == 202
+        await _ended(svc, (await r.json())["job_id"], one)
     # Reads are not limited.
     async with svc.http.get(f"{svc.base_url}/api/jobs/{'0' * 32}", headers=one) as r:
         assert r.status == 404
@@ -130,12 +145,14 @@ async def test_create_rate_limit_by_address(make_service: ServiceFactory) -> Non
     svc = await make_service(security={"create_rate_per_min": 1})
     async with await svc.create(CHEAP_JOB) as r:
         assert r.status == 202
+        await _ended(svc, (await r.json())["job_id"])
     async with await svc.create(CHEAP_JOB) as r:
         await _problem(r, 429)
     free = await make_service(security={"create_rate_per_min": 0})
     for _ in range(5):
         async with await free.create(CHEAP_JOB) as r:
             assert r.status == 202
+            await _ended(free, (await r.json())["job_id"])
 
 
 def test_token_bucket_refills() -> None:
@@ -171,3 +188,4 @@ async def test_job_limits(
     ok = clips[:1] if "max_clips_per_job" in jobs else [{"start": 0, "end": 1}]
     async with await svc.create({"video_id": "error500", "clips": ok}) as r:
         assert r.status == 202
+        await _ended(svc, (await r.json())["job_id"])

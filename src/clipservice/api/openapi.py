@@ -34,6 +34,7 @@ _ERROR_TEXT = {
     401: "An API key is required (Authorization: Bearer <key> or X-API-Key).",
     404: "No such job, clip or route.",
     405: "Method not allowed.",
+    408: "The body did not arrive in time.",
     409: "Conflict with the job's state or an earlier request.",
     413: f"The body is larger than {MAX_BODY_BYTES} bytes.",
     415: "Content-Type is not application/json.",
@@ -101,7 +102,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
                 "JobCreated", "Same Idempotency-Key and body: the earlier job.", **_LOCATION
             ),
         },
-        errors=(400, 409, 413, 415, 422, 429, 503),
+        errors=(400, 408, 409, 413, 415, 422, 429, 503),
         parameters=(
             {
                 "name": "Idempotency-Key",
