@@ -3,7 +3,7 @@
 Nothing runs at import time. Each resource has one ``cleanup_ctx`` entry, so
 its start-up and shutdown sit together: the outbound HTTP session, the job
 store, and the runner (which resumes unfinished jobs on start and stops its
-tasks on shutdown).
+tasks on shutdown) with the webhook sender it tells of every ended job.
 """
 
 from __future__ import annotations
@@ -13,12 +13,13 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from clipservice.api.keys import HTTP, RUNNER, SETTINGS, STORE
+from clipservice.api.keys import HTTP, RUNNER, SETTINGS, STORE, WEBHOOKS
 from clipservice.api.problems import problem_middleware
 from clipservice.api.routes import MAX_BODY_BYTES, routes
 from clipservice.config import Settings
 from clipservice.jobs.runner import LocalRunner
 from clipservice.jobs.store import FileJobStore
+from clipservice.jobs.webhooks import WebhookSender
 from clipservice.media.cutter import Cutter
 from clipservice.sources.base import DirectResolver, Resolver
 from clipservice.sources.vidfly import VidflyResolver
@@ -52,11 +53,16 @@ async def _jobs(app: web.Application) -> AsyncIterator[None]:
             settings.resolver.max_height,
         )
     runner = LocalRunner(settings, store, resolver, Cutter(settings.cut.ffmpeg_path))
+    webhooks = WebhookSender(settings, app[HTTP], store)
+    runner.on_job_end.append(webhooks.job_ended)
     app[STORE] = store
     app[RUNNER] = runner
+    app[WEBHOOKS] = webhooks
     await runner.start()
+    await webhooks.resume()
     yield
     await runner.stop()
+    await webhooks.close()
 
 
 def create_app(settings: Settings) -> web.Application:

@@ -8,8 +8,10 @@ from aiohttp import web
 from clipservice.config import Settings
 from clipservice.jobs.runner import LocalRunner
 from clipservice.jobs.store import FileJobStore
+from clipservice.jobs.webhooks import WebhookSender
 
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", FileJobStore)
 RUNNER = web.AppKey("runner", LocalRunner)
 HTTP = web.AppKey("http", aiohttp.ClientSession)
+WEBHOOKS = web.AppKey("webhooks", WebhookSender)

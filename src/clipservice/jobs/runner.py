@@ -15,7 +15,7 @@ import contextlib
 import functools
 import time
 from collections import Counter
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -73,6 +73,8 @@ class LocalRunner:
         self._cancel_requested: set[str] = set()
         self._clip_progress: dict[str, dict[int, float]] = {}
         self._last_progress_save: dict[str, float] = {}
+        # Called with each job once it has ended and been saved (webhooks); must not block.
+        self.on_job_end: list[Callable[[Job], None]] = []
 
     # -- life cycle -------------------------------------------------------
 
@@ -317,6 +319,7 @@ class LocalRunner:
             errors=len(job.errors),
         )
         self._schedule_cleanup(job)
+        self._job_ended(job)
 
     async def _finish_cancelled(self, job: Job) -> None:
         done = job.done_indexes()
@@ -337,6 +340,14 @@ class LocalRunner:
         await self.store.save(job)
         log.info("job_cancelled")
         self._schedule_cleanup(job)
+        self._job_ended(job)
+
+    def _job_ended(self, job: Job) -> None:
+        for hook in self.on_job_end:
+            try:
+                hook(job)
+            except Exception:  # a broken hook must not break the job's end
+                log.exception("job_end_hook_failed")
 
     def _finalize(self, job: Job, now: datetime) -> None:
         job.finished_at = job.updated_at = now
