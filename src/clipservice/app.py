@@ -13,10 +13,12 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from clipservice.api.keys import HTTP, RUNNER, SETTINGS, STORE
+from clipservice.api import events as sse
+from clipservice.api.keys import EVENTS, HTTP, RUNNER, SETTINGS, STORE
 from clipservice.api.problems import problem_middleware
 from clipservice.api.routes import MAX_BODY_BYTES, routes
 from clipservice.config import Settings
+from clipservice.jobs.events import LocalJobEvents
 from clipservice.jobs.runner import LocalRunner
 from clipservice.jobs.store import FileJobStore
 from clipservice.media.cutter import Cutter
@@ -51,12 +53,20 @@ async def _jobs(app: web.Application) -> AsyncIterator[None]:
             settings.resolver.timeout_s,
             settings.resolver.max_height,
         )
-    runner = LocalRunner(settings, store, resolver, Cutter(settings.cut.ffmpeg_path))
+    events = LocalJobEvents()
+    runner = LocalRunner(settings, store, resolver, Cutter(settings.cut.ffmpeg_path), events)
+    app[EVENTS] = events
     app[STORE] = store
     app[RUNNER] = runner
     await runner.start()
     yield
     await runner.stop()
+
+
+async def _close_event_streams(app: web.Application) -> None:
+    # Open SSE streams end here, so they do not hold up the server's shutdown.
+    if EVENTS in app:
+        await app[EVENTS].close()
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -67,4 +77,6 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_http_session)
     app.cleanup_ctx.append(_jobs)
     app.add_routes(routes)
+    app.add_routes(sse.routes)
+    app.on_shutdown.append(_close_event_streams)
     return app
