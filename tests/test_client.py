@@ -135,8 +135,8 @@ async def make_proxy() -> AsyncIterator[ProxyFactory]:
                 await resp.prepare(request)
                 if is_events and proxy.events == "break":
                     # One event, then the connection drops mid-stream.
-                    line = await upstream.content.readuntil(b"\n\n")
-                    await resp.write(line)
+                    head = await upstream.content.readuntil(b"\n\nevent: job")
+                    await resp.write(head + await upstream.content.readuntil(b"\n\n"))
                     assert request.transport is not None
                     request.transport.close()
                     return resp
@@ -213,3 +213,17 @@ async def test_idempotency_key_header(service: Service) -> None:
         b = await client.create_clips(video_id="idem", clips=[(1, 2)], idempotency_key="k-1")
         assert a.job_id == b.job_id
         await client.wait(a.job_id)
+
+
+async def test_wait_uses_event_stream(service: Service, make_proxy: ProxyFactory) -> None:
+    """With the server's SSE stream, wait() reads events and never polls the job."""
+    proxy = await make_proxy(service)
+    seen: list[Job] = []
+    async with ClipClient(proxy.base_url, poll_interval_s=0.05) as client:
+        job = await client.create_clips(video_id="sse1", clips=[(1, 4), (5, 8)], mode="reencode")
+        done = await client.wait(job.job_id, on_progress=seen.append)
+    assert done.status is JobStatus.FINISHED
+    assert f"GET /api/jobs/{job.job_id}/events" in proxy.paths
+    # One GET from create_clips itself; none after it.
+    assert proxy.paths.count(f"GET /api/jobs/{job.job_id}") == 1
+    assert seen[-1].status is JobStatus.FINISHED and len(seen) >= 2

@@ -13,10 +13,12 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from clipservice.api.keys import HTTP, RUNNER, SETTINGS, STORE, WEBHOOKS
+from clipservice.api import events as sse
+from clipservice.api.keys import EVENTS, HTTP, RUNNER, SETTINGS, STORE, WEBHOOKS
 from clipservice.api.problems import problem_middleware
 from clipservice.api.routes import MAX_BODY_BYTES, routes
 from clipservice.config import Settings
+from clipservice.jobs.events import LocalJobEvents
 from clipservice.jobs.runner import LocalRunner
 from clipservice.jobs.store import FileJobStore
 from clipservice.jobs.webhooks import WebhookSender
@@ -52,7 +54,9 @@ async def _jobs(app: web.Application) -> AsyncIterator[None]:
             settings.resolver.timeout_s,
             settings.resolver.max_height,
         )
-    runner = LocalRunner(settings, store, resolver, Cutter(settings.cut.ffmpeg_path))
+    events = LocalJobEvents()
+    runner = LocalRunner(settings, store, resolver, Cutter(settings.cut.ffmpeg_path), events)
+    app[EVENTS] = events
     webhooks = WebhookSender(settings, app[HTTP], store)
     runner.on_job_end.append(webhooks.job_ended)
     app[STORE] = store
@@ -65,6 +69,12 @@ async def _jobs(app: web.Application) -> AsyncIterator[None]:
     await webhooks.close()
 
 
+async def _close_event_streams(app: web.Application) -> None:
+    # Open SSE streams end here, so they do not hold up the server's shutdown.
+    if EVENTS in app:
+        await app[EVENTS].close()
+
+
 def create_app(settings: Settings) -> web.Application:
     """Build the clipservice application for ``settings``."""
     settings = _absolute(settings)
@@ -73,4 +83,6 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_http_session)
     app.cleanup_ctx.append(_jobs)
     app.add_routes(routes)
+    app.add_routes(sse.routes)
+    app.on_shutdown.append(_close_event_streams)
     return app

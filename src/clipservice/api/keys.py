@@ -6,6 +6,7 @@ import aiohttp
 from aiohttp import web
 
 from clipservice.config import Settings
+from clipservice.jobs.events import JobEvents
 from clipservice.jobs.runner import LocalRunner
 from clipservice.jobs.store import FileJobStore
 from clipservice.jobs.webhooks import WebhookSender
@@ -14,4 +15,5 @@ SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", FileJobStore)
 RUNNER = web.AppKey("runner", LocalRunner)
 HTTP = web.AppKey("http", aiohttp.ClientSession)
+EVENTS = web.AppKey[JobEvents]("events")
 WEBHOOKS = web.AppKey("webhooks", WebhookSender)
