@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from pathlib import Path
 
@@ -69,7 +70,7 @@ async def test_in_process_temp_data_dir(
     assert code == 0, err
     (path,) = [Path(line) for line in out.splitlines()]
     assert path.parent == Path(".") and (tmp_path / path).is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["config.toml", path.name])
+    assert sorted(os.listdir(tmp_path)) == sorted(["config.toml", path.name])
 
 
 async def test_server_mode_media_urls(

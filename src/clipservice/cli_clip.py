@@ -233,8 +233,7 @@ def _quiet_logging() -> None:
     from clipservice.logging import configure_logging
 
     # Clip failures are reported by the command itself; the embedded service only logs
-    # errors, and its lines
-    # go through rich's live display instead of tearing it.
+    # errors, and those go through rich's live display instead of tearing it.
     configure_logging("ERROR", json=False)
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.StreamHandler):
