@@ -14,6 +14,7 @@ import aiohttp
 from aiohttp import web
 
 from clipservice.api import events as sse
+from clipservice.api import web as web_page
 from clipservice.api.keys import EVENTS, HTTP, RUNNER, SETTINGS, STORE, WEBHOOKS
 from clipservice.api.problems import problem_middleware
 from clipservice.api.routes import MAX_BODY_BYTES, routes
@@ -84,5 +85,6 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_jobs)
     app.add_routes(routes)
     app.add_routes(sse.routes)
+    app.add_routes(web_page.routes)
     app.on_shutdown.append(_close_event_streams)
     return app
