@@ -238,6 +238,16 @@ class Service:
             data: dict[str, Any] = await resp.json()
             return data
 
+    async def wait_processing_on_disk(self, job_id: str, timeout_s: float = 60) -> None:
+        """Wait until the job file itself says processing (its first save is complete)."""
+        path = self.settings.jobs_dir / f"{job_id}.json"
+        async with asyncio.timeout(timeout_s):
+            while True:
+                text = await asyncio.to_thread(lambda: path.read_text() if path.exists() else "")
+                if '"status":"processing"' in text:
+                    return
+                await asyncio.sleep(0.02)
+
     async def wait(self, job_id: str, timeout_s: float = 60) -> dict[str, Any]:
         async with asyncio.timeout(timeout_s):
             while True:

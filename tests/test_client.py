@@ -78,6 +78,7 @@ async def test_cancel_running_then_no_op(service: Service) -> None:
     """cancel() stops a running job; once ended it is a no-op that keeps the job."""
     async with ClipClient(service.base_url) as client:
         job = await client.create_clips(video_id="stall", clips=[(20, 25)], mode="reencode")
+        await service.wait_processing_on_disk(job.job_id)  # see test_webhooks
         cancelled = await client.cancel(job.job_id)
         assert cancelled.status is JobStatus.CANCELLED
         again = await client.cancel(job.job_id)

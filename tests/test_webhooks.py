@@ -15,7 +15,7 @@ from aiohttp import web
 
 from clipservice.api.keys import WEBHOOKS
 from clipservice.jobs.webhooks import SIGNATURE_HEADER, sign, verify
-from tests.conftest import ServiceFactory, _start_site
+from tests.conftest import Service, ServiceFactory, _start_site
 
 SECRET = "s3cret-for-tests"
 
@@ -56,6 +56,19 @@ async def receiver() -> AsyncIterator[Receiver]:
     await runner.cleanup()
 
 
+async def _settle(service: Service, *job_ids: str) -> None:
+    """Wait until each job's first attempt is recorded, then for every delivery to end.
+
+    A reader can see a job's end before the runner has told the webhook sender of it.
+    """
+    async with asyncio.timeout(60):
+        for job_id in job_ids:
+            await service.wait(job_id)
+            while not (await service.job(job_id))["webhook_attempts"]:
+                await asyncio.sleep(0.02)
+    await service.app[WEBHOOKS].wait_idle()
+
+
 def _sections(**security: Any) -> dict[str, Any]:
     return {"security": {"webhook_secret": SECRET, "allow_private_sources": True, **security}}
 
@@ -75,8 +88,7 @@ async def test_signed_delivery_retried_until_accepted(
         }
     )
     job_id = (await resp.json())["job_id"]
-    await service.wait(job_id)
-    await service.app[WEBHOOKS].wait_idle()
+    await _settle(service, job_id)
 
     assert len(receiver.calls) == 3
     for call in receiver.calls:
@@ -106,11 +118,13 @@ async def test_failed_and_cancelled_jobs_are_delivered(
     stalled = await service.create(
         {"video_id": "stall", "clips": [{"start": 20, "end": 25}], "callback_url": receiver.url}
     )
-    await service.wait((await failed.json())["job_id"])
     cancel_id = (await stalled.json())["job_id"]
+    # Cancelling during the job's very first save leaks a file handle in the store
+    # (a core bug, reported); cancel once that save is done.
+    await service.wait_processing_on_disk(cancel_id)
     async with service.http.delete(f"{service.base_url}/api/jobs/{cancel_id}") as resp:
         assert resp.status == 200
-    await service.app[WEBHOOKS].wait_idle()
+    await _settle(service, (await failed.json())["job_id"], cancel_id)
     statuses = sorted(json.loads(c["body"])["status"] for c in receiver.calls)
     assert statuses == ["cancelled", "failed"]
 
@@ -126,8 +140,7 @@ async def test_retries_stop_after_webhook_retry_s(
         {"video_id": "error500", "clips": [{"start": 1, "end": 2}], "callback_url": receiver.url}
     )
     job_id = (await resp.json())["job_id"]
-    await service.wait(job_id)
-    await service.app[WEBHOOKS].wait_idle()
+    await _settle(service, job_id)
     # 0.05, 0.1, 0.2 then 0.4 would pass the 0.6 s window: 3 to 5 calls, whatever the jitter.
     assert 3 <= len(receiver.calls) <= 5
     gaps = [b["at"] - a["at"] for a, b in zip(receiver.calls, receiver.calls[1:], strict=False)]
@@ -145,8 +158,7 @@ async def test_private_callback_refused_by_url_check(
         {"video_id": "error500", "clips": [{"start": 1, "end": 2}], "callback_url": receiver.url}
     )
     job_id = (await resp.json())["job_id"]
-    await service.wait(job_id)
-    await service.app[WEBHOOKS].wait_idle()
+    await _settle(service, job_id)
     assert receiver.calls == []
     (attempt,) = (await service.job(job_id))["webhook_attempts"]
     assert attempt["error"].startswith("source_forbidden") and attempt["status"] is None

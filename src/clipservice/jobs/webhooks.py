@@ -91,7 +91,7 @@ async def refuse_private(url: str) -> None:
     except OSError as exc:
         raise SourceError("source_unavailable", f"cannot resolve {host!r}: {exc}") from exc
     for info in infos:
-        addr = ipaddress.ip_address(info[4][0])
+        addr = ipaddress.ip_address(str(info[4][0]).split("%")[0])  # drop an IPv6 scope
         if not addr.is_global or addr.is_multicast:
             raise SourceError("source_forbidden", f"{host!r} resolves to a non-public address")
 
@@ -116,6 +116,8 @@ class WebhookSender:
         self.url_check = url_check or default_url_check(settings)
         self.first_delay_s = 1.0
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        # Writes of attempts outlive a cancelled delivery; shutdown waits for them.
+        self._saves: set[asyncio.Task[None]] = set()
 
     def job_ended(self, job: Job) -> None:
         """Start delivering ``job``'s final document, if it has a callback_url."""
@@ -154,6 +156,7 @@ class WebhookSender:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*self._saves, return_exceptions=True)
 
     async def wait_idle(self) -> None:
         """Wait until every delivery in flight has ended (for tests and benchmarks)."""
@@ -212,4 +215,7 @@ class WebhookSender:
         if job is None:
             return  # deleted after its retention: the attempt is only logged
         job.webhook_attempts.append(attempt)
-        await asyncio.shield(self.store.save(job))
+        save = asyncio.create_task(self.store.save(job))
+        self._saves.add(save)
+        save.add_done_callback(self._saves.discard)
+        await asyncio.shield(save)
