@@ -221,6 +221,13 @@ class Service:
     app: web.Application
     settings: Settings
     http: aiohttp.ClientSession
+    runner: web.AppRunner | None = None
+
+    async def stop(self) -> None:
+        """Shut the service down as on SIGTERM (to restart another on the same data_dir)."""
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
 
     async def create(self, body: dict[str, Any], **kw: Any) -> aiohttp.ClientResponse:
         return await self.http.post(f"{self.base_url}/api/create-clips", json=body, **kw)
@@ -230,6 +237,16 @@ class Service:
             assert resp.status == 200, await resp.text()
             data: dict[str, Any] = await resp.json()
             return data
+
+    async def wait_processing_on_disk(self, job_id: str, timeout_s: float = 60) -> None:
+        """Wait until the job file itself says processing (its first save is complete)."""
+        path = self.settings.jobs_dir / f"{job_id}.json"
+        async with asyncio.timeout(timeout_s):
+            while True:
+                text = await asyncio.to_thread(lambda: path.read_text() if path.exists() else "")
+                if '"status":"processing"' in text:
+                    return
+                await asyncio.sleep(0.02)
 
     async def wait(self, job_id: str, timeout_s: float = 60) -> dict[str, Any]:
         async with asyncio.timeout(timeout_s):
@@ -257,23 +274,20 @@ ServiceFactory = Callable[..., Awaitable[Service]]
 
 @pytest.fixture
 async def make_service(tmp_path: Path, vidfly: FakeVidfly) -> AsyncIterator[ServiceFactory]:
-    runners: list[web.AppRunner] = []
-    sessions: list[aiohttp.ClientSession] = []
+    services: list[Service] = []
 
     async def factory(data_dir: Path | None = None, **sections: Any) -> Service:
         settings = settings_for(data_dir or tmp_path / "data", vidfly.base_url, **sections)
         app = create_app(settings)
         runner, base_url = await _start_site(app)
-        runners.append(runner)
-        http = aiohttp.ClientSession()
-        sessions.append(http)
-        return Service(base_url, app, settings, http)
+        service = Service(base_url, app, settings, aiohttp.ClientSession(), runner)
+        services.append(service)
+        return service
 
     yield factory
-    for s in sessions:
-        await s.close()
-    for r in reversed(runners):
-        await r.cleanup()
+    for service in reversed(services):
+        await service.http.close()
+        await service.stop()
 
 
 @pytest.fixture

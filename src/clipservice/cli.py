@@ -1,4 +1,4 @@
-"""The ``clipservice`` command line: serve (and, as they land, worker and clip)."""
+"""The ``clipservice`` command line: serve, clip (and, as it lands, worker)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from clipservice import __version__
+from clipservice import __version__, cli_clip
 from clipservice.config import ConfigError, Settings, load_settings
 
 
@@ -21,6 +21,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="TOML config file (default: ./config.toml if present)")
     serve.add_argument("--host", help="listen address (overrides server.host)")
     serve.add_argument("--port", type=int, help="listen port (overrides server.port)")
+    cli_clip.add_parser(sub)
     return parser
 
 
@@ -66,4 +67,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "clip":
+        return cli_clip.run(args)
     return 2  # pragma: no cover - argparse already refused unknown commands

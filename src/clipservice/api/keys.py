@@ -6,8 +6,10 @@ import aiohttp
 from aiohttp import web
 
 from clipservice.config import Settings
+from clipservice.jobs.events import JobEvents
 from clipservice.jobs.runner import LocalRunner
 from clipservice.jobs.store import FileJobStore
+from clipservice.jobs.webhooks import WebhookSender
 from clipservice.sources.guard import UrlGuard
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -15,3 +17,5 @@ STORE = web.AppKey("store", FileJobStore)
 RUNNER = web.AppKey("runner", LocalRunner)
 HTTP = web.AppKey("http", aiohttp.ClientSession)
 GUARD = web.AppKey("guard", UrlGuard)
+EVENTS = web.AppKey[JobEvents]("events")
+WEBHOOKS = web.AppKey("webhooks", WebhookSender)

@@ -15,7 +15,7 @@ import contextlib
 import functools
 import time
 from collections import Counter
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ import structlog
 
 from clipservice.config import Settings
 from clipservice.errors import ClipFailure, SourceError
+from clipservice.jobs.events import JobEvents, LocalJobEvents
 from clipservice.jobs.limiter import FairLimiter
 from clipservice.jobs.models import (
     ClipError,
@@ -59,8 +60,10 @@ class LocalRunner:
         store: FileJobStore,
         resolver: Resolver,
         cutter: Cutter,
+        events: JobEvents | None = None,
     ) -> None:
         self.settings = settings
+        self.events: JobEvents = events if events is not None else LocalJobEvents()
         self.store = store
         self.resolver = resolver
         self.cutter = cutter
@@ -73,6 +76,8 @@ class LocalRunner:
         self._cancel_requested: set[str] = set()
         self._clip_progress: dict[str, dict[int, float]] = {}
         self._last_progress_save: dict[str, float] = {}
+        # Called with each job once it has ended and been saved (webhooks); must not block.
+        self.on_job_end: list[Callable[[Job], None]] = []
 
     # -- life cycle -------------------------------------------------------
 
@@ -296,6 +301,8 @@ class LocalRunner:
             return
         progress[index] = fraction
         self._update_counts(job)
+        # Listeners see every move; the file is rewritten only a few times a second.
+        self._spawn(self.events.publish(job))
         now = time.monotonic()
         if now - self._last_progress_save.get(job.job_id, 0.0) >= _PROGRESS_SAVE_INTERVAL_S:
             self._last_progress_save[job.job_id] = now
@@ -303,13 +310,14 @@ class LocalRunner:
 
     async def _save(self, job: Job) -> None:
         await self.store.save(job)
+        await self.events.publish(job)
 
     async def _end(self, job: Job, error: JobError | None) -> None:
         now = utcnow()
         job.status = JobStatus.FAILED if error else JobStatus.FINISHED
         job.error = error
         self._finalize(job, now)
-        await self.store.save(job)
+        await self._save(job)
         log.info(
             "job_ended",
             status=job.status.value,
@@ -317,6 +325,7 @@ class LocalRunner:
             errors=len(job.errors),
         )
         self._schedule_cleanup(job)
+        self._job_ended(job)
 
     async def _finish_cancelled(self, job: Job) -> None:
         done = job.done_indexes()
@@ -334,9 +343,17 @@ class LocalRunner:
         job.errors.sort(key=lambda e: e.index)
         job.status = JobStatus.CANCELLED
         self._finalize(job, utcnow())
-        await self.store.save(job)
+        await self._save(job)
         log.info("job_cancelled")
         self._schedule_cleanup(job)
+        self._job_ended(job)
+
+    def _job_ended(self, job: Job) -> None:
+        for hook in self.on_job_end:
+            try:
+                hook(job)
+            except Exception:  # a broken hook must not break the job's end
+                log.exception("job_end_hook_failed")
 
     def _finalize(self, job: Job, now: datetime) -> None:
         job.finished_at = job.updated_at = now
