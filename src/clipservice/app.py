@@ -14,7 +14,8 @@ import aiohttp
 from aiohttp import web
 
 from clipservice.api import events as sse
-from clipservice.api.keys import EVENTS, HTTP, RUNNER, SETTINGS, STORE
+from clipservice.api import middleware, ops
+from clipservice.api.keys import EVENTS, HTTP, METRICS, RUNNER, SETTINGS, STORE
 from clipservice.api.problems import problem_middleware
 from clipservice.api.routes import MAX_BODY_BYTES, routes
 from clipservice.config import Settings
@@ -22,6 +23,7 @@ from clipservice.jobs.events import LocalJobEvents
 from clipservice.jobs.runner import LocalRunner
 from clipservice.jobs.store import FileJobStore
 from clipservice.media.cutter import Cutter
+from clipservice.metrics import Metrics
 from clipservice.sources.base import DirectResolver, Resolver
 from clipservice.sources.vidfly import VidflyResolver
 
@@ -54,7 +56,9 @@ async def _jobs(app: web.Application) -> AsyncIterator[None]:
             settings.resolver.max_height,
         )
     events = LocalJobEvents()
-    runner = LocalRunner(settings, store, resolver, Cutter(settings.cut.ffmpeg_path), events)
+    runner = LocalRunner(
+        settings, store, resolver, Cutter(settings.cut.ffmpeg_path), events, app[METRICS]
+    )
     app[EVENTS] = events
     app[STORE] = store
     app[RUNNER] = runner
@@ -74,6 +78,9 @@ def create_app(settings: Settings) -> web.Application:
     settings = _absolute(settings)
     app = web.Application(middlewares=[problem_middleware], client_max_size=MAX_BODY_BYTES)
     app[SETTINGS] = settings
+    app[METRICS] = Metrics()
+    middleware.setup(app, settings.server.trusted_proxies)
+    ops.setup(app)
     app.cleanup_ctx.append(_http_session)
     app.cleanup_ctx.append(_jobs)
     app.add_routes(routes)

@@ -10,6 +10,7 @@ import aiofiles.os
 from aiohttp import web
 
 from clipservice.api.keys import RUNNER, SETTINGS, STORE
+from clipservice.api.ops import refuse_if_draining
 from clipservice.api.problems import PROBLEM_CONTENT_TYPE
 from clipservice.api.schemas import CreateClipsRequest, JobCreated
 from clipservice.errors import ProblemError
@@ -65,6 +66,7 @@ def _request_hash(payload: Any) -> str:
 async def create_clips(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     store = request.app[STORE]
+    refuse_if_draining(request)
     if request.content_type != "application/json":
         raise ProblemError(
             415, "Unsupported Media Type", "send the body as Content-Type: application/json"
