@@ -254,3 +254,21 @@ async def test_sigterm_lets_running_clip_finish_within_grace(
     doc = json.loads((data / "jobs" / f"{job_id}.json").read_text())
     assert doc["status"] == "finished", doc
     assert [r["index"] for r in doc["results"]] == [0]
+
+
+def test_serve_on_a_taken_port_exits_1(tmp_path: Path) -> None:
+    """`serve` on a port already in use exits 1 with a message, not a traceback."""
+    import subprocess
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**os.environ, "CLIPSERVICE_STORAGE__DATA_DIR": str(tmp_path / "data")}
+        proc = subprocess.run(
+            [sys.executable, "-m", "clipservice", "serve", "--port", str(port)],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert proc.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr
+    assert "Traceback" not in proc.stderr

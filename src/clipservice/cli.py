@@ -36,7 +36,7 @@ def _serve(args: argparse.Namespace) -> int:
     import asyncio
 
     from clipservice.logging import configure_logging
-    from clipservice.server import serve
+    from clipservice.server import ListenError, serve
 
     settings = _load(args.config)
     overrides: dict[str, object] = {}
@@ -51,7 +51,11 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"clipservice: {exc}", file=sys.stderr)
             return 2
     configure_logging()
-    asyncio.run(serve(settings))
+    try:
+        asyncio.run(serve(settings))
+    except ListenError as exc:
+        print(f"clipservice: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

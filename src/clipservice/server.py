@@ -34,6 +34,10 @@ log = structlog.get_logger(__name__)
 HTTP_CLOSE_S = 5.0
 
 
+class ListenError(Exception):
+    """The listening socket could not be opened (port taken, address not ours, …)."""
+
+
 class _Signals:
     """First SIGTERM/SIGINT: ``stopping``; any later one: ``hurry``."""
 
@@ -67,7 +71,12 @@ async def serve(settings: Settings) -> None:
     try:
         await runner.setup()  # the app's start-up: the store opens, unfinished jobs resume
         site = web.TCPSite(runner, settings.server.host, settings.server.port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            raise ListenError(
+                f"cannot listen on {settings.server.host}:{settings.server.port}: {exc.strerror}"
+            ) from exc
         log.info("listening", host=settings.server.host, port=settings.server.port)
         print(
             f"clipservice listening on http://{settings.server.host}:{settings.server.port}",
