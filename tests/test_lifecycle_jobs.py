@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -108,8 +109,8 @@ async def test_cleanups_rescheduled_on_start(make_service: ServiceFactory, tmp_p
 async def test_cancel_kills_ffmpeg_and_queued_job(
     make_service: ServiceFactory, media_server: MediaServer
 ) -> None:
-    """DELETE cancels a job whose clip waits for a slot and a job whose FFmpeg runs: when the
-    answer comes the FFmpeg process has exited and no partial file is left."""
+    """DELETE cancels a job whose clip waits for a slot and a job whose FFmpeg runs (at a
+    lower CPU priority): when the answer comes FFmpeg has exited and no partial file is left."""
     service = await make_service(jobs={"max_concurrent_clips": 1})
     running = (await (await service.create({"video_id": "stall", "clips": [STALLED]})).json())[
         "job_id"
@@ -118,6 +119,8 @@ async def test_cancel_kills_ffmpeg_and_queued_job(
         while not ffmpeg.running_processes:
             await asyncio.sleep(0.02)
     procs = list(ffmpeg.running_processes)
+    # FFmpeg yields the CPU to the API (see media/ffmpeg.py FFMPEG_NICE).
+    assert os.getpriority(os.PRIO_PROCESS, procs[0].pid) >= ffmpeg.FFMPEG_NICE
     queued = (
         await (await service.create({"video_id": "q", "clips": [{"start": 1, "end": 2}]})).json()
     )["job_id"]

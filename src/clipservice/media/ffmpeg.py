@@ -28,6 +28,10 @@ NETWORK_PROTOCOLS = "http,https,tcp,tls"
 ProgressCallback = Callable[[float], None]
 
 _TERM_GRACE_S = 0.5
+# FFmpeg runs at a lower CPU priority than the API: with several encodes on a
+# few cores the event loop would otherwise wait its turn behind every encoder
+# thread, and status polls and event streams would stall while clips cut.
+FFMPEG_NICE = 10
 
 running_processes: set[asyncio.subprocess.Process] = set()
 
@@ -102,6 +106,9 @@ async def run_ffmpeg(
         start_new_session=True,
     )
     running_processes.add(proc)
+    with contextlib.suppress(OSError):
+        # The whole process group (its own session); threads it starts inherit this.
+        os.setpriority(os.PRIO_PGRP, proc.pid, FFMPEG_NICE)
     tail: deque[str] = deque(maxlen=20)
     assert proc.stdout is not None and proc.stderr is not None
 
