@@ -33,6 +33,15 @@ def write_job(data_dir: Path, job: Job) -> None:
     (jobs / f"{job.job_id}.json").write_text(json.dumps(job.stored()))
 
 
+def autogroup_nice(pid: int) -> int | None:
+    """The nice value of the autogroup of ``pid``, None without autogroup scheduling."""
+    try:
+        with open(f"/proc/{pid}/autogroup") as fh:
+            return int(fh.read().split()[-1])
+    except OSError:
+        return None
+
+
 def make_job(video_id: str, clips: list[tuple[float, float]], **fields: Any) -> Job:
     specs = [ClipSpec(index=i, start=s, end=e, mode="reencode") for i, (s, e) in enumerate(clips)]
     return Job(
@@ -121,6 +130,9 @@ async def test_cancel_kills_ffmpeg_and_queued_job(
     procs = list(ffmpeg.running_processes)
     # FFmpeg yields the CPU to the API (see media/ffmpeg.py FFMPEG_NICE).
     assert os.getpriority(os.PRIO_PROCESS, procs[0].pid) >= ffmpeg.FFMPEG_NICE
+    group_nice = autogroup_nice(procs[0].pid)
+    if group_nice is not None:  # Linux autogroup scheduling: FFmpeg's session is lowered too
+        assert group_nice == ffmpeg.FFMPEG_NICE
     queued = (
         await (await service.create({"video_id": "q", "clips": [{"start": 1, "end": 2}]})).json()
     )["job_id"]

@@ -101,6 +101,7 @@ async def test_metrics_after_a_job(make_service: ServiceFactory) -> None:
     assert s[("clipservice_clip_bytes_written_total", ())] == doc["results"][0]["size_bytes"]
     assert s[("clipservice_ffmpeg_processes", ())] == 0
     assert s[("clipservice_draining", ())] == 0
+    assert ("clipservice_event_loop_lag_seconds_count", ()) in s
     key = (
         "clipservice_http_requests_total",
         (("method", "POST"), ("route", "/api/create-clips"), ("status", "202")),

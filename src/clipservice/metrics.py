@@ -30,6 +30,7 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 _CUT_BUCKETS_S = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 _WAIT_BUCKETS_S = (0.001, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900)
 _RESOLVE_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30)
+_LAG_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
 _HTTP_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5)
 
 
@@ -95,6 +96,12 @@ class Metrics:
         )
         self.sse_listeners = Gauge(
             "clipservice_sse_listeners", "Open job event streams.", registry=r
+        )
+        self.loop_lag_seconds = Histogram(
+            "clipservice_event_loop_lag_seconds",
+            "How late a timer on the event loop fires: blocking calls or CPU starvation.",
+            buckets=_LAG_BUCKETS_S,
+            registry=r,
         )
         self.draining = Gauge(
             "clipservice_draining", "1 while the service is shutting down.", registry=r

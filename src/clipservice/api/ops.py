@@ -11,10 +11,11 @@ request. While draining it answers 503 at once, as does job creation.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -158,8 +159,30 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=m.export(), headers={"Content-Type": CONTENT_TYPE})
 
 
+LOOP_LAG_PROBE_S = 0.1
+
+
+async def _loop_lag_probe(app: web.Application) -> AsyncIterator[None]:
+    """Measure how late a short sleep wakes up: the event loop's responsiveness."""
+    histogram = app[METRICS].loop_lag_seconds
+
+    async def probe() -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            t0 = loop.time()
+            await asyncio.sleep(LOOP_LAG_PROBE_S)
+            histogram.observe(max(0.0, loop.time() - t0 - LOOP_LAG_PROBE_S))
+
+    task = asyncio.create_task(probe(), name="loop-lag-probe")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 def setup(app: web.Application) -> None:
-    """Register the routes and the readiness state on ``app``."""
+    """Register the routes, the readiness state and the loop-lag probe on ``app``."""
     settings = app[SETTINGS]
     app[READINESS] = Readiness(settings.storage.data_dir, settings.cut.ffmpeg_path)
     app.add_routes(routes)
+    app.cleanup_ctx.append(_loop_lag_probe)
