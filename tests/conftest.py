@@ -93,6 +93,8 @@ class MediaServer:
     requests: list[dict[str, Any]] = field(default_factory=list)
     # Requests under /stall/ for a Range starting past this fraction of the file hang.
     stall_after_fraction: float = 0.5
+    # Set it to release the stalled requests (and stop stalling new ones).
+    unstall: asyncio.Event = field(default_factory=asyncio.Event)
 
     def url(self, name: str, *, stall: bool = False) -> str:
         return f"{self.base_url}/{'stall/' if stall else ''}{name}"
@@ -138,8 +140,8 @@ async def media_server(media: dict[str, Path]) -> AsyncIterator[MediaServer]:
         start, length = _range(range_header, size)
         entry = {"name": name, "range": range_header, "bytes": 0}
         server.requests.append(entry)
-        if stall and start > size * server.stall_after_fraction:
-            await asyncio.sleep(3600)
+        if stall and start > size * server.stall_after_fraction and not server.unstall.is_set():
+            await server.unstall.wait()
         resp = web.StreamResponse(status=206 if range_header else 200)
         resp.content_type = "video/mp4"
         resp.content_length = length

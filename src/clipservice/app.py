@@ -14,9 +14,19 @@ import aiohttp
 from aiohttp import web
 
 from clipservice.api import events as sse
+from clipservice.api import middleware, ops
 from clipservice.api import web as web_page
 from clipservice.api.auth import auth_middleware
-from clipservice.api.keys import EVENTS, GUARD, HTTP, RUNNER, SETTINGS, STORE, WEBHOOKS
+from clipservice.api.keys import (
+    EVENTS,
+    GUARD,
+    HTTP,
+    METRICS,
+    RUNNER,
+    SETTINGS,
+    STORE,
+    WEBHOOKS,
+)
 from clipservice.api.openapi import setup_openapi
 from clipservice.api.problems import problem_middleware
 from clipservice.api.ratelimit import ratelimit_middleware, setup_ratelimit
@@ -27,6 +37,7 @@ from clipservice.jobs.runner import LocalRunner
 from clipservice.jobs.store import FileJobStore
 from clipservice.jobs.webhooks import WebhookSender
 from clipservice.media.cutter import Cutter
+from clipservice.metrics import Metrics
 from clipservice.sources.base import DirectResolver, Resolver
 from clipservice.sources.guard import GuardedResolver, UrlGuard
 from clipservice.sources.vidfly import VidflyResolver
@@ -72,7 +83,9 @@ async def _jobs(app: web.Application) -> AsyncIterator[None]:
         )
     resolver = GuardedResolver(resolver, app[GUARD])
     events = LocalJobEvents()
-    runner = LocalRunner(settings, store, resolver, Cutter(settings.cut.ffmpeg_path), events)
+    runner = LocalRunner(
+        settings, store, resolver, Cutter(settings.cut.ffmpeg_path), events, app[METRICS]
+    )
     app[EVENTS] = events
     # Webhook URLs come from clients: checked by the guard, posted through its
     # session, whose resolver refuses forbidden addresses at connect time too.
@@ -105,6 +118,9 @@ def create_app(settings: Settings) -> web.Application:
     )
     app[SETTINGS] = settings
     setup_ratelimit(app)
+    app[METRICS] = Metrics()
+    middleware.setup(app, settings.server.trusted_proxies)
+    ops.setup(app)
     app.cleanup_ctx.append(_http_session)
     app.cleanup_ctx.append(_url_guard)
     app.cleanup_ctx.append(_jobs)

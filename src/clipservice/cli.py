@@ -34,10 +34,10 @@ def _load(path: str | None) -> Settings:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from aiohttp import web
+    import asyncio
 
-    from clipservice.app import create_app
     from clipservice.logging import configure_logging
+    from clipservice.server import ListenError, serve
 
     settings = _load(args.config)
     overrides: dict[str, object] = {}
@@ -52,14 +52,11 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"clipservice: {exc}", file=sys.stderr)
             return 2
     configure_logging()
-    web.run_app(
-        create_app(settings),
-        host=settings.server.host,
-        port=settings.server.port,
-        shutdown_timeout=settings.server.shutdown_grace_s,
-        access_log=None,
-        print=lambda msg: print(msg, file=sys.stderr),
-    )
+    try:
+        asyncio.run(serve(settings))
+    except ListenError as exc:
+        print(f"clipservice: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -22,7 +22,7 @@ import json
 import structlog
 from aiohttp import web
 
-from clipservice.api.keys import EVENTS, SETTINGS, STORE
+from clipservice.api.keys import EVENTS, METRICS, SETTINGS, STORE
 from clipservice.errors import ProblemError
 from clipservice.jobs.models import Job
 
@@ -66,6 +66,8 @@ async def job_events(request: web.Request) -> web.StreamResponse:
         )
         await resp.prepare(request)
         last = format_event(job, public_url)
+        listeners = request.app[METRICS].sse_listeners
+        listeners.inc()
         try:
             await resp.write(f"retry: {RECONNECT_MS}\n\n".encode() + last)
             while not job.status.ended:
@@ -84,4 +86,6 @@ async def job_events(request: web.Request) -> web.StreamResponse:
             await resp.write_eof()
         except ConnectionResetError:
             log.debug("sse_client_gone", job_id=job_id)
+        finally:
+            listeners.dec()
         return resp

@@ -43,6 +43,10 @@ SOURCE_INPUT_OPTIONS = {
 ProgressCallback = Callable[[float], None]
 
 _TERM_GRACE_S = 0.5
+# FFmpeg runs at a lower CPU priority than the API: with several encodes on a
+# few cores the event loop would otherwise wait its turn behind every encoder
+# thread, and status polls and event streams would stall while clips cut.
+FFMPEG_NICE = 10
 
 running_processes: set[asyncio.subprocess.Process] = set()
 
@@ -99,6 +103,17 @@ async def terminate(proc: asyncio.subprocess.Process) -> None:
         await proc.wait()
 
 
+def _lower_priority(pid: int) -> None:
+    """Best effort: FFmpeg's threads and, under Linux autogroup scheduling, its session."""
+    with contextlib.suppress(OSError):
+        # The whole process group (its own session); threads it starts inherit this.
+        os.setpriority(os.PRIO_PGRP, pid, FFMPEG_NICE)
+    # With autogroups each session is scheduled as one group and thread nice values
+    # do not count across groups; FFmpeg has its own session, so lower its group.
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/autogroup", "w") as fh:
+        fh.write(str(FFMPEG_NICE))
+
+
 async def run_ffmpeg(
     args: Sequence[str],
     *,
@@ -117,6 +132,7 @@ async def run_ffmpeg(
         start_new_session=True,
     )
     running_processes.add(proc)
+    _lower_priority(proc.pid)
     tail: deque[str] = deque(maxlen=20)
     assert proc.stdout is not None and proc.stderr is not None
 
