@@ -30,16 +30,6 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _running(pid: int) -> bool:
-    """Whether ``pid`` is a live process (not a zombie)."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            stat = fh.read()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
-
-
 def ffmpeg_children(pid: int) -> list[int]:
     """FFmpeg processes whose parent is ``pid`` (from /proc)."""
     found = []
@@ -193,9 +183,9 @@ async def test_kill9_mid_clip_then_restart_finishes(
     await serve.exit_code()
     # FFmpeg has its own session, but its parent-death signal takes it down too.
     async with asyncio.timeout(10):
-        while alive := [pid for pid in orphans if _running(pid)]:
+        while running := [pid for pid in orphans if alive(pid)]:
             await asyncio.sleep(0.05)
-    assert alive == []
+    assert running == []
     doc = json.loads(job_file.read_text())  # never torn
     assert doc["status"] == "processing" and doc["clips"][1]["attempts"] == 1
     # What a kill during a write leaves behind: a job temp file, a partial clip.
