@@ -269,3 +269,43 @@ async def test_page_with_api_key(make_service: ServiceFactory, browser: Any) -> 
     await page.reload()
     assert await page.input_value("#api-key") == "k-test"
     assert page.errors == []
+
+
+async def test_page_with_key_falls_back_to_polling(
+    make_service: ServiceFactory, browser: Any
+) -> None:
+    """With a key and no event stream, the page polls with the key to the job's end."""
+    svc = await make_service(security={"api_keys": ("k-test",)})
+    page = await _new_page(browser)
+    await page.route("**/events", lambda route: route.fulfill(status=404, body="{}"))
+    await page.goto(svc.base_url + "/")
+    await page.fill("#source", "keyedpoll")
+    await page.click("details summary")
+    await page.fill("#api-key", "k-test")
+    await page.fill("#ranges tr:nth-child(1) .start", "2")
+    await page.fill("#ranges tr:nth-child(1) .end", "4")
+    await page.click("#submit")
+    await page.wait_for_selector("#job-status.finished", timeout=60_000)
+    assert await page.text_content("#job-transport") == "polling"
+    await page.wait_for_function("document.querySelector('.clip video')?.src.startsWith('blob:')")
+    assert page.errors == []
+
+
+async def test_page_event_stream_parser(service: Service, browser: Any) -> None:
+    """The page's text/event-stream parser handles split chunks, CRLF, comments and data lines."""
+    page = await _new_page(browser)
+    await page.goto(service.base_url + "/")
+    events = await page.evaluate(
+        """() => {
+          const out = [];
+          const feed = eventStreamParser((e) => out.push(e));
+          const chunks = ['retry: 2000\\r', '\\n\\r\\n: keep-alive\\n\\nid: 1-pro', 'cessing\\n',
+            'event: job\\ndata: {"a":', '1}\\r', '\\n\\r', '\\ndata:x\\ndata: y\\n', '\\n'];
+          chunks.forEach(feed);
+          return out;
+        }"""
+    )
+    assert events == [
+        {"type": "job", "data": '{"a":1}', "id": "1-processing"},
+        {"type": "message", "data": "x\ny", "id": "1-processing"},
+    ]
