@@ -38,6 +38,7 @@ from clipservice.jobs.models import (
 from clipservice.jobs.store import FileJobStore
 from clipservice.media import plan
 from clipservice.media.cutter import Cutter, remove_stale_parts
+from clipservice.media.keyframes import KeyframeIndex
 from clipservice.media.naming import clip_file_name
 from clipservice.media.probe import SourceInfo, probe_source
 from clipservice.sources.base import Resolver
@@ -170,12 +171,15 @@ class LocalRunner:
         done = job.done_indexes()
         pending = [c for c in job.clips if c.index not in done]
         self._clip_progress[job.job_id] = {}
+        # One keyframe index per job: its clips share the source's probes.
+        keyframes = KeyframeIndex(src.video_url)
         try:
             async with asyncio.TaskGroup() as tg:
                 for clip in pending:
-                    tg.create_task(self._run_clip(job, clip, src, info))
+                    tg.create_task(self._run_clip(job, clip, src, info, keyframes))
         finally:
             self._clip_progress.pop(job.job_id, None)
+            await asyncio.shield(keyframes.aclose())
         if job.results:
             await self._end(job, None)
         else:
@@ -183,7 +187,14 @@ class LocalRunner:
             code = codes.most_common(1)[0][0] if codes else "ffmpeg_failed"
             await self._end(job, JobError(code=code, message="every clip failed"))
 
-    async def _run_clip(self, job: Job, clip: ClipSpec, src: plan.Inputs, info: SourceInfo) -> None:
+    async def _run_clip(
+        self,
+        job: Job,
+        clip: ClipSpec,
+        src: plan.Inputs,
+        info: SourceInfo,
+        keyframes: KeyframeIndex | None = None,
+    ) -> None:
         with structlog.contextvars.bound_contextvars(clip_index=clip.index):
             name = clip_file_name(job.source, clip)
             self._files_in_use[name] += 1
@@ -199,7 +210,7 @@ class LocalRunner:
                 async with self.limiter.slot(job.job_id):
                     t_started = time.monotonic()
                     result = await asyncio.wait_for(
-                        self._produce(job, clip, src, info, name),
+                        self._produce(job, clip, src, info, name, keyframes),
                         self.settings.jobs.clip_timeout_s,
                     )
                 job.results.append(result)
@@ -239,7 +250,13 @@ class LocalRunner:
                     await asyncio.shield(self._save(job))
 
     async def _produce(
-        self, job: Job, clip: ClipSpec, src: plan.Inputs, info: SourceInfo, name: str
+        self,
+        job: Job,
+        clip: ClipSpec,
+        src: plan.Inputs,
+        info: SourceInfo,
+        name: str,
+        keyframes: KeyframeIndex | None = None,
     ) -> ClipResult:
         final = self.clips_dir / name
         if await aiofiles.os.path.isfile(final):
@@ -260,6 +277,7 @@ class LocalRunner:
                 final,
                 timeout_s=self.settings.jobs.clip_timeout_s,
                 on_progress=on_progress,
+                keyframes=keyframes,
             )
         return ClipResult(
             index=clip.index,
