@@ -235,12 +235,11 @@ class Cutter:
         cutoff = None
         shown_end_s = end_s
         if first.reorder:
-            # With B-frames, stop just past the last packet (decode order) that
-            # shows before the end: it may pull in a frame or two after the end
-            # that kept frames refer to.
+            # With B-frames a copy can only end where no kept frame refers to a
+            # dropped one: the nearest such point to the end (a frame or two off).
             last = await asyncio.wait_for(index.gop_at(end_s - 2 * EPS_S), budget.left_s())
-            cutoff = last.copy_cutoff_dts(end_pts)
-            shown_end_s = max(end_s, last.seconds(last.copied_until_pts(end_pts)))
+            cutoff, shown_until = last.copy_cut(end_pts)
+            shown_end_s = last.seconds(shown_until)
         copy = CopySpan(first.key_pts, end_pts, None, False, cutoff)
         return await self._assemble(
             src, info, first, None, None, copy, first.key_pts, shown_end_s, tmp, budget,

@@ -69,31 +69,39 @@ class Gop:
         end = self.next_key_s
         return self.key_s - EPS_S <= t_s and (end is None or t_s < end - EPS_S)
 
-    def copy_cutoff_dts(self, end_pts: int) -> int:
-        """The decode time at which a stream copy must stop to hold every frame
-        of this GOP before ``end_pts`` and the frames they refer to: just past
-        the last packet, in decode order, that shows before the end."""
-        keep = [i for i, (p, _) in enumerate(self.packets) if p < end_pts]
-        if not keep:
-            return self.key_dts
-        last = keep[-1]
-        if last + 1 < len(self.packets):
-            return self.packets[last + 1][1]
-        return self.packets[last][1] + 1
+    def copy_cut(self, end_pts: int) -> tuple[int, int]:
+        """Where a stream copy of this GOP should stop to end nearest ``end_pts``.
 
-    def copied_until_pts(self, end_pts: int) -> int:
-        """The presentation end of what such a copy holds (past ``end_pts`` when a
-        kept B-frame refers to a later frame)."""
-        cutoff = self.copy_cutoff_dts(end_pts)
-        kept = [p for p, d in self.packets if d < cutoff]
-        if not kept:
-            return self.key_pts
+        A copy can only keep a prefix of the packets in decode order. With
+        B-frames some prefixes leave holes (a reference frame kept, the
+        B-frames shown before it not); only hole-free prefixes are candidates,
+        and the one whose shown end is nearest ``end_pts`` wins. Returns
+        (decode time to stop at, presentation time the copy shows until).
+        """
         ordered = sorted(self.frame_pts)
-        top = max(kept)
-        i = ordered.index(top) if top in ordered else len(ordered) - 1
-        if i + 1 < len(ordered):
-            return ordered[i + 1]
-        return self.next_key_pts if self.next_key_pts is not None else top
+        best: tuple[int, int, int] | None = None  # (distance, -length, index)
+        kept: list[int] = []
+        for i, (pts, _) in enumerate(self.packets):
+            kept.append(pts)
+            if sorted(kept) != ordered[: len(kept)]:
+                continue
+            shown_until = self._after(ordered, len(kept))
+            candidate = (abs(shown_until - end_pts), -len(kept), i)
+            if best is None or candidate < best:
+                best = candidate
+        if best is None:
+            return self.key_dts, self.key_pts
+        i = best[2]
+        stop = self.packets[i + 1][1] if i + 1 < len(self.packets) else self.packets[i][1] + 1
+        return stop, self._after(ordered, i + 1)
+
+    def _after(self, ordered: list[int], count: int) -> int:
+        if count < len(ordered):
+            return ordered[count]
+        if self.next_key_pts is not None:
+            return self.next_key_pts
+        step = ordered[-1] - ordered[-2] if len(ordered) > 1 else 1
+        return ordered[-1] + step
 
     def frames_from(self, t_s: float, until_s: float | None = None) -> list[int]:
         """The GOP's frames at or after ``t_s`` (and before ``until_s``)."""
