@@ -27,6 +27,7 @@ from clipservice.media.ffmpeg import FFmpegError, ProgressCallback, run_ffmpeg
 from clipservice.media.keyframes import EPS_S, Gop, KeyframeIndex, ProbeError
 from clipservice.media.probe import SourceInfo, validate_output
 from clipservice.media.smartcut import (
+    AudioCopy,
     AvcConfig,
     CopySpan,
     EncodedPart,
@@ -287,6 +288,7 @@ class Cutter:
         # to a dropped one.
         tail_frames: list[int] = []
         copy_end, stop_at_key = end_pts, False
+        cutoff: int | None = None
         if first.reorder:
             last = await asyncio.wait_for(index.gop_at(end_s - EPS_S * 2), budget.left_s())
             if last.open_gop:
@@ -301,9 +303,18 @@ class Cutter:
             if last.next_key_pts is not None and next_s is not None and next_s <= end_s + EPS_S:
                 # The clip ends exactly on a keyframe: copy up to it, no tail.
                 copy_end, stop_at_key, tail_frames = last.next_key_pts, True, []
+            elif tail_frames and last.key_pts >= copy_from:
+                # Often a copy of the last GOP can end exactly at the end (the
+                # end falls between mini-GOPs): then nothing needs re-encoding.
+                stop, shown_until = last.copy_cut(end_pts)
+                wanted = min((p for p in last.frame_pts if p >= end_pts), default=None)
+                if shown_until == (wanted if wanted is not None else last.next_key_pts):
+                    copy_end, cutoff, tail_frames = end_pts, stop, []
 
         copy = None
-        if copy_end > copy_from:
+        if cutoff is not None:
+            copy = CopySpan(copy_from, copy_end, None, False, cutoff)
+        elif copy_end > copy_from:
             copy = CopySpan(copy_from, copy_end, None, stop_at_key)
         return await self._assemble(
             src, info, first, head_frames, tail_frames, copy, clip_start_pts, end_s, tmp,
@@ -355,9 +366,13 @@ class Cutter:
                         head = part
                     else:
                         tail = part
-            audio = None
+            audio = audio_copy = None
             clip_start_s = first.seconds(clip_start_pts)
-            if info.audio is not None:
+            if info.audio is not None and info.audio.codec == "aac":
+                # AAC is copied in the join: no encode, the span exact to one
+                # audio frame, whose lead-in the MP4 edit list trims.
+                audio_copy = AudioCopy(src.audio_url or src.video_url, clip_start_s, end_s)
+            elif info.audio is not None:
                 audio = _sibling(tmp, "audio")
                 parts.append(audio)
             if segments or audio:
@@ -391,6 +406,7 @@ class Cutter:
                 copy=copy,
                 tail=tail,
                 audio=audio,
+                audio_copy=audio_copy,
                 extradata=extradata,
             )
             await asyncio.wait_for(

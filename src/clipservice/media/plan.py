@@ -140,10 +140,11 @@ class EncodeParams:
         return [
             "-c:v",
             "libx264",
+            # A GOP or two of frames: the fastest preset, a low CRF for quality.
             "-preset",
-            "veryfast",
+            "ultrafast",
             "-crf",
-            "16",
+            "14",
             "-profile:v",
             self.profile,
             "-level:v",

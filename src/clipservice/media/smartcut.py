@@ -264,6 +264,20 @@ class CopySpan:
 
 
 @dataclass(frozen=True)
+class AudioCopy:
+    """AAC audio copied straight from the source for [start_s, end_s).
+
+    Copying starts at the audio frame that holds ``start_s``; its first few
+    milliseconds before ``start_s`` get a negative time, which the MP4 muxer
+    trims with the usual AAC edit list, so audio and video start together.
+    """
+
+    url: str
+    start_s: float
+    end_s: float
+
+
+@dataclass(frozen=True)
 class JoinPlan:
     """Everything the join needs, in the source's time base."""
 
@@ -274,7 +288,8 @@ class JoinPlan:
     head: EncodedPart | None
     copy: CopySpan | None
     tail: EncodedPart | None
-    audio: Path | None
+    audio: Path | None  # re-encoded audio of exactly the clip's span, or
+    audio_copy: AudioCopy | None  # AAC packets copied from the source
     extradata: bytes | None  # None: keep the source's
 
 
@@ -292,7 +307,11 @@ def join(plan: JoinPlan, out: Path, deadline: float) -> int:
             if plan.extradata is not None:
                 vout.codec_context.extradata = plan.extradata
             vout.time_base = plan.time_base
-            audio_in = av.open(str(plan.audio)) if plan.audio else None
+            audio_in = None
+            if plan.audio is not None:
+                audio_in = av.open(str(plan.audio))
+            elif plan.audio_copy is not None:
+                audio_in = _open_url(plan.audio_copy.url)
             try:
                 aout = None
                 if audio_in is not None:
@@ -301,7 +320,10 @@ def join(plan: JoinPlan, out: Path, deadline: float) -> int:
                 video = _video_packets(plan, source, vin, vout, counter, deadline)
                 streams: list[Iterator[tuple[float, int, Any]]] = [video]
                 if audio_in is not None and aout is not None:
-                    streams.append(_audio_packets(audio_in, aout))
+                    if plan.audio_copy is not None:
+                        streams.append(_copied_audio(audio_in, aout, plan.audio_copy))
+                    else:
+                        streams.append(_audio_packets(audio_in, aout))
                 last_dts: int | None = None
                 for _, _, packet in heapq.merge(*streams, key=lambda x: (x[0], x[1])):
                     if packet.stream is vout:
@@ -398,4 +420,25 @@ def _audio_packets(container: Any, aout: Any) -> Iterator[tuple[float, int, Any]
             continue
         tb = packet.time_base
         packet.stream = aout
+        yield (float(packet.dts * tb), 1, packet)
+
+
+def _copied_audio(container: Any, aout: Any, span: AudioCopy) -> Iterator[tuple[float, int, Any]]:
+    stream = container.streams.audio[0]
+    tb: Fraction = stream.time_base
+    origin = stream.start_time or 0
+    start = origin + round(Fraction(span.start_s) / tb)
+    end = origin + round(Fraction(span.end_s) / tb)
+    container.seek(start, stream=stream, backward=True, any_frame=False)
+    for packet in container.demux(stream):
+        if packet.size == 0 or packet.pts is None or packet.dts is None:
+            continue
+        if packet.pts >= end:
+            break
+        if packet.pts + (packet.duration or 0) <= start:
+            continue
+        packet.stream = aout
+        packet.time_base = tb
+        packet.pts -= start
+        packet.dts -= start
         yield (float(packet.dts * tb), 1, packet)
