@@ -38,8 +38,9 @@ from typing import Any
 import aiohttp
 import structlog
 from saq import Queue, Worker
-from saq.job import TERMINAL_STATUSES
+from saq.job import TERMINAL_STATUSES, Status
 from saq.job import Job as SaqJob
+from saq.queue.redis import RedisQueue
 from saq.types import Context, PartialTimersDict
 
 from clipservice.config import Settings
@@ -71,8 +72,48 @@ _PROGRESS_INTERVAL_S = 0.5
 _PROBE_CACHE_SIZE = 64
 
 
+class FreshSweepQueue(RedisQueue):
+    """SAQ's Redis queue, with a sweep that judges each task on its current state.
+
+    SAQ 0.26 reads every active task once, then handles them one by one,
+    waiting up to ``abort`` seconds for each dead one. A live task checked
+    after such a wait looks stale by then and is swept too: its clip would be
+    cancelled and cut again. Re-reading each task just before judging it
+    keeps live workers' clips with them.
+    """
+
+    async def sweep(self, lock: int = 60, abort: float = 5.0) -> list[str]:
+        lock_key = self.namespace("sweep")
+        if not await self.redis.set(lock_key, 1, ex=lock, nx=True):
+            return []
+        swept: list[str] = []
+        active: list[bytes] = await self.redis.lrange(self.namespace("active"), 0, -1)  # type: ignore[misc]
+        for raw_id in active:
+            job_id = raw_id.decode()
+            job = await self._get_job_by_id(job_id)
+            if job is None:
+                async with self.redis.pipeline(transaction=True) as pipe:
+                    pipe.lrem(self.namespace("active"), 0, job_id)
+                    pipe.zrem(self.namespace("incomplete"), job_id)
+                    await pipe.execute()
+                swept.append(job_id)
+                continue
+            if job.status == Status.ACTIVE and not job.stuck:
+                continue
+            log.warning("task_swept", task=job.key, worker=job.worker_id, status=job.status.value)
+            swept.append(job_id)
+            await self.abort(job, error=self.swept_error_message)
+            with contextlib.suppress(TimeoutError):
+                await job.refresh(abort)
+            if job.retryable:
+                await self.retry(job, error=self.swept_error_message)
+            else:
+                await self.finish(job, Status.ABORTED, error=self.swept_error_message)
+        return swept
+
+
 def make_queue(url: str, name: str) -> Queue:
-    return Queue.from_url(url, name=name)
+    return FreshSweepQueue.from_url(url, name=name)
 
 
 def make_resolver(settings: Settings, http: aiohttp.ClientSession) -> Resolver:
