@@ -188,3 +188,30 @@ async def test_expired_jobs_are_reaped_once_keeping_shared_files(
     assert left == [result(a, 0).file]  # b (still live) may reuse it
     await delete_job_and_files(store, storage, b.job_id)
     assert await store.all() == []
+
+
+async def test_events_reach_subscribers_from_any_writer(store: RedisJobStore) -> None:
+    """A change written through another connection reaches this node's subscriber."""
+    from clipservice.jobs.redis_events import RedisJobEvents
+
+    events = RedisJobEvents(store)
+    await events.start()
+    writer = RedisJobStore.from_url(REDIS_TEST_URL)
+    try:
+        job = make_job(1)
+        await store.save(job)
+        async with events.subscribe(job.job_id) as sub:
+            attempt = await writer.claim_clip(job.job_id, 0, "w")
+            assert attempt is not None
+            got = await asyncio.wait_for(sub.next(), 30)
+            assert got is not None and got.status is JobStatus.PROCESSING
+            await writer.record_clip(job.job_id, attempt, result(job, 0), 60)
+            async with asyncio.timeout(30):
+                while got is not None and not got.status.ended:
+                    got = await sub.next()
+            assert got is not None and got.status is JobStatus.FINISHED
+            await events.close()
+            assert await sub.next() is None
+    finally:
+        await events.close()
+        await writer.close()

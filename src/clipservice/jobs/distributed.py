@@ -46,7 +46,7 @@ from saq.types import Context, PartialTimersDict
 from clipservice.config import Settings
 from clipservice.errors import ClipFailure, SourceError
 from clipservice.jobs import clipwork
-from clipservice.jobs.models import ClipResult, ClipSpec, Job, JobError
+from clipservice.jobs.models import ClipResult, ClipSpec, Job, JobError, JobStatus
 from clipservice.jobs.redis_store import RedisJobStore, StaleAttempt
 from clipservice.media import plan
 from clipservice.media.cutter import Cutter
@@ -204,6 +204,11 @@ class DistributedRunner:
         await self.storage.open()
         await self.jobs_queue.connect()
         await self.clips_queue.connect()
+        # A node that crashed between saving a job and queueing it left it
+        # pending; queueing is idempotent (the task key is the job id).
+        for job in await self.store.all():
+            if job.status is JobStatus.PENDING:
+                await self.submit(job)
         self._reaper = asyncio.create_task(
             _reaper(
                 self.store,
@@ -224,7 +229,7 @@ class DistributedRunner:
 
     async def submit(self, job: Job) -> None:
         """Put the job on the queue (it is already saved as pending)."""
-        await enqueue_prepare(self.jobs_queue, job.job_id)
+        await enqueue_prepare(self.jobs_queue, job.job_id, self.settings.queue.heartbeat_s)
 
     async def cancel(self, job_id: str) -> bool:
         """Cancel a job on whichever workers run it; True if this call cancelled it."""
@@ -261,14 +266,14 @@ class DistributedRunner:
         }
 
 
-async def enqueue_prepare(queue: Queue, job_id: str) -> None:
+async def enqueue_prepare(queue: Queue, job_id: str, heartbeat_s: int) -> None:
     await queue.enqueue(
         SaqJob(
             function="prepare_job",
             kwargs={"job_id": job_id},
             key=job_id,
             timeout=_PREPARE_TIMEOUT_S,
-            heartbeat=0,
+            heartbeat=heartbeat_s,
             retries=3,
             retry_delay=1.0,
             retry_backoff=30.0,
@@ -302,6 +307,15 @@ class ClipWorker:
     # -- prepare: resolve once, probe, enqueue the clips ----------------------
 
     async def prepare_job(self, ctx: Context, *, job_id: str) -> str:
+        keepalive = asyncio.create_task(self._keepalive(ctx["job"]))
+        try:
+            return await self._prepare(job_id)
+        finally:
+            keepalive.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keepalive
+
+    async def _prepare(self, job_id: str) -> str:
         with structlog.contextvars.bound_contextvars(job_id=job_id, worker=self.worker_id):
             job = await self.store.start_processing(job_id)
             if job is None:

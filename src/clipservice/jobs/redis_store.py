@@ -110,7 +110,7 @@ class RedisJobStore:
 
     async def save(self, job: Job) -> None:
         """Write the whole document (creation, or a node that owns the job alone)."""
-        data = _dump(job)
+        data = dump_job(job)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(self._job_key(job.job_id), data)
             pipe.sadd(self._index_key, job.job_id)
@@ -123,7 +123,7 @@ class RedisJobStore:
         if not _JOB_ID_RE.match(job_id):
             return None
         raw = await self.redis.get(self._job_key(job_id))
-        return _load(raw) if raw else None
+        return load_job(raw) if raw else None
 
     async def delete(self, job_id: str) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
@@ -144,7 +144,7 @@ class RedisJobStore:
             chunk = ids[i : i + _MGET_CHUNK]
             for raw in await self.redis.mget([self._job_key(j) for j in chunk]):
                 if raw:
-                    jobs.append(_load(raw))
+                    jobs.append(load_job(raw))
         return jobs
 
     # -- the resolved source (resolved once per job, read by every worker) --
@@ -176,7 +176,7 @@ class RedisJobStore:
                     fence: dict[str, str] = await _aw(pipe.hgetall(keys[1]))
                     partials: dict[str, str] = await _aw(pipe.hgetall(keys[2]))
                     tx = _Tx(
-                        job=_load(raw),
+                        job=load_job(raw),
                         attempts={int(k): int(v) for k, v in fence.items() if k.isdigit()},
                         workers={int(k[2:]): v for k, v in fence.items() if k.startswith("w:")},
                         partials={int(k): float(v) for k, v in partials.items()},
@@ -184,7 +184,7 @@ class RedisJobStore:
                     if not change(tx):
                         await pipe.reset()  # type: ignore[no-untyped-call]
                         return tx
-                    data = _dump(tx.job)
+                    data = dump_job(tx.job)
                     pipe.multi()  # type: ignore[no-untyped-call]
                     pipe.set(keys[0], data)
                     pipe.delete(keys[1], keys[2])
@@ -348,9 +348,9 @@ async def _aw(value: Awaitable[T] | T) -> T:
     return value
 
 
-def _dump(job: Job) -> str:
+def dump_job(job: Job) -> str:
     return json.dumps(job.stored(), separators=(",", ":"))
 
 
-def _load(raw: str) -> Job:
+def load_job(raw: str | bytes) -> Job:
     return Job.model_validate_json(raw)
