@@ -64,6 +64,9 @@ class JobsSettings(_Section):
     max_concurrent_clips: int = Field(4, ge=1, description="FFmpeg processes at once.")
     max_clips_per_job: int = Field(50, ge=1, description="Most clips one job may ask for.")
     max_clip_duration_s: float = Field(600, gt=0, description="Longest clip one may ask for.")
+    max_job_duration_s: float = Field(
+        3600, gt=0, description="Most seconds of clips (summed over its clips) one job may ask for."
+    )
 
 
 class CutSettings(_Section):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import aiofiles.os
 from aiohttp import web
 
+from clipservice.api.auth import client_id
 from clipservice.api.keys import RUNNER, SETTINGS, STORE
 from clipservice.api.problems import PROBLEM_CONTENT_TYPE
 from clipservice.api.schemas import CreateClipsRequest, JobCreated
@@ -19,6 +21,8 @@ from clipservice.media.naming import is_clip_file_name
 routes = web.RouteTableDef()
 
 MAX_BODY_BYTES = 64 * 1024
+# A body that trickles in slower than this (slow-loris) is cut off with 408.
+BODY_READ_TIMEOUT_S = 10.0
 
 
 def _reject_constant(name: str) -> Any:
@@ -69,7 +73,17 @@ async def create_clips(request: web.Request) -> web.Response:
         raise ProblemError(
             415, "Unsupported Media Type", "send the body as Content-Type: application/json"
         )
-    payload = parse_json_body(await request.read())
+    try:
+        async with asyncio.timeout(BODY_READ_TIMEOUT_S):
+            raw = await request.read()
+    except TimeoutError:
+        raise ProblemError(
+            408,
+            "Request Timeout",
+            "the body did not arrive in time",
+            headers={"Connection": "close"},
+        ) from None
+    payload = parse_json_body(raw)
     body = CreateClipsRequest.model_validate(payload, context={"settings": settings})
 
     idem_key = request.headers.get("Idempotency-Key")
@@ -103,6 +117,7 @@ async def create_clips(request: web.Request) -> web.Response:
         callback_url=body.callback_url,
         idempotency_key=idem_key,
         request_hash=req_hash,
+        client_id=client_id(request),
     )
     await store.save(job)
     request.app[RUNNER].submit(job)

@@ -118,7 +118,29 @@ class ClipRequest(BaseModel):
 class CreateClipsRequest(BaseModel):
     """Body of ``POST /api/create-clips``: one source and 1..max_clips_per_job clips."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        # Examples land in the OpenAPI document: readers and the fuzzer start from them.
+        json_schema_extra={
+            "examples": [
+                {"video_id": "dQw4w9WgXcQ", "clips": [{"start": 10, "end": 20}]},
+                {
+                    "video_id": "dQw4w9WgXcQ",
+                    "clips": [{"start": "00:01:05.5", "end": "00:01:12", "mode": "fast"}],
+                    "mode": "accurate",
+                },
+                {
+                    "video_url": "https://media.example.com/v.mp4",
+                    "audio_url": "https://media.example.com/a.m4a",
+                    "clips": [{"start": 0, "end": 5}],
+                },
+                {
+                    "url": "https://www.youtube.com/watch?v=dQw4w9WgXcQ",
+                    "clips": [{"start": 1, "end": 2}],
+                },
+            ]
+        },
+    )
 
     video_id: str | None = Field(None, pattern=VIDEO_ID_PATTERN, examples=["dQw4w9WgXcQ"])
     url: str | None = Field(None, description="A page URL the resolver accepts.")
@@ -151,6 +173,12 @@ class CreateClipsRequest(BaseModel):
         if self.audio_url and not self.video_url:
             raise ValueError("audio_url goes with video_url")
         settings = _settings(info)
+        total_s = sum(float(c.end) - float(c.start) for c in self.clips)
+        if settings and total_s > settings.jobs.max_job_duration_s:
+            raise ValueError(
+                f"the clips last {total_s:g}s together, over max_job_duration_s="
+                f"{settings.jobs.max_job_duration_s:g}"
+            )
         if settings and settings.resolver.kind == "direct" and not self.video_url:
             raise ValueError("this service resolves only video_url/audio_url (resolver: direct)")
         return self

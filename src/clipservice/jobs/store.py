@@ -48,7 +48,7 @@ class FileJobStore:
         self._loaded = False
 
     def _path(self, job_id: str) -> Path:
-        if not _JOB_ID_RE.match(job_id):
+        if not _JOB_ID_RE.fullmatch(job_id):
             raise ValueError(f"bad job id {job_id!r}")
         return self.jobs_dir / f"{job_id}.json"
 
@@ -65,7 +65,7 @@ class FileJobStore:
                 # A write that never reached its rename: the old file is intact.
                 os.unlink(entry.path)
                 continue
-            if not entry.name.endswith(".json") or not _JOB_ID_RE.match(entry.name[:-5]):
+            if not entry.name.endswith(".json") or not _JOB_ID_RE.fullmatch(entry.name[:-5]):
                 continue
             try:
                 with open(entry.path, "rb") as fh:
@@ -83,19 +83,12 @@ class FileJobStore:
             if latest is None:  # deleted while we waited
                 return
             data = json.dumps(latest.stored(), separators=(",", ":")).encode()
-            tmp = path.with_name(f"{path.name}{TMP_MARKER}{uuid.uuid4().hex[:8]}")
-            try:
-                async with aiofiles.open(tmp, "wb") as fh:
-                    await fh.write(data)
-                    await fh.flush()
-                    await asyncio.to_thread(os.fsync, fh.fileno())
-                await aiofiles.os.replace(tmp, path)
-            except BaseException:
-                await asyncio.shield(_unlink_quiet(tmp))
-                raise
+            # Bookkeeping is protected from cancellation: a cancelled caller
+            # returns at once, but the write (and the file's close) completes.
+            await asyncio.shield(_write_atomic(path, data))
 
     async def get(self, job_id: str) -> Job | None:
-        if not _JOB_ID_RE.match(job_id):
+        if not _JOB_ID_RE.fullmatch(job_id):
             return None
         return self._cache.get(job_id)
 
@@ -107,6 +100,20 @@ class FileJobStore:
 
     async def all(self) -> list[Job]:
         return list(self._cache.values())
+
+
+async def _write_atomic(path: Path, data: bytes) -> None:
+    """Temporary file, fsync, rename: a reader sees the old or the new document."""
+    tmp = path.with_name(f"{path.name}{TMP_MARKER}{uuid.uuid4().hex[:8]}")
+    try:
+        async with aiofiles.open(tmp, "wb") as fh:
+            await fh.write(data)
+            await fh.flush()
+            await asyncio.to_thread(os.fsync, fh.fileno())
+        await aiofiles.os.replace(tmp, path)
+    except BaseException:
+        await _unlink_quiet(tmp)
+        raise
 
 
 async def _unlink_quiet(path: Path) -> None:

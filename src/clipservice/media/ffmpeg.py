@@ -25,6 +25,21 @@ log = structlog.get_logger(__name__)
 # subfile:, pipe:…) so a crafted URL or playlist cannot read the disk.
 NETWORK_PROTOCOLS = "http,https,tcp,tls"
 
+# Demuxers FFmpeg and PyAV may use for sources: plain media containers only.
+# Playlist and reference formats (hls, dash, concat, …) are left out, so a
+# crafted playlist can neither read local files nor reach addresses the URL
+# guard never saw. The mov demuxer keeps external references (drefs) off.
+SOURCE_FORMATS = "mov,mp4,m4a,3gp,matroska,webm,mpegts,flv,mp3,aac,ogg,wav"
+
+# Options for every network input (FFmpeg flags and PyAV open options alike).
+# Redirects are off: the URL guard follows them itself, checking each hop, and
+# hands over the final URL.
+SOURCE_INPUT_OPTIONS = {
+    "protocol_whitelist": NETWORK_PROTOCOLS,
+    "format_whitelist": SOURCE_FORMATS,
+    "max_redirects": "0",
+}
+
 ProgressCallback = Callable[[float], None]
 
 _TERM_GRACE_S = 0.5

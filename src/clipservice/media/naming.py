@@ -17,7 +17,7 @@ _VIDEO_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 def source_key(source: JobSource) -> str:
     """A short, file-name-safe key naming the source."""
-    if source.video_id and _VIDEO_ID_RE.match(source.video_id):
+    if source.video_id and _VIDEO_ID_RE.fullmatch(source.video_id):
         return source.video_id
     ident = "\n".join(part or "" for part in (source.url, source.video_url, source.audio_url))
     return "src" + hashlib.sha256(ident.encode()).hexdigest()[:16]
@@ -28,4 +28,5 @@ def clip_file_name(source: JobSource, clip: ClipSpec) -> str:
 
 
 def is_clip_file_name(name: str) -> bool:
-    return bool(_CLIP_FILE_RE.match(name))
+    # fullmatch: with match, "$" would also accept a trailing newline.
+    return bool(_CLIP_FILE_RE.fullmatch(name))

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from clipservice.media.ffmpeg import NETWORK_PROTOCOLS
+from clipservice.media.ffmpeg import SOURCE_INPUT_OPTIONS
 
 # Network inputs: only network protocols, bounded reads, reconnect on drops.
 _NET_INPUT = (
-    "-protocol_whitelist",
-    NETWORK_PROTOCOLS,
+    *(arg for name, value in SOURCE_INPUT_OPTIONS.items() for arg in (f"-{name}", value)),
     "-rw_timeout",
     "20000000",
     "-reconnect",

@@ -16,7 +16,7 @@ from typing import Any
 import av
 
 from clipservice.errors import ClipFailure, SourceError
-from clipservice.media.ffmpeg import NETWORK_PROTOCOLS
+from clipservice.media.ffmpeg import SOURCE_INPUT_OPTIONS
 
 _OPEN_TIMEOUT_S = 15.0
 
@@ -46,7 +46,7 @@ class SourceInfo:
 
 
 def _open(url: str) -> Any:
-    return av.open(url, options={"protocol_whitelist": NETWORK_PROTOCOLS}, timeout=_OPEN_TIMEOUT_S)
+    return av.open(url, options=dict(SOURCE_INPUT_OPTIONS), timeout=_OPEN_TIMEOUT_S)
 
 
 def _stream_duration(stream: Any, container: Any) -> float | None:

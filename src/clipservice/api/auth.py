@@ -1,0 +1,80 @@
+"""API keys: with ``security.api_keys`` set, every ``/api`` route needs one.
+
+A key comes as ``Authorization: Bearer <key>`` or ``X-API-Key: <key>`` and is
+compared in constant time against every configured key (no early exit, so
+timing tells nothing about which key or how much of it matched). Health,
+readiness, metrics and the web page stay open. Keys are never logged: the
+request carries only a short hash of the key (``client_id``) for rate limits
+and logs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from typing import Any
+
+from aiohttp import web
+
+from clipservice.api.keys import SETTINGS
+from clipservice.errors import ProblemError
+
+# Everything under /api needs a key; nothing else does (/, /healthz, /readyz, /metrics).
+PROTECTED_PREFIX = "/api/"
+CLIENT_ID = web.RequestKey("client_id", str)
+
+_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="clipservice"'}
+
+
+def presented_key(request: web.Request) -> str | None:
+    """The key the client sent, from ``Authorization: Bearer`` or ``X-API-Key``."""
+    auth = request.headers.get("Authorization")
+    if auth is not None:
+        scheme, _, token = auth.strip().partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+    key = request.headers.get("X-API-Key")
+    return key.strip() if key and key.strip() else None
+
+
+def key_matches(presented: str, keys: tuple[str, ...]) -> bool:
+    """Constant-time comparison against every configured key."""
+    given = presented.encode("utf-8", "surrogateescape")
+    matches = [hmac.compare_digest(given, k.encode("utf-8")) for k in keys]
+    return any(matches)
+
+
+def key_id(key: str) -> str:
+    """A short, non-reversible name for a key (for rate limits and logs)."""
+    return "key:" + hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+
+
+def client_id(request: web.Request) -> str:
+    """Who is calling: the key's hash when authenticated, else the client address."""
+    if CLIENT_ID in request:
+        return request[CLIENT_ID]
+    return f"addr:{request.remote or 'unknown'}"
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    keys = request.app[SETTINGS].security.api_keys
+    if keys and request.path.startswith(PROTECTED_PREFIX):
+        presented = presented_key(request)
+        if presented is None:
+            raise ProblemError(
+                401,
+                "Unauthorized",
+                "send an API key as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
+                headers=_CHALLENGE,
+            )
+        if not key_matches(presented, keys):
+            raise ProblemError(
+                401,
+                "Unauthorized",
+                "the API key is not valid",
+                headers={"WWW-Authenticate": 'Bearer realm="clipservice", error="invalid_token"'},
+            )
+        request[CLIENT_ID] = key_id(presented)
+    response: web.StreamResponse = await handler(request)
+    return response

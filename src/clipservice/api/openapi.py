@@ -1,0 +1,347 @@
+"""``GET /api/openapi.json``: the OpenAPI 3.1 document of the running service.
+
+Schemas are not written by hand: request and response bodies come from the
+same pydantic models the handlers use (``model_json_schema``), path parameter
+patterns from the same constants the handlers check, and limits that depend
+on the configuration (clips per job) from the settings. Only the operations
+the app's router really has are listed, so the document never promises a
+route that is not there; a route missing from :data:`OPERATIONS` still appears
+(as an undocumented operation) and a test fails until it is described.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from pydantic.json_schema import models_json_schema
+
+from clipservice import __version__
+from clipservice.api.keys import SETTINGS
+from clipservice.api.routes import MAX_BODY_BYTES
+from clipservice.api.schemas import CreateClipsRequest, JobCreated, ProblemDetail
+from clipservice.config import Settings
+from clipservice.jobs.models import JOB_ID_PATTERN, Job
+from clipservice.media.naming import CLIP_FILE_PATTERN
+
+REF = "#/components/schemas/{model}"
+PROBLEM_TYPE = "application/problem+json"
+
+_ERROR_TEXT = {
+    400: "The body is not strict JSON, or a header is malformed.",
+    401: "An API key is required (Authorization: Bearer <key> or X-API-Key).",
+    404: "No such job, clip or route.",
+    405: "Method not allowed.",
+    408: "The body did not arrive in time.",
+    409: "Conflict with the job's state or an earlier request.",
+    413: f"The body is larger than {MAX_BODY_BYTES} bytes.",
+    415: "Content-Type is not application/json.",
+    416: "The Range cannot be satisfied.",
+    422: "The body failed validation; every problem is listed in errors.",
+    429: "Too many jobs created; retry after Retry-After seconds.",
+    503: "The service is draining or not ready.",
+}
+
+
+@dataclass(frozen=True)
+class Operation:
+    """One documented route: what it answers, beyond the shared error responses."""
+
+    operation_id: str
+    summary: str
+    responses: dict[str, Any]
+    errors: tuple[int, ...] = ()
+    parameters: tuple[dict[str, Any], ...] = ()
+    request_body: dict[str, Any] | None = None
+    links: dict[str, dict[str, Any]] = field(default_factory=dict)
+    api: bool = True  # under /api: needs a key when keys are configured
+
+
+def _json(schema_name: str, description: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": REF.format(model=schema_name)}}},
+        **extra,
+    }
+
+
+def _path_param(name: str, pattern: str, description: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "path",
+        "required": True,
+        "description": description,
+        "schema": {"type": "string", "pattern": pattern},
+    }
+
+
+JOB_ID = _path_param("job_id", JOB_ID_PATTERN, "The job's id (from create-clips).")
+CLIP_FILE = _path_param("file", CLIP_FILE_PATTERN, "A clip file name from a job's results.")
+_JOB_LINKS = {
+    "GetJob": {"operationId": "getJob", "parameters": {"job_id": "$response.body#/job_id"}},
+    "CheckJob": {"operationId": "checkJob", "parameters": {"job_id": "$response.body#/job_id"}},
+    "JobEvents": {"operationId": "jobEvents", "parameters": {"job_id": "$response.body#/job_id"}},
+    "DeleteJob": {"operationId": "deleteJob", "parameters": {"job_id": "$response.body#/job_id"}},
+}
+_LOCATION = {
+    "headers": {
+        "Location": {"description": "/api/jobs/{job_id}", "schema": {"type": "string"}},
+    }
+}
+_RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait.", "schema": {"type": "string"}}}
+
+OPERATIONS: dict[tuple[str, str], Operation] = {
+    ("POST", "/api/create-clips"): Operation(
+        "createClips",
+        "Create a job that cuts clips; returns at once.",
+        {
+            "202": _json("JobCreated", "The job was created.", **_LOCATION),
+            "200": _json(
+                "JobCreated", "Same Idempotency-Key and body: the earlier job.", **_LOCATION
+            ),
+        },
+        errors=(400, 408, 409, 413, 415, 422, 429, 503),
+        parameters=(
+            {
+                "name": "Idempotency-Key",
+                "in": "header",
+                "required": False,
+                "description": "Same key and body within the retention period: the same job.",
+                "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+            },
+        ),
+        request_body={
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"$ref": REF.format(model="CreateClipsRequest")}}
+            },
+        },
+        links=_JOB_LINKS,
+    ),
+    ("GET", "/api/check-job/{job_id}"): Operation(
+        "checkJob",
+        "The job document.",
+        {"200": _json("Job", "The job.")},
+        errors=(404,),
+        parameters=(JOB_ID,),
+    ),
+    ("GET", "/api/jobs/{job_id}"): Operation(
+        "getJob",
+        "The job document (alias of check-job).",
+        {"200": _json("Job", "The job.")},
+        errors=(404,),
+        parameters=(JOB_ID,),
+    ),
+    ("DELETE", "/api/jobs/{job_id}"): Operation(
+        "deleteJob",
+        "Cancel a pending or running job (200), or delete an ended one with its files (204).",
+        {"200": _json("Job", "The job, now cancelled."), "204": {"description": "Deleted."}},
+        errors=(404, 409),
+        parameters=(JOB_ID,),
+    ),
+    ("GET", "/api/jobs/{job_id}/events"): Operation(
+        "jobEvents",
+        "Server-Sent Events: one `job` event with the job document on every change.",
+        {
+            "200": {
+                "description": "An event stream, closed after the terminal state.",
+                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            }
+        },
+        errors=(404,),
+        parameters=(JOB_ID,),
+    ),
+    ("GET", "/api/clips/{file}"): Operation(
+        "getClip",
+        "A clip file, with Range requests.",
+        {
+            "200": {
+                "description": "The clip.",
+                "content": {"video/mp4": {"schema": {"type": "string", "format": "binary"}}},
+            },
+            "206": {
+                "description": "Part of the clip (Range).",
+                "content": {"video/mp4": {"schema": {"type": "string", "format": "binary"}}},
+            },
+        },
+        errors=(404, 416),
+        parameters=(CLIP_FILE,),
+    ),
+    ("GET", "/api/openapi.json"): Operation(
+        "openapi",
+        "This document.",
+        {
+            "200": {
+                "description": "OpenAPI 3.1.",
+                "content": {"application/json": {"schema": {"type": "object"}}},
+            }
+        },
+    ),
+    ("GET", "/healthz"): Operation(
+        "healthz",
+        "The process is alive.",
+        {
+            "200": {
+                "description": "Alive.",
+                "content": {"application/json": {"schema": {"type": "object"}}},
+            }
+        },
+        api=False,
+    ),
+    ("GET", "/readyz"): Operation(
+        "readyz",
+        "Ready to take jobs: storage writable, FFmpeg runnable, queue reachable.",
+        {
+            "200": {
+                "description": "Ready.",
+                "content": {"application/json": {"schema": {"type": "object"}}},
+            }
+        },
+        errors=(503,),
+        api=False,
+    ),
+    ("GET", "/metrics"): Operation(
+        "metrics",
+        "Prometheus metrics.",
+        {
+            "200": {
+                "description": "Prometheus text format.",
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+            }
+        },
+        api=False,
+    ),
+    ("GET", "/"): Operation(
+        "webPage",
+        "A small web page to submit a job, watch it and play the clips.",
+        {"200": {"description": "HTML.", "content": {"text/html": {"schema": {"type": "string"}}}}},
+        api=False,
+    ),
+}
+
+
+def _problem_response(status: int, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "description": _ERROR_TEXT.get(status, "Error."),
+        "content": {PROBLEM_TYPE: {"schema": {"$ref": REF.format(model="ProblemDetail")}}},
+    }
+    if headers:
+        out["headers"] = headers
+    return out
+
+
+def component_schemas(settings: Settings) -> dict[str, Any]:
+    """JSON Schemas of the bodies, from the models the handlers use."""
+    _, top = models_json_schema(
+        [
+            (CreateClipsRequest, "validation"),
+            (JobCreated, "serialization"),
+            (Job, "serialization"),
+            (ProblemDetail, "serialization"),
+        ],
+        ref_template=REF,
+    )
+    schemas: dict[str, Any] = copy.deepcopy(top.get("$defs", {}))
+    # Limits that live in the configuration, not the model.
+    clips = schemas["CreateClipsRequest"]["properties"]["clips"]
+    clips["maxItems"] = settings.jobs.max_clips_per_job
+    return schemas
+
+
+def _operation(op: Operation, keys_configured: bool, present: set[str]) -> dict[str, Any]:
+    errors = set(op.errors)
+    if op.api and keys_configured:
+        errors.add(401)
+    responses = dict(op.responses)
+    for status in sorted(errors):
+        headers = _RETRY_AFTER if status in (429, 503) else None
+        if status == 401:
+            headers = {"WWW-Authenticate": {"schema": {"type": "string"}}}
+        responses[str(status)] = _problem_response(status, headers)
+    links = {k: v for k, v in op.links.items() if v["operationId"] in present}
+    if links:
+        for code in ("200", "202"):
+            if code in responses:
+                responses[code] = {**responses[code], "links": links}
+    out: dict[str, Any] = {
+        "operationId": op.operation_id,
+        "summary": op.summary,
+        "responses": responses,
+    }
+    if op.parameters:
+        out["parameters"] = list(op.parameters)
+    if op.request_body:
+        out["requestBody"] = op.request_body
+    if op.api and keys_configured:
+        out["security"] = [{"bearer": []}, {"apiKey": []}]
+    return out
+
+
+def registered_operations(app: web.Application) -> list[tuple[str, str]]:
+    """(method, path) of every route the app serves (HEAD twins of GET left out)."""
+    seen: list[tuple[str, str]] = []
+    for route in app.router.routes():
+        if route.method == "HEAD" or route.resource is None:
+            continue
+        key = (route.method, route.resource.canonical)
+        if key not in seen:
+            seen.append(key)
+    return seen
+
+
+def build_openapi(app: web.Application) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of ``app``'s routes."""
+    settings = app[SETTINGS]
+    keys_configured = bool(settings.security.api_keys)
+    paths: dict[str, dict[str, Any]] = {}
+    ops: list[tuple[str, str, Operation]] = []
+    for method, path in registered_operations(app):
+        op = OPERATIONS.get((method, path))
+        if op is None:
+            op = Operation(
+                f"undocumented_{method.lower()}_{path}",
+                "Undocumented.",
+                {"200": {"description": "OK"}},
+            )
+        ops.append((method, path, op))
+    present = {op.operation_id for _, _, op in ops}
+    for method, path, op in ops:
+        paths.setdefault(path, {})[method.lower()] = _operation(op, keys_configured, present)
+    doc: dict[str, Any] = {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "clipservice",
+            "version": __version__,
+            "description": "Cuts clips out of online videos. Errors are RFC 9457 problem JSON.",
+        },
+        "paths": paths,
+        "components": {"schemas": component_schemas(settings)},
+    }
+    if keys_configured:
+        doc["components"]["securitySchemes"] = {
+            "bearer": {"type": "http", "scheme": "bearer"},
+            "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+        }
+    return doc
+
+
+OPENAPI_DOC = web.AppKey("openapi_doc", dict)
+routes = web.RouteTableDef()
+
+
+async def _build_on_startup(app: web.Application) -> None:
+    # The router is complete (frozen) at start-up: build the document once.
+    app[OPENAPI_DOC] = build_openapi(app)
+
+
+def setup_openapi(app: web.Application) -> None:
+    """Add ``GET /api/openapi.json`` to ``app``."""
+    app.add_routes(routes)
+    app.on_startup.append(_build_on_startup)
+
+
+@routes.get("/api/openapi.json")
+async def openapi_json(request: web.Request) -> web.Response:
+    return web.json_response(request.app[OPENAPI_DOC])
