@@ -53,6 +53,7 @@ from clipservice.media.cutter import Cutter
 from clipservice.media.naming import clip_file_name
 from clipservice.media.probe import SourceInfo, probe_source
 from clipservice.sources.base import DirectResolver, Resolver
+from clipservice.sources.guard import GuardedResolver, UrlGuard
 from clipservice.sources.vidfly import VidflyResolver
 from clipservice.storage import SharedFolderStorage
 
@@ -116,12 +117,19 @@ def make_queue(url: str, name: str) -> Queue:
     return FreshSweepQueue.from_url(url, name=name)
 
 
-def make_resolver(settings: Settings, http: aiohttp.ClientSession) -> Resolver:
+def make_resolver(settings: Settings, http: aiohttp.ClientSession, guard: UrlGuard) -> Resolver:
+    """The resolver the API node would use, behind the same URL guard (workers fetch)."""
+    inner: Resolver
     if settings.resolver.kind == "direct":
-        return DirectResolver()
-    return VidflyResolver(
-        http, settings.resolver.base_url, settings.resolver.timeout_s, settings.resolver.max_height
-    )
+        inner = DirectResolver()
+    else:
+        inner = VidflyResolver(
+            http,
+            settings.resolver.base_url,
+            settings.resolver.timeout_s,
+            settings.resolver.max_height,
+        )
+    return GuardedResolver(inner, guard)
 
 
 def clip_task_key(job_id: str, index: int) -> str:
@@ -535,11 +543,15 @@ async def run_worker(settings: Settings, *, worker_id: str | None = None) -> Non
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    async with aiohttp.ClientSession(
-        headers={"User-Agent": "clipservice"}, trust_env=False
-    ) as http:
+    async with (
+        aiohttp.ClientSession(headers={"User-Agent": "clipservice"}, trust_env=False) as http,
+        UrlGuard(
+            allow_private=settings.security.allow_private_sources,
+            timeout_s=settings.resolver.timeout_s,
+        ) as guard,
+    ):
         state = ClipWorker(
-            settings, store, storage, make_resolver(settings, http), clips_queue, worker_id
+            settings, store, storage, make_resolver(settings, http, guard), clips_queue, worker_id
         )
         common: dict[str, Any] = {
             "dequeue_timeout": 1.0,
