@@ -215,3 +215,35 @@ async def test_events_reach_subscribers_from_any_writer(store: RedisJobStore) ->
     finally:
         await events.close()
         await writer.close()
+
+
+async def test_worker_cut_off_from_redis_stops_its_clip(
+    store: RedisJobStore, tmp_path: Path
+) -> None:
+    """A worker whose heartbeats fail past heartbeat_s cancels its own clip (self-fencing)."""
+    from saq.job import Job as SaqJob
+
+    from clipservice.config import Settings
+    from clipservice.jobs.distributed import ClipWorker, make_queue
+    from clipservice.sources.base import DirectResolver
+
+    settings = Settings().replace(queue={"url": REDIS_TEST_URL, "heartbeat_s": 2})
+    unreachable = make_queue("redis://127.0.0.1:1/0", "clipservice-clips")
+    worker = ClipWorker(
+        settings, store, SharedFolderStorage(tmp_path), DirectResolver(), unreachable, "w1"
+    )
+    task = SaqJob(function="cut_clip", key="k", queue=unreachable)
+
+    async def clip_work() -> None:
+        keepalive = worker._start_keepalive(task)
+        try:
+            await asyncio.sleep(60)
+        finally:
+            keepalive.cancel()
+            await asyncio.gather(keepalive, return_exceptions=True)
+
+    work = asyncio.create_task(clip_work())
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(work, 30)
+    await worker.close()
+    await unreachable.redis.aclose()

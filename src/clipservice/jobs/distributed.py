@@ -315,7 +315,7 @@ class ClipWorker:
     # -- prepare: resolve once, probe, enqueue the clips ----------------------
 
     async def prepare_job(self, ctx: Context, *, job_id: str) -> str:
-        keepalive = asyncio.create_task(self._keepalive(ctx["job"]))
+        keepalive = self._start_keepalive(ctx["job"])
         try:
             return await self._prepare(job_id)
         finally:
@@ -429,7 +429,7 @@ class ClipWorker:
             self._spawn(task.update(progress=fraction))
             self._spawn(self.store.clip_progress(job.job_id, clip.index, attempt, fraction))
 
-        keepalive = asyncio.create_task(self._keepalive(task))
+        keepalive = self._start_keepalive(task)
         try:
             try:
                 info = await self._probe(job.job_id, src)
@@ -478,17 +478,31 @@ class ClipWorker:
                 cut_s=round(time.monotonic() - t0, 3),
             )
 
-    async def _keepalive(self, task: SaqJob) -> None:
+    def _start_keepalive(self, task: SaqJob) -> asyncio.Task[None]:
+        owner = asyncio.current_task()
+        assert owner is not None
+        return asyncio.create_task(self._keepalive(task, owner))
+
+    async def _keepalive(self, task: SaqJob, owner: asyncio.Task[Any]) -> None:
         # A live worker whose FFmpeg is slow to report (a stalled source)
         # must not lose its clip: clip_timeout_s bounds that case. Only a dead
         # worker stops this beat.
-        interval_s = max(0.5, self.settings.queue.heartbeat_s / 3)
+        heartbeat_s = self.settings.queue.heartbeat_s
+        interval_s = max(0.5, heartbeat_s / 3)
+        last_ok = time.monotonic()
         while True:
             await asyncio.sleep(interval_s)
             try:
                 await task.update()
-            except Exception:
-                log.warning("heartbeat_failed", exc_info=True)
+                last_ok = time.monotonic()
+            except Exception as exc:
+                log.warning("heartbeat_failed", error=str(exc))
+                if time.monotonic() - last_ok > heartbeat_s:
+                    # Cut off from Redis past the heartbeat: another worker is
+                    # about to take this task over, so stop working on it here.
+                    log.error("heartbeat_lost", task=task.key)
+                    owner.cancel()
+                    return
 
     async def _probe(self, job_id: str, src: plan.Inputs) -> SourceInfo:
         """Probe a job's source once per worker process (clips of a job share it)."""
