@@ -29,7 +29,7 @@ def _worker_config(path: Path, data_dir: Path, vidfly_url: str) -> Path:
     path.write_text(
         f"""
 [server]
-shutdown_grace_s = 2
+shutdown_grace_s = 1
 
 [storage]
 data_dir = "{data_dir}"
@@ -253,3 +253,24 @@ async def test_cancel_kills_ffmpeg_in_the_worker(
             await asyncio.sleep(0.1)
     assert a.poll() is None and b.poll() is None
     assert (await cluster.job(job.job_id)).status is JobStatus.CANCELLED
+
+
+async def test_sigterm_hands_running_clip_to_another_worker(
+    cluster: Cluster, media_server: MediaServer
+) -> None:
+    """A worker stopped with SIGTERM mid-clip exits cleanly and its clip is finished elsewhere."""
+    media_server.slow_bytes_per_s = 24 * 1024  # a clip takes longer than shutdown_grace_s
+    a, b = cluster.start_worker(), cluster.start_worker()
+    await cluster.wait_workers(2)
+    url = media_server.url("muxed.mp4", slow=True)
+    job = await cluster.submit(url, [(0.0, 1.5), (10.0, 11.5)], "fast")
+    async with asyncio.timeout(WAIT_S):
+        while not ffmpeg_children(a.pid):
+            await asyncio.sleep(0.05)
+    a.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(a.wait, WAIT_S) == 0, cluster.log(a)
+    assert not ffmpeg_children(a.pid)
+    done = await cluster.wait(job.job_id)
+    assert done.status is JobStatus.FINISHED and done.errors == [], cluster.log(b)
+    cut_by = await cluster.store.clip_workers(job.job_id)
+    assert set(cut_by.values()) == {cluster.worker_id(b)}, cut_by
