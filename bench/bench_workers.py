@@ -93,7 +93,7 @@ async def run_embedded(base_url: str, args: argparse.Namespace, work: Path) -> d
     t0 = time.perf_counter()
     for job in jobs:
         await store.save(job)
-        runner.submit(job)
+        await runner.submit(job)
     statuses = await wait_all(store, jobs)
     elapsed = time.perf_counter() - t0
     await runner.stop()

@@ -95,6 +95,8 @@ class MediaServer:
     stall_after_fraction: float = 0.5
     # Requests under /slow/ are sent at this rate (a slow CDN: cuts take a while).
     slow_bytes_per_s: int = 64 * 1024
+    # Set it to release the stalled requests (and stop stalling new ones).
+    unstall: asyncio.Event = field(default_factory=asyncio.Event)
 
     def url(self, name: str, *, stall: bool = False, slow: bool = False) -> str:
         prefix = "stall/" if stall else "slow/" if slow else ""
@@ -142,8 +144,8 @@ async def media_server(media: dict[str, Path]) -> AsyncIterator[MediaServer]:
         start, length = _range(range_header, size)
         entry = {"name": name, "range": range_header, "bytes": 0}
         server.requests.append(entry)
-        if stall and start > size * server.stall_after_fraction:
-            await asyncio.sleep(3600)
+        if stall and start > size * server.stall_after_fraction and not server.unstall.is_set():
+            await server.unstall.wait()
         resp = web.StreamResponse(status=206 if range_header else 200)
         resp.content_type = "video/mp4"
         resp.content_length = length
@@ -228,6 +230,13 @@ class Service:
     app: web.Application
     settings: Settings
     http: aiohttp.ClientSession
+    runner: web.AppRunner | None = None
+
+    async def stop(self) -> None:
+        """Shut the service down as on SIGTERM (to restart another on the same data_dir)."""
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
 
     async def create(self, body: dict[str, Any], **kw: Any) -> aiohttp.ClientResponse:
         return await self.http.post(f"{self.base_url}/api/create-clips", json=body, **kw)
@@ -237,6 +246,16 @@ class Service:
             assert resp.status == 200, await resp.text()
             data: dict[str, Any] = await resp.json()
             return data
+
+    async def wait_processing_on_disk(self, job_id: str, timeout_s: float = 60) -> None:
+        """Wait until the job file itself says processing (its first save is complete)."""
+        path = self.settings.jobs_dir / f"{job_id}.json"
+        async with asyncio.timeout(timeout_s):
+            while True:
+                text = await asyncio.to_thread(lambda: path.read_text() if path.exists() else "")
+                if '"status":"processing"' in text:
+                    return
+                await asyncio.sleep(0.02)
 
     async def wait(self, job_id: str, timeout_s: float = 60) -> dict[str, Any]:
         async with asyncio.timeout(timeout_s):
@@ -264,23 +283,20 @@ ServiceFactory = Callable[..., Awaitable[Service]]
 
 @pytest.fixture
 async def make_service(tmp_path: Path, vidfly: FakeVidfly) -> AsyncIterator[ServiceFactory]:
-    runners: list[web.AppRunner] = []
-    sessions: list[aiohttp.ClientSession] = []
+    services: list[Service] = []
 
     async def factory(data_dir: Path | None = None, **sections: Any) -> Service:
         settings = settings_for(data_dir or tmp_path / "data", vidfly.base_url, **sections)
         app = create_app(settings)
         runner, base_url = await _start_site(app)
-        runners.append(runner)
-        http = aiohttp.ClientSession()
-        sessions.append(http)
-        return Service(base_url, app, settings, http)
+        service = Service(base_url, app, settings, aiohttp.ClientSession(), runner)
+        services.append(service)
+        return service
 
     yield factory
-    for s in sessions:
-        await s.close()
-    for r in reversed(runners):
-        await r.cleanup()
+    for service in reversed(services):
+        await service.http.close()
+        await service.stop()
 
 
 @pytest.fixture

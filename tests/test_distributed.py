@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -15,11 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from clipservice.jobs.distributed import CLIPS_QUEUE, DistributedRunner, make_queue
-from clipservice.jobs.models import ClipSpec, Job, JobSource, JobStatus, new_job_id
+from clipservice.jobs.distributed import CLIPS_QUEUE, make_queue
+from clipservice.jobs.models import Job, JobStatus
 from clipservice.jobs.redis_store import RedisJobStore
-from clipservice.storage import SharedFolderStorage
-from tests.conftest import FakeVidfly, MediaServer, settings_for
+from tests.conftest import FakeVidfly, MediaServer, Service, ServiceFactory
 
 REDIS_URL = "redis://127.0.0.1:6379/12"
 WAIT_S = 90
@@ -75,12 +75,13 @@ def ffmpeg_children(pid: int) -> list[int]:
 
 @dataclass
 class Cluster:
-    """An API-side runner plus worker processes, all on one Redis and one data_dir."""
+    """Two API nodes and worker processes, all on one Redis and one shared data_dir."""
 
     data_dir: Path
     config: Path
     store: RedisJobStore
-    runner: DistributedRunner
+    api: Service
+    api2: Service
     tmp: Path
     workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
@@ -98,8 +99,6 @@ class Cluster:
         return proc
 
     def worker_id(self, proc: subprocess.Popen[bytes]) -> str:
-        import socket
-
         return f"{socket.gethostname()}-{proc.pid}"
 
     async def wait_workers(self, n: int) -> None:
@@ -117,48 +116,37 @@ class Cluster:
     def log(self, proc: subprocess.Popen[bytes]) -> str:
         return (self.tmp / f"worker{self.workers.index(proc)}.log").read_text()[-3000:]
 
-    async def submit(self, video_url: str, ranges: list[tuple[float, float]], mode: str) -> Job:
-        clips = [
-            ClipSpec(index=i, start=s, end=e, mode=mode)  # type: ignore[arg-type]
-            for i, (s, e) in enumerate(ranges)
-        ]
-        job = Job(
-            job_id=new_job_id(),
-            source=JobSource(video_url=video_url),
-            clips=clips,
-            total=len(clips),
-        )
-        await self.store.save(job)
-        await self.runner.submit(job)
-        return job
+    async def submit(self, video_url: str, ranges: list[tuple[float, float]], mode: str) -> str:
+        """POST the job to the first API node; its id."""
+        body = {
+            "video_url": video_url,
+            "clips": [{"start": s, "end": e} for s, e in ranges],
+            "mode": mode,
+        }
+        async with await self.api.create(body) as resp:
+            assert resp.status == 202, await resp.text()
+            job_id: str = (await resp.json())["job_id"]
+            return job_id
 
     async def job(self, job_id: str) -> Job:
-        job = await self.store.get(job_id)
-        assert job is not None
-        return job
+        """The job as the second API node answers it."""
+        return Job.model_validate(await self.api2.job(job_id))
 
     async def wait(self, job_id: str) -> Job:
-        async with asyncio.timeout(WAIT_S):
-            while True:
-                job = await self.job(job_id)
-                if job.status.ended:
-                    return job
-                await asyncio.sleep(0.1)
+        return Job.model_validate(await self.api2.wait(job_id, WAIT_S))
 
 
 @pytest.fixture
 async def cluster(
-    tmp_path: Path, vidfly: FakeVidfly, media_server: MediaServer
+    tmp_path: Path, vidfly: FakeVidfly, make_service: ServiceFactory
 ) -> AsyncIterator[Cluster]:
     data_dir = tmp_path / "shared"
-    settings = settings_for(data_dir, vidfly.base_url, queue={"url": REDIS_URL})
     store = RedisJobStore.from_url(REDIS_URL)
     await store.redis.flushdb()
-    storage = SharedFolderStorage(settings.clips_dir)
-    runner = DistributedRunner(settings, store, storage)
-    await runner.start()
+    api = await make_service(data_dir, queue={"url": REDIS_URL})
+    api2 = await make_service(data_dir, queue={"url": REDIS_URL})
     config = _worker_config(tmp_path / "worker.toml", data_dir, vidfly.base_url)
-    c = Cluster(data_dir, config, store, runner, tmp_path)
+    c = Cluster(data_dir, config, store, api, api2, tmp_path)
     try:
         yield c
     finally:
@@ -171,7 +159,6 @@ async def cluster(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 await asyncio.to_thread(proc.wait)
-        await runner.stop()
         await store.redis.flushdb()
         await store.close()
 
@@ -183,14 +170,21 @@ async def test_clips_of_one_job_spread_over_two_workers(
     a, b = cluster.start_worker(), cluster.start_worker()
     await cluster.wait_workers(2)
     url = media_server.url("muxed.mp4", slow=True)
-    job = await cluster.submit(url, [(i * 4.0, i * 4.0 + 2) for i in range(6)], "fast")
-    done = await cluster.wait(job.job_id)
+    job_id = await cluster.submit(url, [(i * 4.0, i * 4.0 + 2) for i in range(6)], "fast")
+    done = await cluster.wait(job_id)
     assert done.status is JobStatus.FINISHED, done.errors
     assert [r.index for r in done.results] == list(range(6)) and done.processed == 6
     for r in done.results:
         assert (cluster.data_dir / "clips" / r.file).stat().st_size == r.size_bytes
-    cut_by = await cluster.store.clip_workers(job.job_id)
+    cut_by = await cluster.store.clip_workers(job_id)
     assert set(cut_by.values()) == {cluster.worker_id(a), cluster.worker_id(b)}, cut_by
+    http, base = cluster.api.http, cluster.api.base_url
+    async with http.get(f"{base}{done.results[0].url}") as resp:
+        assert resp.status == 200 and len(await resp.read()) == done.results[0].size_bytes
+    async with http.get(f"{base}/readyz") as resp:
+        assert resp.status == 200 and (await resp.json())["checks"]["queue"] == "ok"
+    async with http.get(f"{base}/metrics") as resp:
+        assert 'clipservice_jobs{state="finished"} 1.0' in await resp.text()
 
 
 async def test_killed_worker_clip_is_finished_by_the_other(
@@ -201,12 +195,12 @@ async def test_killed_worker_clip_is_finished_by_the_other(
     a, b = cluster.start_worker(), cluster.start_worker()
     await cluster.wait_workers(2)
     url = media_server.url("muxed.mp4", slow=True)
-    job = await cluster.submit(url, [(i * 6.0, i * 6.0 + 2) for i in range(3)], "fast")
+    job_id = await cluster.submit(url, [(i * 6.0, i * 6.0 + 2) for i in range(3)], "fast")
     victim = cluster.worker_id(a)
     async with asyncio.timeout(WAIT_S):
         while True:
-            doc = await cluster.job(job.job_id)
-            cut_by = await cluster.store.clip_workers(job.job_id)
+            doc = await cluster.job(job_id)
+            cut_by = await cluster.store.clip_workers(job_id)
             running = {i for i, w in cut_by.items() if w == victim} - doc.done_indexes()
             if running and ffmpeg_children(a.pid):
                 break
@@ -216,15 +210,15 @@ async def test_killed_worker_clip_is_finished_by_the_other(
     for pid in orphans:
         os.kill(pid, signal.SIGKILL)
     await asyncio.to_thread(a.wait)
-    doc = await cluster.job(job.job_id)
-    cut_by = await cluster.store.clip_workers(job.job_id)
+    doc = await cluster.job(job_id)
+    cut_by = await cluster.store.clip_workers(job_id)
     lost = {i for i, w in cut_by.items() if w == victim} - doc.done_indexes()
     assert lost, cluster.log(a)
-    done = await cluster.wait(job.job_id)
+    done = await cluster.wait(job_id)
     assert done.status is JobStatus.FINISHED, (done.errors, cluster.log(b))
     assert [r.index for r in done.results] == [0, 1, 2] and done.errors == [], cluster.log(b)
-    cut_by = await cluster.store.clip_workers(job.job_id)
-    attempts = await cluster.store.clip_attempts(job.job_id)
+    cut_by = await cluster.store.clip_workers(job_id)
+    attempts = await cluster.store.clip_attempts(job_id)
     for i in lost:
         assert cut_by[i] == cluster.worker_id(b) and attempts[i] >= 2
 
@@ -236,13 +230,14 @@ async def test_cancel_kills_ffmpeg_in_the_worker(
     a, b = cluster.start_worker(), cluster.start_worker()
     await cluster.wait_workers(2)
     url = media_server.url("muxed.mp4", stall=True)  # hangs past half the file
-    job = await cluster.submit(url, [(20.0, 24.0), (22.0, 26.0)], "fast")
+    job_id = await cluster.submit(url, [(20.0, 24.0), (22.0, 26.0)], "fast")
     async with asyncio.timeout(WAIT_S):
         while not (ffmpeg_children(a.pid) and ffmpeg_children(b.pid)):
-            assert (await cluster.job(job.job_id)).status is not JobStatus.FAILED
+            assert (await cluster.job(job_id)).status is not JobStatus.FAILED
             await asyncio.sleep(0.1)
-    assert await cluster.runner.cancel(job.job_id)
-    doc = await cluster.job(job.job_id)
+    async with cluster.api2.http.delete(f"{cluster.api2.base_url}/api/jobs/{job_id}") as resp:
+        assert resp.status == 200, await resp.text()
+        doc = Job.model_validate(await resp.json())
     assert doc.status is JobStatus.CANCELLED
     assert {e.code for e in doc.errors} == {"cancelled"}
     async with asyncio.timeout(WAIT_S):
@@ -252,7 +247,7 @@ async def test_cancel_kills_ffmpeg_in_the_worker(
         while any(".part-" in p.name for p in clips.iterdir()):
             await asyncio.sleep(0.1)
     assert a.poll() is None and b.poll() is None
-    assert (await cluster.job(job.job_id)).status is JobStatus.CANCELLED
+    assert (await cluster.job(job_id)).status is JobStatus.CANCELLED
 
 
 async def test_sigterm_hands_running_clip_to_another_worker(
@@ -263,14 +258,24 @@ async def test_sigterm_hands_running_clip_to_another_worker(
     a, b = cluster.start_worker(), cluster.start_worker()
     await cluster.wait_workers(2)
     url = media_server.url("muxed.mp4", slow=True)
-    job = await cluster.submit(url, [(0.0, 1.5), (10.0, 11.5)], "fast")
+    job_id = await cluster.submit(url, [(0.0, 1.5), (10.0, 11.5)], "fast")
     async with asyncio.timeout(WAIT_S):
         while not ffmpeg_children(a.pid):
             await asyncio.sleep(0.05)
     a.send_signal(signal.SIGTERM)
     assert await asyncio.to_thread(a.wait, WAIT_S) == 0, cluster.log(a)
     assert not ffmpeg_children(a.pid)
-    done = await cluster.wait(job.job_id)
+    done = await cluster.wait(job_id)
     assert done.status is JobStatus.FINISHED and done.errors == [], cluster.log(b)
-    cut_by = await cluster.store.clip_workers(job.job_id)
+    cut_by = await cluster.store.clip_workers(job_id)
     assert set(cut_by.values()) == {cluster.worker_id(b)}, cut_by
+
+
+async def test_readyz_reports_unreachable_queue(
+    make_service: ServiceFactory, tmp_path: Path
+) -> None:
+    """An API node whose Redis is down starts, and /readyz answers 503 naming the queue."""
+    api = await make_service(tmp_path / "d", queue={"url": "redis://127.0.0.1:1/0"})
+    async with api.http.get(f"{api.base_url}/readyz") as resp:
+        assert resp.status == 503
+        assert "queue unreachable" in (await resp.json())["detail"]

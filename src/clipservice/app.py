@@ -3,7 +3,7 @@
 Nothing runs at import time. Each resource has one ``cleanup_ctx`` entry, so
 its start-up and shutdown sit together: the outbound HTTP session, the job
 store, and the runner (which resumes unfinished jobs on start and stops its
-tasks on shutdown).
+tasks on shutdown) with the webhook sender it tells of every ended job.
 """
 
 from __future__ import annotations
@@ -13,19 +13,39 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
+from clipservice.api import events as sse
+from clipservice.api import middleware, ops
+from clipservice.api import web as web_page
 from clipservice.api.auth import auth_middleware
-from clipservice.api.keys import GUARD, HTTP, RUNNER, SETTINGS, STORE
+from clipservice.api.keys import (
+    EVENTS,
+    GUARD,
+    HTTP,
+    METRICS,
+    READINESS,
+    RUNNER,
+    SETTINGS,
+    STORE,
+    WEBHOOKS,
+)
 from clipservice.api.openapi import setup_openapi
 from clipservice.api.problems import problem_middleware
 from clipservice.api.ratelimit import ratelimit_middleware, setup_ratelimit
 from clipservice.api.routes import MAX_BODY_BYTES, routes
 from clipservice.config import Settings
+from clipservice.jobs.distributed import DistributedRunner
+from clipservice.jobs.events import LocalJobEvents
+from clipservice.jobs.redis_events import RedisJobEvents
+from clipservice.jobs.redis_store import RedisJobStore
 from clipservice.jobs.runner import LocalRunner
 from clipservice.jobs.store import FileJobStore
+from clipservice.jobs.webhooks import WebhookSender
 from clipservice.media.cutter import Cutter
+from clipservice.metrics import Metrics
 from clipservice.sources.base import DirectResolver, Resolver
 from clipservice.sources.guard import GuardedResolver, UrlGuard
 from clipservice.sources.vidfly import VidflyResolver
+from clipservice.storage import SharedFolderStorage
 
 
 def _absolute(settings: Settings) -> Settings:
@@ -67,12 +87,58 @@ async def _jobs(app: web.Application) -> AsyncIterator[None]:
             settings.resolver.max_height,
         )
     resolver = GuardedResolver(resolver, app[GUARD])
-    runner = LocalRunner(settings, store, resolver, Cutter(settings.cut.ffmpeg_path))
+    events = LocalJobEvents()
+    runner = LocalRunner(
+        settings, store, resolver, Cutter(settings.cut.ffmpeg_path), events, app[METRICS]
+    )
+    app[EVENTS] = events
+    # Webhook URLs come from clients: checked by the guard, posted through its
+    # session, whose resolver refuses forbidden addresses at connect time too.
+    guard = app[GUARD]
+    webhooks = WebhookSender(settings, guard.session, store, url_check=guard.check)
+    runner.on_job_end.append(webhooks.job_ended)
     app[STORE] = store
     app[RUNNER] = runner
+    app[WEBHOOKS] = webhooks
     await runner.start()
+    await webhooks.resume()
     yield
     await runner.stop()
+    await webhooks.close()
+
+
+async def _distributed_jobs(app: web.Application) -> AsyncIterator[None]:
+    # [queue] url set: jobs and events live in Redis and workers cut the clips;
+    # this node only takes requests (see jobs/distributed.py).
+    settings = app[SETTINGS]
+    store = RedisJobStore.from_url(settings.queue.url)
+    events = RedisJobEvents(store)
+    runner = DistributedRunner(
+        settings, store, SharedFolderStorage(settings.clips_dir), app[METRICS]
+    )
+    guard = app[GUARD]
+    webhooks = WebhookSender(settings, guard.session, store, url_check=guard.check)
+    runner.on_job_end.append(webhooks.job_ended)  # jobs cancelled here
+    app[READINESS].add_check("queue", runner.check_queue)
+    app[EVENTS] = events
+    app[STORE] = store
+    app[RUNNER] = runner
+    app[WEBHOOKS] = webhooks
+    try:
+        await events.start()
+        await runner.start()
+        yield
+    finally:
+        await runner.stop()
+        await webhooks.close()
+        await events.close()
+        await store.close()
+
+
+async def _close_event_streams(app: web.Application) -> None:
+    # Open SSE streams end here, so they do not hold up the server's shutdown.
+    if EVENTS in app:
+        await app[EVENTS].close()
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -85,9 +151,15 @@ def create_app(settings: Settings) -> web.Application:
     )
     app[SETTINGS] = settings
     setup_ratelimit(app)
+    app[METRICS] = Metrics()
+    middleware.setup(app, settings.server.trusted_proxies)
+    ops.setup(app)
     app.cleanup_ctx.append(_http_session)
     app.cleanup_ctx.append(_url_guard)
-    app.cleanup_ctx.append(_jobs)
+    app.cleanup_ctx.append(_distributed_jobs if settings.queue.url else _jobs)
     app.add_routes(routes)
+    app.add_routes(sse.routes)
+    app.add_routes(web_page.routes)
+    app.on_shutdown.append(_close_event_streams)
     setup_openapi(app)
     return app

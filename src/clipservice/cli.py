@@ -1,4 +1,4 @@
-"""The ``clipservice`` command line: serve (and, as they land, worker and clip)."""
+"""The ``clipservice`` command line: serve, clip (and, as it lands, worker)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from clipservice import __version__
+from clipservice import __version__, cli_clip
 from clipservice.config import ConfigError, Settings, load_settings
 
 
@@ -24,6 +24,7 @@ def _parser() -> argparse.ArgumentParser:
 
     worker = sub.add_parser("worker", help="cut clips for the distributed mode (needs queue.url)")
     worker.add_argument("--config", help="TOML config file (default: ./config.toml if present)")
+    cli_clip.add_parser(sub)
     return parser
 
 
@@ -36,10 +37,10 @@ def _load(path: str | None) -> Settings:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from aiohttp import web
+    import asyncio
 
-    from clipservice.app import create_app
     from clipservice.logging import configure_logging
+    from clipservice.server import ListenError, serve
 
     settings = _load(args.config)
     overrides: dict[str, object] = {}
@@ -54,14 +55,11 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"clipservice: {exc}", file=sys.stderr)
             return 2
     configure_logging()
-    web.run_app(
-        create_app(settings),
-        host=settings.server.host,
-        port=settings.server.port,
-        shutdown_timeout=settings.server.shutdown_grace_s,
-        access_log=None,
-        print=lambda msg: print(msg, file=sys.stderr),
-    )
+    try:
+        asyncio.run(serve(settings))
+    except ListenError as exc:
+        print(f"clipservice: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -91,4 +89,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args)
     if args.command == "worker":
         return _worker(args)
+    if args.command == "clip":
+        return cli_clip.run(args)
     return 2  # pragma: no cover - argparse already refused unknown commands

@@ -8,6 +8,7 @@ starts a service on silently different settings.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import tomllib
@@ -44,6 +45,16 @@ class ServerSettings(_Section):
     trusted_proxies: tuple[str, ...] = Field(
         (), description="Addresses/networks whose X-Forwarded-* headers are believed."
     )
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry.strip(), strict=False)
+            except ValueError as exc:
+                raise ValueError(f"{entry!r} is not an IP address or CIDR network") from exc
+        return value
 
 
 class StorageSettings(_Section):

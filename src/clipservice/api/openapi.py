@@ -22,6 +22,7 @@ from clipservice import __version__
 from clipservice.api.keys import SETTINGS
 from clipservice.api.routes import MAX_BODY_BYTES
 from clipservice.api.schemas import CreateClipsRequest, JobCreated, ProblemDetail
+from clipservice.api.web import STATIC_NAME_PATTERN
 from clipservice.config import Settings
 from clipservice.jobs.models import JOB_ID_PATTERN, Job
 from clipservice.media.naming import CLIP_FILE_PATTERN
@@ -147,7 +148,26 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         {
             "200": {
                 "description": "An event stream, closed after the terminal state.",
-                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                # OpenAPI 3.1 has no itemSchema; tools (schemathesis among them)
+                # read `schema` as the shape of one parsed event.
+                "content": {
+                    "text/event-stream": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["event", "data"],
+                            "properties": {
+                                "event": {"const": "job"},
+                                "id": {"type": "string"},
+                                "retry": {"type": "integer"},
+                                "data": {
+                                    "type": "string",
+                                    "contentMediaType": "application/json",
+                                    "contentSchema": {"$ref": REF.format(model="Job")},
+                                },
+                            },
+                        }
+                    }
+                },
             }
         },
         errors=(404,),
@@ -217,6 +237,22 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         "webPage",
         "A small web page to submit a job, watch it and play the clips.",
         {"200": {"description": "HTML.", "content": {"text/html": {"schema": {"type": "string"}}}}},
+        api=False,
+    ),
+    ("GET", "/static/{name}"): Operation(
+        "webAsset",
+        "The web page's script and style sheet.",
+        {
+            "200": {
+                "description": "A static file.",
+                "content": {
+                    "text/javascript": {"schema": {"type": "string"}},
+                    "text/css": {"schema": {"type": "string"}},
+                },
+            }
+        },
+        errors=(404,),
+        parameters=(_path_param("name", STATIC_NAME_PATTERN, "One of the page's static files."),),
         api=False,
     ),
 }

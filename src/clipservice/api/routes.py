@@ -12,6 +12,7 @@ from aiohttp import web
 
 from clipservice.api.auth import client_id
 from clipservice.api.keys import RUNNER, SETTINGS, STORE
+from clipservice.api.ops import refuse_if_draining
 from clipservice.api.problems import PROBLEM_CONTENT_TYPE
 from clipservice.api.schemas import CreateClipsRequest, JobCreated
 from clipservice.errors import ProblemError
@@ -69,6 +70,7 @@ def _request_hash(payload: Any) -> str:
 async def create_clips(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     store = request.app[STORE]
+    refuse_if_draining(request)
     if request.content_type != "application/json":
         raise ProblemError(
             415, "Unsupported Media Type", "send the body as Content-Type: application/json"
@@ -120,7 +122,7 @@ async def create_clips(request: web.Request) -> web.Response:
         client_id=client_id(request),
     )
     await store.save(job)
-    request.app[RUNNER].submit(job)
+    await request.app[RUNNER].submit(job)
     return _created_response(job, 202)
 
 

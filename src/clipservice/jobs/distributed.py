@@ -32,11 +32,14 @@ import signal
 import socket
 import time
 from collections import OrderedDict
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import structlog
+from prometheus_client import Gauge
+from redis.exceptions import RedisError
 from saq import Queue, Worker
 from saq.job import TERMINAL_STATUSES, Status
 from saq.job import Job as SaqJob
@@ -48,10 +51,12 @@ from clipservice.errors import ClipFailure, SourceError
 from clipservice.jobs import clipwork
 from clipservice.jobs.models import ClipResult, ClipSpec, Job, JobError, JobStatus
 from clipservice.jobs.redis_store import RedisJobStore, StaleAttempt
+from clipservice.jobs.webhooks import WebhookSender
 from clipservice.media import plan
 from clipservice.media.cutter import Cutter
 from clipservice.media.naming import clip_file_name
 from clipservice.media.probe import SourceInfo, probe_source
+from clipservice.metrics import Metrics
 from clipservice.sources.base import DirectResolver, Resolver
 from clipservice.sources.guard import GuardedResolver, UrlGuard
 from clipservice.sources.vidfly import VidflyResolver
@@ -111,6 +116,15 @@ class FreshSweepQueue(RedisQueue):
             else:
                 await self.finish(job, Status.ABORTED, error=self.swept_error_message)
         return swept
+
+
+def _safe_url(url: str) -> str:
+    """The URL without a password, for messages."""
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.rsplit("@", 1)[-1]
+        return urlunsplit(parts._replace(netloc=f"***@{netloc}"))
+    return url
 
 
 def make_queue(url: str, name: str) -> Queue:
@@ -175,15 +189,23 @@ async def reap_expired(store: RedisJobStore, storage: SharedFolderStorage) -> in
 
 
 async def _reaper(
-    store: RedisJobStore, storage: SharedFolderStorage, interval_s: float, part_age_s: float
+    store: RedisJobStore,
+    storage: SharedFolderStorage,
+    interval_s: float,
+    part_age_s: float,
+    also: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     while True:
         try:
+            if also is not None:
+                await also()
             await reap_expired(store, storage)
             # A worker killed mid-cut leaves its temporary file on the shared
             # volume; one older than any clip may run belongs to nobody.
             await storage.remove_stale_parts(older_than_s=part_age_s)
-        except Exception:  # Redis away for a moment: try again next round
+        except (RedisError, OSError) as exc:  # Redis away for a moment: next round
+            log.warning("reaper_failed", error=str(exc))
+        except Exception:
             log.exception("reaper_failed")
         await asyncio.sleep(interval_s)
 
@@ -199,14 +221,35 @@ class DistributedRunner:
     ``clipservice worker`` processes.
     """
 
-    def __init__(self, settings: Settings, store: RedisJobStore, storage: SharedFolderStorage):
+    def __init__(
+        self,
+        settings: Settings,
+        store: RedisJobStore,
+        storage: SharedFolderStorage,
+        metrics: Metrics | None = None,
+    ):
         self.settings = settings
         self.store = store
         self.storage = storage
         self.jobs_queue = make_queue(settings.queue.url, JOBS_QUEUE)
         self.clips_queue = make_queue(settings.queue.url, CLIPS_QUEUE)
+        self.on_job_end: list[Callable[[Job], None]] = []
         self._reaper: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self._draining = False
+        self._gauges: tuple[Gauge, Gauge, Gauge] | None = None
+        if metrics is not None:
+            r = metrics.registry
+            self._gauges = (
+                Gauge("clipservice_queue_up", "1 when Redis (the queue) answers.", registry=r),
+                Gauge(
+                    "clipservice_queue_clip_tasks",
+                    "Clip tasks on the queue, by state (queued, active).",
+                    ["state"],
+                    registry=r,
+                ),
+                Gauge("clipservice_queue_workers", "Live worker processes.", registry=r),
+            )
 
     async def start(self) -> None:
         await self.storage.open()
@@ -214,26 +257,41 @@ class DistributedRunner:
         await self.clips_queue.connect()
         # A node that crashed between saving a job and queueing it left it
         # pending; queueing is idempotent (the task key is the job id).
-        for job in await self.store.all():
-            if job.status is JobStatus.PENDING:
-                await self.submit(job)
+        try:
+            for job in await self.store.all():
+                if job.status is JobStatus.PENDING:
+                    await self.submit(job)
+        except (RedisError, OSError) as exc:
+            # Start anyway: /readyz says the queue is unreachable until it is back.
+            log.warning("queue_unreachable", error=str(exc))
         self._reaper = asyncio.create_task(
             _reaper(
                 self.store,
                 self.storage,
                 reaper_interval_s(self.settings),
                 _part_age_s(self.settings),
+                self.refresh_metrics,
             ),
             name="reaper",
         )
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    async def drain(self, grace_s: float, abort: asyncio.Event | None = None) -> int:
+        """Nothing to wait for: clips run on the workers, which drain on their own."""
+        self._draining = True
+        return 0
 
     async def stop(self) -> None:
         tasks = [t for t in (self._reaper, *self._background) if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await self.jobs_queue.disconnect()
-        await self.clips_queue.disconnect()
+        for queue in (self.jobs_queue, self.clips_queue):
+            with contextlib.suppress(RedisError, OSError):  # Redis may be gone already
+                await queue.disconnect()
 
     async def submit(self, job: Job) -> None:
         """Put the job on the queue (it is already saved as pending)."""
@@ -254,6 +312,9 @@ class DistributedRunner:
                 # worker within a second (SAQ's abort poll), killing FFmpeg.
                 await queue.abort(task, "cancelled")
         log.info("job_cancelled", job_id=job_id)
+        if job is not None:
+            for hook in self.on_job_end:
+                hook(job)
         return True
 
     async def delete_ended(self, job: Job) -> None:
@@ -261,8 +322,27 @@ class DistributedRunner:
         await self.store.take_due(job.job_id)
         await delete_job_and_files(self.store, self.storage, job.job_id)
 
-    async def queue_reachable(self) -> bool:
-        return await self.store.ping()
+    async def check_queue(self) -> str | None:
+        """The /readyz check: None when Redis answers, else why not."""
+        up = await self.store.ping()
+        if self._gauges is not None:
+            self._gauges[0].set(1 if up else 0)
+        return None if up else f"queue unreachable at {_safe_url(self.settings.queue.url)}"
+
+    async def refresh_metrics(self) -> None:
+        """Update the queue gauges (called by the reaper loop; /metrics reads them)."""
+        if self._gauges is None:
+            return
+        up, tasks, workers = self._gauges
+        try:
+            info = await self.queue_info()
+        except Exception:
+            up.set(0)
+            return
+        up.set(1)
+        tasks.labels("queued").set(info["queued"])
+        tasks.labels("active").set(info["active"])
+        workers.set(info["workers"])
 
     async def queue_info(self) -> dict[str, int]:
         """Queued and running clip tasks and live workers (for /metrics)."""
@@ -311,6 +391,8 @@ class ClipWorker:
         self.cutter = Cutter(settings.cut.ffmpeg_path)
         self._probes: OrderedDict[str, asyncio.Future[SourceInfo]] = OrderedDict()
         self._background: set[asyncio.Task[Any]] = set()
+        # Called with the job when this worker ended it (its webhook).
+        self.on_job_end: list[Callable[[Job], None]] = []
 
     # -- prepare: resolve once, probe, enqueue the clips ----------------------
 
@@ -336,11 +418,13 @@ class ClipWorker:
                     info = await probe_source(resolved.video_url, resolved.audio_url)
                 except SourceError as exc:
                     log.warning("source_failed", code=exc.code, error=exc.message)
-                    await self.store.fail(
+                    failed = await self.store.fail(
                         job_id,
                         JobError(code=exc.code, message=exc.message),
                         self.settings.jobs.retention_s,
                     )
+                    if failed is not None:
+                        self._ended(failed)
                     return "failed"
                 source = {"video_url": resolved.video_url, "audio_url": resolved.audio_url}
                 await self.store.set_source(job_id, source)
@@ -395,12 +479,14 @@ class ClipWorker:
             else:
                 outcome = await self._cut(task, job, clip, source, attempt)
             try:
-                await self.store.record_clip(
+                after = await self.store.record_clip(
                     job_id, attempt, outcome, self.settings.jobs.retention_s
                 )
             except StaleAttempt:
                 log.warning("clip_stale", attempt=attempt)
                 return "stale"
+            if after.status.ended:
+                self._ended(after)
             return "ok" if isinstance(outcome, ClipResult) else outcome.code
 
     async def _cut(
@@ -477,6 +563,17 @@ class ClipWorker:
                 attempt=attempt,
                 cut_s=round(time.monotonic() - t0, 3),
             )
+
+    def _ended(self, job: Job) -> None:
+        log.info(
+            "job_ended",
+            job_id=job.job_id,
+            status=job.status.value,
+            results=len(job.results),
+            errors=len(job.errors),
+        )
+        for hook in self.on_job_end:
+            hook(job)
 
     def _start_keepalive(self, task: SaqJob) -> asyncio.Task[None]:
         owner = asyncio.current_task()
@@ -567,6 +664,10 @@ async def run_worker(settings: Settings, *, worker_id: str | None = None) -> Non
         state = ClipWorker(
             settings, store, storage, make_resolver(settings, http, guard), clips_queue, worker_id
         )
+        # The worker that ends a job sends its webhook. Unlike the embedded
+        # mode, a delivery cut short by a worker restart is not resumed.
+        webhooks = WebhookSender(settings, guard.session, store, url_check=guard.check)
+        state.on_job_end.append(webhooks.job_ended)
         common: dict[str, Any] = {
             "dequeue_timeout": 1.0,
             "shutdown_grace_period_s": grace_s,
@@ -618,6 +719,7 @@ async def run_worker(settings: Settings, *, worker_id: str | None = None) -> Non
             reaper.cancel()
             await asyncio.gather(reaper, return_exceptions=True)
             await state.close()
+            await webhooks.close()
             await jobs_queue.disconnect()
             await clips_queue.disconnect()
             await store.close()

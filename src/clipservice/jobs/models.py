@@ -58,6 +58,9 @@ class ClipSpec(_Model):
     start: float
     end: float
     mode: CutMode
+    attempts: int = Field(
+        0, description="Times cutting this clip began (a crash mid-clip makes it begin again)."
+    )
 
 
 class ClipResult(_Model):

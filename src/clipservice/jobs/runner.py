@@ -6,6 +6,14 @@ concurrently under the shared :class:`FairLimiter`. Every clip ends in
 saved after each one. Ended jobs are deleted ``retention_s`` after they end,
 scheduled with ``loop.call_later``; a clip file another live job still uses
 is kept.
+
+Durability: the job file records each clip's ``attempts`` (saved before its
+FFmpeg starts), so after a crash a resumed job redoes the clip that was
+mid-cut. A clip whose cutting was begun ``MAX_CLIP_ATTEMPTS`` times without
+an outcome (the process died during it each time, e.g. a clip that makes the
+service run out of memory) ends with code ``interrupted`` instead of taking
+the service down in a loop. A graceful stop (``drain`` then ``stop``) does
+not count against a clip: its attempt is given back when its FFmpeg is killed.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ import contextlib
 import functools
 import time
 from collections import Counter
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -25,6 +33,7 @@ import structlog
 
 from clipservice.config import Settings
 from clipservice.errors import ClipFailure, SourceError
+from clipservice.jobs.events import JobEvents, LocalJobEvents
 from clipservice.jobs.limiter import FairLimiter
 from clipservice.jobs.models import (
     ClipError,
@@ -38,9 +47,11 @@ from clipservice.jobs.models import (
 from clipservice.jobs.store import FileJobStore
 from clipservice.media import plan
 from clipservice.media.cutter import Cutter, remove_stale_parts
+from clipservice.media.ffmpeg import running_processes, terminate
 from clipservice.media.naming import clip_file_name
 from clipservice.media.probe import SourceInfo, probe_source
-from clipservice.sources.base import Resolver
+from clipservice.metrics import Metrics
+from clipservice.sources.base import ResolvedSource, Resolver
 
 log = structlog.get_logger(__name__)
 
@@ -48,6 +59,9 @@ log = structlog.get_logger(__name__)
 _RANGE_SLACK_S = 0.05
 # The job file is rewritten for progress at most this often.
 _PROGRESS_SAVE_INTERVAL_S = 0.5
+# Starts of one clip that may end without an outcome before it is given up as
+# "interrupted": a clip that kills the process is not retried forever.
+MAX_CLIP_ATTEMPTS = 3
 
 
 class LocalRunner:
@@ -59,8 +73,12 @@ class LocalRunner:
         store: FileJobStore,
         resolver: Resolver,
         cutter: Cutter,
+        events: JobEvents | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
+        self.events: JobEvents = events if events is not None else LocalJobEvents()
+        self.metrics = metrics if metrics is not None else Metrics()
         self.store = store
         self.resolver = resolver
         self.cutter = cutter
@@ -73,6 +91,21 @@ class LocalRunner:
         self._cancel_requested: set[str] = set()
         self._clip_progress: dict[str, dict[int, float]] = {}
         self._last_progress_save: dict[str, float] = {}
+        # Called with each job once it has ended and been saved (webhooks); must not block.
+        self.on_job_end: list[Callable[[Job], None]] = []
+        self._live_jobs: dict[str, Job] = {}
+        # Draining: no clip starts; stopping: running clips are being cancelled
+        # by the service, not by their job, and resume on the next start.
+        self._draining = False
+        self._stopping = False
+        # Clips past their slot (cutting or saving their outcome); the last one
+        # of a job hands its count to the job until the job is saved as ended,
+        # so a drain never stops a job between its last clip and its end.
+        self._active = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._unfinished_clips: dict[str, int] = {}
+        self._ending: set[str] = set()
 
     # -- life cycle -------------------------------------------------------
 
@@ -87,27 +120,81 @@ class LocalRunner:
                 self._schedule_cleanup(job)
             else:
                 log.info("job_resumed", job_id=job.job_id, done=len(job.done_indexes()))
-                self.submit(job)
+                await self.submit(job)
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    @property
+    def clips_active(self) -> int:
+        return self._active
+
+    def _hold(self) -> None:
+        self._active += 1
+        self._idle.clear()
+
+    def _unhold(self) -> None:
+        self._active -= 1
+        if not self._active:
+            self._idle.set()
+
+    async def drain(self, grace_s: float, abort: asyncio.Event | None = None) -> int:
+        """Start no more clips; give the running ones ``grace_s`` to finish.
+
+        Returns how many clips were still cutting when the grace ended (0 if
+        all finished). ``abort`` being set ends the grace early (a second
+        signal). Call :meth:`stop` afterwards.
+        """
+        self._draining = True
+        if self._active:
+            log.info("drain_waiting", clips=self._active, grace_s=grace_s)
+            waits = [asyncio.ensure_future(self._idle.wait())]
+            if abort is not None:
+                waits.append(asyncio.ensure_future(abort.wait()))
+            try:
+                await asyncio.wait(waits, timeout=grace_s, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
+                await asyncio.gather(*waits, return_exceptions=True)
+        return self._active
 
     async def stop(self) -> None:
-        """Cancel running jobs (they resume on the next start) and timers."""
+        """Cancel running jobs (they resume on the next start) and timers.
+
+        Every FFmpeg is terminated and reaped before this returns, and each
+        unfinished job is saved once more, with its interrupted clips'
+        attempts given back.
+        """
+        self._draining = self._stopping = True
         for handle in self._cleanup_handles.values():
             handle.cancel()
         self._cleanup_handles.clear()
+        unfinished = list(self._live_jobs.values())
         tasks = [*self._tasks.values(), *self._background]
         for task in tasks:
-            task.cancel()
+            task.cancel("service stopping")
         await asyncio.gather(*tasks, return_exceptions=True)
+        for job in unfinished:
+            if not job.status.ended:
+                with contextlib.suppress(OSError):
+                    await self.store.save(job)
+        # Belt and braces: every run_ffmpeg reaps its process when cancelled.
+        for proc in list(running_processes):
+            await terminate(proc)
 
     # -- API-facing -------------------------------------------------------
 
-    def submit(self, job: Job) -> None:
+    async def submit(self, job: Job) -> None:
         task = asyncio.create_task(self._run_job(job), name=f"job-{job.job_id}")
         self._tasks[job.job_id] = task
+        self._live_jobs[job.job_id] = job
         task.add_done_callback(functools.partial(self._forget_task, job.job_id))
 
     def _forget_task(self, job_id: str, _task: asyncio.Task[None]) -> None:
         self._tasks.pop(job_id, None)
+        self._live_jobs.pop(job_id, None)
 
     async def cancel(self, job_id: str) -> bool:
         """Cancel a pending or running job; True if it was running."""
@@ -152,7 +239,7 @@ class LocalRunner:
         await self._save(job)
         t0 = time.monotonic()
         try:
-            resolved = await self.resolver.resolve(job.source)
+            resolved = await self._resolve(job)
             src = plan.Inputs(resolved.video_url, resolved.audio_url)
             info = await probe_source(src.video_url, src.audio_url)
         except SourceError as exc:
@@ -170,18 +257,39 @@ class LocalRunner:
         done = job.done_indexes()
         pending = [c for c in job.clips if c.index not in done]
         self._clip_progress[job.job_id] = {}
+        self._unfinished_clips[job.job_id] = len(pending)
         try:
-            async with asyncio.TaskGroup() as tg:
-                for clip in pending:
-                    tg.create_task(self._run_clip(job, clip, src, info))
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    for clip in pending:
+                        tg.create_task(self._run_clip(job, clip, src, info))
+            finally:
+                self._clip_progress.pop(job.job_id, None)
+                self._unfinished_clips.pop(job.job_id, None)
+            if job.results:
+                await self._end(job, None)
+            else:
+                codes = Counter(e.code for e in job.errors)
+                code = codes.most_common(1)[0][0] if codes else "ffmpeg_failed"
+                await self._end(job, JobError(code=code, message="every clip failed"))
         finally:
-            self._clip_progress.pop(job.job_id, None)
-        if job.results:
-            await self._end(job, None)
-        else:
-            codes = Counter(e.code for e in job.errors)
-            code = codes.most_common(1)[0][0] if codes else "ffmpeg_failed"
-            await self._end(job, JobError(code=code, message="every clip failed"))
+            if job.job_id in self._ending:
+                self._ending.discard(job.job_id)
+                self._unhold()
+
+    async def _resolve(self, job: Job) -> ResolvedSource:
+        t0 = time.monotonic()
+        try:
+            return await self.resolver.resolve(job.source)
+        except SourceError as exc:
+            self.metrics.resolve_errors.labels(exc.code).inc()
+            raise
+        finally:
+            self.metrics.resolve_seconds.observe(time.monotonic() - t0)
+
+    async def _gate(self) -> None:
+        """Hold a clip that got its slot while draining until the stop cancels it."""
+        await asyncio.get_running_loop().create_future()
 
     async def _run_clip(self, job: Job, clip: ClipSpec, src: plan.Inputs, info: SourceInfo) -> None:
         with structlog.contextvars.bound_contextvars(clip_index=clip.index):
@@ -190,14 +298,30 @@ class LocalRunner:
             t_queued = time.monotonic()
             t_started: float | None = None
             outcome_code = "ok"
+            counted = held = False
             try:
                 if clip.end > info.duration_s + _RANGE_SLACK_S:
                     raise ClipFailure(
                         "invalid_range",
                         f"clip ends at {clip.end}s but the video lasts {info.duration_s:.3f}s",
                     )
+                if clip.attempts >= MAX_CLIP_ATTEMPTS:
+                    raise ClipFailure(
+                        "interrupted",
+                        f"the service stopped during this clip {clip.attempts} times;"
+                        " it is not tried again",
+                    )
                 async with self.limiter.slot(job.job_id):
+                    if self._draining:
+                        await self._gate()
                     t_started = time.monotonic()
+                    self.metrics.queue_wait_seconds.observe(t_started - t_queued)
+                    # On disk before FFmpeg starts: a crash from here on counts.
+                    self._hold()
+                    held = True
+                    clip.attempts += 1
+                    counted = True
+                    await self._save(job)
                     result = await asyncio.wait_for(
                         self._produce(job, clip, src, info, name),
                         self.settings.jobs.clip_timeout_s,
@@ -214,6 +338,8 @@ class LocalRunner:
                 )
             except asyncio.CancelledError:
                 outcome_code = "cancelled"
+                if self._stopping and counted and job.job_id not in self._cancel_requested:
+                    clip.attempts -= 1  # the service stopped it; it resumes as if never begun
                 raise
             except Exception as exc:
                 outcome_code = "ffmpeg_failed"
@@ -224,6 +350,10 @@ class LocalRunner:
                 if self._files_in_use[name] <= 0:
                     del self._files_in_use[name]
                 now = time.monotonic()
+                if outcome_code != "cancelled" or not self._stopping:
+                    self.metrics.clips.labels(outcome_code, clip.mode).inc()
+                    if t_started is not None and outcome_code != "cancelled":
+                        self.metrics.cut_seconds.labels(clip.mode).observe(now - t_started)
                 log.info(
                     "clip_done",
                     outcome=outcome_code,
@@ -233,10 +363,18 @@ class LocalRunner:
                     queued_s=round((t_started or now) - t_queued, 3),
                     cut_s=round(now - t_started, 3) if t_started else None,
                 )
-                if outcome_code != "cancelled":
-                    self._clip_progress.get(job.job_id, {}).pop(clip.index, None)
-                    self._update_counts(job)
-                    await asyncio.shield(self._save(job))
+                try:
+                    if outcome_code != "cancelled":
+                        self._clip_progress.get(job.job_id, {}).pop(clip.index, None)
+                        self._update_counts(job)
+                        await asyncio.shield(self._save(job))
+                finally:
+                    self._unfinished_clips[job.job_id] -= 1
+                    if held:
+                        if self._unfinished_clips[job.job_id] == 0 and outcome_code != "cancelled":
+                            self._ending.add(job.job_id)  # released once the job is saved
+                        else:
+                            self._unhold()
 
     async def _produce(
         self, job: Job, clip: ClipSpec, src: plan.Inputs, info: SourceInfo, name: str
@@ -261,6 +399,7 @@ class LocalRunner:
                 timeout_s=self.settings.jobs.clip_timeout_s,
                 on_progress=on_progress,
             )
+            self.metrics.bytes_written.inc(outcome.size_bytes)
         return ClipResult(
             index=clip.index,
             start=clip.start,
@@ -296,6 +435,8 @@ class LocalRunner:
             return
         progress[index] = fraction
         self._update_counts(job)
+        # Listeners see every move; the file is rewritten only a few times a second.
+        self._spawn(self.events.publish(job))
         now = time.monotonic()
         if now - self._last_progress_save.get(job.job_id, 0.0) >= _PROGRESS_SAVE_INTERVAL_S:
             self._last_progress_save[job.job_id] = now
@@ -303,13 +444,14 @@ class LocalRunner:
 
     async def _save(self, job: Job) -> None:
         await self.store.save(job)
+        await self.events.publish(job)
 
     async def _end(self, job: Job, error: JobError | None) -> None:
         now = utcnow()
         job.status = JobStatus.FAILED if error else JobStatus.FINISHED
         job.error = error
         self._finalize(job, now)
-        await self.store.save(job)
+        await self._save(job)
         log.info(
             "job_ended",
             status=job.status.value,
@@ -317,6 +459,7 @@ class LocalRunner:
             errors=len(job.errors),
         )
         self._schedule_cleanup(job)
+        self._job_ended(job)
 
     async def _finish_cancelled(self, job: Job) -> None:
         done = job.done_indexes()
@@ -334,9 +477,17 @@ class LocalRunner:
         job.errors.sort(key=lambda e: e.index)
         job.status = JobStatus.CANCELLED
         self._finalize(job, utcnow())
-        await self.store.save(job)
+        await self._save(job)
         log.info("job_cancelled")
         self._schedule_cleanup(job)
+        self._job_ended(job)
+
+    def _job_ended(self, job: Job) -> None:
+        for hook in self.on_job_end:
+            try:
+                hook(job)
+            except Exception:  # a broken hook must not break the job's end
+                log.exception("job_end_hook_failed")
 
     def _finalize(self, job: Job, now: datetime) -> None:
         job.finished_at = job.updated_at = now

@@ -245,6 +245,11 @@ class UrlGuard:
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._session: aiohttp.ClientSession | None = None
 
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """A session for client-supplied URLs: forbidden addresses refused at connect time."""
+        return self._http()
+
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None:
             self._session = aiohttp.ClientSession(

@@ -1,0 +1,142 @@
+"""Request context: request ids, trusted X-Forwarded-* headers, one access log line.
+
+- ``X-Request-ID``: a caller's id is kept when it is 1-128 characters of
+  ``[A-Za-z0-9._:-]`` (so it is safe in logs and headers), else a new one is
+  made; it is bound into structlog's context for every line logged while the
+  request is handled (and by the job it creates), and echoed on the response.
+- ``X-Forwarded-For`` / ``-Proto`` / ``-Host`` are believed only when the
+  connection comes from ``server.trusted_proxies`` (addresses or CIDR
+  networks). The client is the rightmost address in X-Forwarded-For that is
+  not itself a trusted proxy, so a client cannot forge its address by
+  sending the header itself.
+- One canonical ``request`` log line per request, with method, route, status,
+  time and bytes, also counted in the Prometheus metrics.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import time
+import uuid
+from collections.abc import Iterable
+
+import structlog
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+
+from clipservice.api.keys import METRICS
+
+access_log = structlog.get_logger("clipservice.access")
+
+REQUEST_ID_HEADER = "X-Request-ID"
+REQUEST_ID = web.RequestKey("request_id", str)
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(entries: Iterable[str]) -> tuple[Network, ...]:
+    """Trusted proxies as networks; a bare address is a one-address network."""
+    return tuple(ipaddress.ip_network(e.strip(), strict=False) for e in entries)
+
+
+def _ip(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    value = value.strip()
+    if value.startswith("[") and "]" in value:  # "[::1]:443"
+        value = value[1 : value.index("]")]
+    elif value.count(":") == 1:  # "1.2.3.4:5678"
+        value = value.split(":")[0]
+    try:
+        return ipaddress.ip_address(value)
+    except ValueError:
+        return None
+
+
+def _trusted(addr: str | None, networks: tuple[Network, ...]) -> bool:
+    ip = _ip(addr) if addr else None
+    return ip is not None and any(ip in net for net in networks)
+
+
+def client_address(peer: str | None, forwarded_for: str, networks: tuple[Network, ...]) -> str:
+    """The client's address: walk X-Forwarded-For from the right past trusted proxies."""
+    if not _trusted(peer, networks):
+        return peer or ""
+    for hop in reversed([h.strip() for h in forwarded_for.split(",") if h.strip()]):
+        if _ip(hop) is None:
+            break  # garbage: stop believing the chain here
+        if not _trusted(hop, networks):
+            return str(_ip(hop))
+    return peer or ""
+
+
+def request_id_for(header: str | None) -> str:
+    if header and _REQUEST_ID_RE.match(header):
+        return header
+    return uuid.uuid4().hex
+
+
+def make_context_middleware(trusted_proxies: Iterable[str]) -> Middleware:
+    networks = parse_networks(trusted_proxies)
+
+    @web.middleware
+    async def context_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        t0 = time.perf_counter()
+        rid = request_id_for(request.headers.get(REQUEST_ID_HEADER))
+        request[REQUEST_ID] = rid
+        peer = request.remote
+        if networks and _trusted(peer, networks):
+            forwarded_for = request.headers.get("X-Forwarded-For", "")
+            proto = request.headers.get("X-Forwarded-Proto", "").strip().lower()
+            host = request.headers.get("X-Forwarded-Host", "").strip()
+            request = request.clone(
+                remote=client_address(peer, forwarded_for, networks),
+                scheme=proto if proto in ("http", "https") else request.scheme,
+                host=host if host and host.isprintable() and " " not in host else request.host,
+            )
+        status = 500
+        response: web.StreamResponse | None = None
+        with structlog.contextvars.bound_contextvars(request_id=rid):
+            try:
+                response = await handler(request)
+                status = response.status
+                return response
+            except web.HTTPException as exc:  # redirects; the problem middleware took the rest
+                status = exc.status
+                exc.headers[REQUEST_ID_HEADER] = rid
+                raise
+            finally:
+                elapsed_s = time.perf_counter() - t0
+                resource = request.match_info.route.resource
+                route = resource.canonical if resource is not None else "unmatched"
+                metrics = request.app.get(METRICS)
+                if metrics is not None:
+                    metrics.http_requests.labels(request.method, route, str(status)).inc()
+                    metrics.http_seconds.labels(route).observe(elapsed_s)
+                access_log.info(
+                    "request",
+                    method=request.method,
+                    path=request.path,
+                    route=route,
+                    status=status,
+                    duration_ms=round(elapsed_s * 1000, 2),
+                    bytes=getattr(response, "body_length", None),
+                    remote=request.remote,
+                    scheme=request.scheme,
+                    user_agent=request.headers.get("User-Agent"),
+                )
+
+    return context_middleware
+
+
+async def add_request_id_header(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: every response, streamed ones too, carries the request id."""
+    rid = request.get(REQUEST_ID)
+    if rid is not None:
+        response.headers[REQUEST_ID_HEADER] = rid
+
+
+def setup(app: web.Application, trusted_proxies: Iterable[str]) -> None:
+    """Put the context middleware first (outermost) and tag every response."""
+    app.middlewares.insert(0, make_context_middleware(trusted_proxies))
+    app.on_response_prepare.append(add_request_id_header)

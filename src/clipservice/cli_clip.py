@@ -1,0 +1,255 @@
+"""``clipservice clip``: cut clips from the command line, with live progress.
+
+It submits one job through :class:`~clipservice.client.ClipClient`, shows a
+progress bar for the job and one per clip (on stderr), downloads the clips
+into ``--out`` and prints their paths (on stdout, one a line). Without
+``--server`` it starts the service in this process on an ephemeral loopback
+port, so nothing else needs to run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import re
+import sys
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from clipservice.api.schemas import VIDEO_ID_PATTERN, parse_time
+from clipservice.config import ConfigError, Settings, StorageSettings, load_settings
+
+EXIT_OK = 0
+EXIT_SOME_FAILED = 1
+EXIT_USAGE = 2
+EXIT_JOB_FAILED = 3
+
+MEDIA_EXTENSIONS = (
+    ".mp4", ".m4v", ".mov", ".mkv", ".webm", ".m4a", ".mp3", ".aac", ".ogg", ".opus",
+    ".wav", ".flac", ".ts", ".flv", ".avi",
+)  # fmt: skip
+
+SOURCE_HELP = (
+    "a video id, a page URL or a media URL. A bare id (letters, digits, _ and -) is "
+    "resolved as a YouTube video id; an http(s) URL whose path ends in a media "
+    f"extension ({', '.join(MEDIA_EXTENSIONS)}), or any URL given with --audio-url, is "
+    "cut directly as a stream URL; any other http(s) URL is a page URL for the resolver"
+)
+
+
+class UsageError(Exception):
+    """Bad command-line input: exit 2 with the message."""
+
+
+def add_parser(sub: Any) -> None:
+    """Register ``clip`` on the ``clipservice`` subcommand parser."""
+    clip = sub.add_parser(
+        "clip",
+        help="cut clips from a video and download them (runs the service in-process "
+        "unless --server is given)",
+        description="Cut clips out of a video and download them. SOURCE is " + SOURCE_HELP + ".",
+        epilog="Exit status: 0 every clip succeeded, 1 some clips failed, 2 usage error, "
+        "3 the job failed as a whole.",
+    )
+    clip.add_argument("source", metavar="SOURCE", help="video id, page URL or media URL")
+    clip.add_argument(
+        "--clip",
+        dest="clips",
+        action="append",
+        required=True,
+        metavar="START-END",
+        help="a time range, seconds or [HH:]MM:SS[.fff] (e.g. 10-20, 1:05-1:12.5); repeatable",
+    )
+    clip.add_argument("--audio-url", help="a separate audio stream for a media-URL SOURCE")
+    clip.add_argument("--mode", choices=["fast", "accurate", "reencode"], help="cut mode")
+    clip.add_argument("--out", default=".", help="folder for the clips (default: .)")
+    clip.add_argument("--server", help="a running clipservice, e.g. http://127.0.0.1:8080")
+    clip.add_argument("--api-key", help="API key for --server, when it asks for one")
+    clip.add_argument(
+        "--config",
+        help="TOML config for the in-process service (default: ./config.toml if present)",
+    )
+
+
+def source_fields(source: str, audio_url: str | None) -> dict[str, str]:
+    """The create-clips source fields for SOURCE (see ``SOURCE_HELP`` for the rule)."""
+    if "://" not in source:
+        if audio_url:
+            raise UsageError("--audio-url goes with a media URL SOURCE")
+        if not re.match(VIDEO_ID_PATTERN, source):
+            raise UsageError(f"SOURCE {source!r} is neither a video id nor an http(s) URL")
+        return {"video_id": source}
+    parts = urlsplit(source)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(f"SOURCE {source!r} is not an http(s) URL")
+    if audio_url or parts.path.lower().endswith(MEDIA_EXTENSIONS):
+        fields = {"video_url": source}
+        if audio_url:
+            fields["audio_url"] = audio_url
+        return fields
+    return {"url": source}
+
+
+def parse_clip(text: str) -> tuple[float, float]:
+    """``START-END`` → seconds; times are seconds or ``[HH:]MM:SS[.fff]``."""
+    start_text, sep, end_text = text.partition("-")
+    if not sep:
+        raise UsageError(f"--clip {text!r}: expected START-END, e.g. 10-20 or 1:05-1:12")
+    try:
+        start, end = parse_time(start_text), parse_time(end_text)
+    except ValueError as exc:
+        raise UsageError(f"--clip {text!r}: {exc}") from exc
+    if start >= end:
+        raise UsageError(f"--clip {text!r}: start must be before end")
+    return start, end
+
+
+def _fmt(seconds: float) -> str:
+    """1:05.5 for 65.5 s, 10s for 10 s: how ranges show in progress rows."""
+    minutes, secs = divmod(seconds, 60)
+    text = f"{secs:06.3f}".rstrip("0").rstrip(".") if minutes else f"{secs:.3f}".rstrip("0")
+    text = text.rstrip(".")
+    return f"{int(minutes)}:{text.zfill(2)}" if minutes else f"{text}s"
+
+
+@contextlib.asynccontextmanager
+async def embedded_service(settings: Settings) -> AsyncIterator[str]:
+    """The service in this process on a free loopback port; yields its base URL."""
+    from aiohttp import web
+
+    from clipservice.app import create_app
+
+    with contextlib.ExitStack() as stack:
+        if settings.storage.data_dir == StorageSettings().data_dir:
+            # No data_dir configured: keep jobs and clips only while this command runs.
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="clipservice-"))
+            settings = settings.replace(storage={"data_dir": Path(tmp)})
+        runner = web.AppRunner(create_app(settings), access_log=None)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            server = site._server
+            assert server is not None
+            port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            await runner.cleanup()
+
+
+async def _run(args: argparse.Namespace, fields: dict[str, str], clips: list[Any]) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
+
+    from clipservice.client import ClipClient, ClipServiceError
+    from clipservice.jobs.models import Job, JobStatus
+
+    console = Console(stderr=True)
+    async with contextlib.AsyncExitStack() as stack:
+        if args.server:
+            base_url = args.server
+        else:
+            try:
+                settings = load_settings(args.config)
+            except ConfigError as exc:
+                raise UsageError(str(exc)) from exc
+            base_url = await stack.enter_async_context(embedded_service(settings))
+        client = await stack.enter_async_context(ClipClient(base_url, api_key=args.api_key))
+        try:
+            job = await client.create_clips(clips=clips, mode=args.mode, **fields)
+        except ClipServiceError as exc:
+            console.print(f"[red]clipservice: job refused:[/] {exc}")
+            return EXIT_USAGE if 400 <= exc.status < 500 and exc.status != 429 else EXIT_JOB_FAILED
+
+        progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TaskProgressColumn(),
+            TextColumn("{task.fields[state]}"),
+            console=console,
+        )
+        overall = progress.add_task("job", total=1.0, state="pending")
+        rows = [
+            progress.add_task(
+                f"clip {c.index + 1} {_fmt(c.start)}-{_fmt(c.end)}", total=None, state=""
+            )
+            for c in job.clips
+        ]
+
+        def show(doc: Job) -> None:
+            progress.update(overall, completed=doc.progress, state=doc.status.value)
+            for result in doc.results:
+                size_mb = result.size_bytes / 1e6
+                progress.update(
+                    rows[result.index], total=1, completed=1, state=f"ok {size_mb:.1f} MB"
+                )
+            for error in doc.errors:
+                progress.update(rows[error.index], total=1, completed=0, state=f"{error.code}")
+
+        try:
+            with progress:
+                job = await client.wait(job.job_id, on_progress=show)
+                show(job)
+        except ClipServiceError as exc:
+            console.print(f"[red]clipservice: lost the job:[/] {exc}")
+            return EXIT_JOB_FAILED
+
+        for error in job.errors:
+            console.print(
+                f"[red]clip {error.index + 1}[/] {_fmt(error.start)}-{_fmt(error.end)}: "
+                f"{error.code}: {error.message}"
+            )
+        if job.status is not JobStatus.FINISHED:
+            reason = f"{job.error.code}: {job.error.message}" if job.error else job.status.value
+            console.print(f"[red]clipservice: the job {job.status.value}:[/] {reason}")
+            return EXIT_JOB_FAILED
+        try:
+            paths = await client.download(job, args.out)
+        except ClipServiceError as exc:
+            console.print(f"[red]clipservice: download failed:[/] {exc}")
+            return EXIT_JOB_FAILED
+        for path in paths:
+            print(path)
+        return EXIT_SOME_FAILED if job.errors else EXIT_OK
+
+
+class _CurrentStderr:
+    """Whatever ``sys.stderr`` is at write time: rich swaps it while the bars are live."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+def _quiet_logging() -> None:
+    import logging
+
+    from clipservice.logging import configure_logging
+
+    # Clip failures are reported by the command itself; the embedded service only logs
+    # errors, and those go through rich's live display instead of tearing it.
+    configure_logging("ERROR", json=False)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler):
+            handler.setStream(_CurrentStderr())
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``clipservice clip``; the exit status."""
+    try:
+        fields = source_fields(args.source, args.audio_url)
+        clips = [parse_clip(text) for text in args.clips]
+        if not args.server:
+            _quiet_logging()
+        return asyncio.run(_run(args, fields, clips))
+    except UsageError as exc:
+        print(f"clipservice clip: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,117 @@
+"""Prometheus metrics, one registry per application.
+
+Each app owns a :class:`Metrics` with its own ``CollectorRegistry``, so two
+services in one process (tests, benchmarks) never share or collide on
+counters. The runner records clips, cuts, queue waits, resolver calls and
+bytes; the HTTP middleware records requests; gauges that describe the
+present (jobs by state, FFmpeg processes) are read when scraped.
+"""
+
+from __future__ import annotations
+
+from collections import Counter as Tally
+from collections.abc import Iterable
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from clipservice.jobs.models import Job, JobStatus
+from clipservice.media.ffmpeg import running_processes
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+# Seconds: from a sub-second stream copy up to the default clip timeout.
+_CUT_BUCKETS_S = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
+_WAIT_BUCKETS_S = (0.001, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900)
+_RESOLVE_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30)
+_LAG_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
+_HTTP_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5)
+
+
+class Metrics:
+    """The service's metrics and the registry they are exported from."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.jobs = Gauge("clipservice_jobs", "Jobs held, by state.", ["state"], registry=r)
+        self.clips = Counter(
+            "clipservice_clips",
+            "Clips attempted, by outcome (ok or an error code) and cut mode.",
+            ["outcome", "mode"],
+            registry=r,
+        )
+        self.cut_seconds = Histogram(
+            "clipservice_clip_cut_seconds",
+            "Time to produce one clip once it had an FFmpeg slot, by cut mode.",
+            ["mode"],
+            buckets=_CUT_BUCKETS_S,
+            registry=r,
+        )
+        self.queue_wait_seconds = Histogram(
+            "clipservice_clip_queue_wait_seconds",
+            "Time a clip waited for an FFmpeg slot.",
+            buckets=_WAIT_BUCKETS_S,
+            registry=r,
+        )
+        self.ffmpeg_running = Gauge(
+            "clipservice_ffmpeg_processes", "FFmpeg processes running now.", registry=r
+        )
+        self.ffmpeg_running.set_function(lambda: len(running_processes))
+        self.resolve_seconds = Histogram(
+            "clipservice_resolve_seconds",
+            "Time to resolve a job's source into stream URLs.",
+            buckets=_RESOLVE_BUCKETS_S,
+            registry=r,
+        )
+        self.resolve_errors = Counter(
+            "clipservice_resolve_errors",
+            "Failed source resolutions, by code.",
+            ["code"],
+            registry=r,
+        )
+        self.bytes_written = Counter(
+            "clipservice_clip_bytes_written",
+            "Bytes of clip files written (reused files not counted).",
+            registry=r,
+        )
+        self.http_requests = Counter(
+            "clipservice_http_requests",
+            "HTTP requests answered, by method, route and status.",
+            ["method", "route", "status"],
+            registry=r,
+        )
+        self.http_seconds = Histogram(
+            "clipservice_http_request_seconds",
+            "HTTP request handling time, by route.",
+            ["route"],
+            buckets=_HTTP_BUCKETS_S,
+            registry=r,
+        )
+        self.sse_listeners = Gauge(
+            "clipservice_sse_listeners", "Open job event streams.", registry=r
+        )
+        self.loop_lag_seconds = Histogram(
+            "clipservice_event_loop_lag_seconds",
+            "How late a timer on the event loop fires: blocking calls or CPU starvation.",
+            buckets=_LAG_BUCKETS_S,
+            registry=r,
+        )
+        self.draining = Gauge(
+            "clipservice_draining", "1 while the service is shutting down.", registry=r
+        )
+
+    def set_jobs(self, jobs: Iterable[Job]) -> None:
+        counts = Tally(job.status for job in jobs)
+        for state in JobStatus:
+            self.jobs.labels(state.value).set(counts.get(state, 0))
+
+    def export(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)

@@ -1,0 +1,172 @@
+"""The web page end to end in headless Chromium (Debian's chromium, driven by Playwright).
+
+A screenshot of the finished job is saved to ``test-artifacts/web-page.png``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Service
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+HAVE_CHROMIUM = os.path.exists(CHROMIUM)
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Any]:
+    if not HAVE_CHROMIUM:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing: scripts/check installs it with apt-get")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            await browser.close()
+
+
+async def _new_page(browser: Any) -> Any:
+    page = await browser.new_page(viewport={"width": 1100, "height": 1200})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.errors = errors
+    return page
+
+
+async def test_page_cuts_plays_and_downloads(service: Service, browser: Any) -> None:
+    """Typed and timeline-picked ranges are cut, followed live over SSE, played and downloadable."""
+    page = await _new_page(browser)
+    requests: list[str] = []
+    page.on("request", lambda req: requests.append(req.url))
+    await page.goto(service.base_url + "/")
+    assert await page.title() == "clipservice"
+
+    await page.fill("#source", "dQw4w9WgXcQ")
+    assert "video id" in await page.text_content("#source-kind")
+    await page.click("details summary")
+    await page.select_option("#mode", "reencode")
+    await page.fill("#ranges tr:nth-child(1) .start", "1")
+    await page.fill("#ranges tr:nth-child(1) .end", "0:03.5")
+
+    # Pick 6 s – 9 s on a 30 s timeline by dragging across it.
+    await page.fill("#length", "0:30")
+    box = await page.locator("#timeline").bounding_box()
+    y = box["y"] + box["height"] / 2
+    await page.mouse.move(box["x"] + box["width"] * 0.2, y)
+    await page.mouse.down()
+    await page.mouse.move(box["x"] + box["width"] * 0.25, y, steps=3)
+    await page.mouse.move(box["x"] + box["width"] * 0.3, y, steps=3)
+    await page.mouse.up()
+    assert await page.text_content("#selection-label") == "0:06 – 0:09"
+    await page.click("#add-selection")
+    assert await page.locator("#ranges tr").count() == 2
+    assert await page.locator("#timeline-marks .mark").count() == 2
+
+    await page.click("#submit")
+    await page.wait_for_selector("#job-status.finished", timeout=60_000)
+    assert await page.text_content("#job-transport") == "live (server-sent events)"
+    assert any(u.endswith("/events") for u in requests)
+    assert await page.locator(".clip .clip-state.ok").count() == 2
+
+    # Both clips play in the page: the browser decodes their metadata.
+    videos = page.locator(".clip video")
+    assert await videos.count() == 2
+    for i in range(2):
+        await page.wait_for_function(
+            "v => v.readyState >= 1 && v.videoWidth > 0", arg=await videos.nth(i).element_handle()
+        )
+    durations = await videos.evaluate_all("vs => vs.map(v => v.duration)")
+    assert abs(durations[0] - 2.5) < 0.1 and abs(durations[1] - 3.0) < 0.1
+
+    links = page.locator(".clip a.download")
+    first_href = await links.nth(0).get_attribute("href")
+    assert first_href.startswith("/api/clips/") and await links.nth(0).get_attribute("download")
+    async with page.expect_download() as info:
+        await links.nth(0).click()
+    download = await info.value
+    saved = ARTIFACTS / "web-download.mp4"  # save_as creates the folder
+    await download.save_as(saved)
+    doc = await service.job((await page.text_content("#job-id")).strip())
+    assert saved.stat().st_size == doc["results"][0]["size_bytes"]
+    saved.unlink()
+
+    await page.evaluate("document.querySelectorAll('video').forEach(v => v.currentTime = 1)")
+    await page.screenshot(path=str(ARTIFACTS / "web-page.png"), full_page=True)
+    # Nothing came from anywhere but the service itself.
+    assert all(u.startswith(service.base_url) for u in requests), requests
+    assert page.errors == []
+
+
+async def test_page_falls_back_to_polling(service: Service, browser: Any) -> None:
+    """When the event stream is unavailable the page polls the job to its end."""
+    page = await _new_page(browser)
+    await page.route("**/events", lambda route: route.fulfill(status=404, body="{}"))
+    await page.goto(service.base_url + "/")
+    await page.fill("#source", "pollpage")
+    await page.fill("#ranges tr:nth-child(1) .start", "2")
+    await page.fill("#ranges tr:nth-child(1) .end", "4")
+    await page.click("#submit")
+    await page.wait_for_selector("#job-status.finished", timeout=60_000)
+    assert await page.text_content("#job-transport") == "polling"
+    assert await page.locator(".clip video").count() == 1
+    assert page.errors == []
+
+
+async def test_page_shows_problems(service: Service, browser: Any) -> None:
+    """Bad input is flagged in the page; the service's 422 problem is shown with its errors."""
+    page = await _new_page(browser)
+    await page.goto(service.base_url + "/")
+    await page.click("#submit")
+    assert "video id" in await page.text_content("#form-error")
+    await page.fill("#source", "vid")
+    await page.fill("#ranges tr:nth-child(1) .start", "5")
+    await page.fill("#ranges tr:nth-child(1) .end", "3")
+    await page.click("#submit")
+    assert "Range 1" in await page.text_content("#form-error")
+    assert await page.locator("#ranges .end.invalid").count() == 1
+    # Over max_clip_duration_s: only the service knows; its problem JSON is shown.
+    await page.fill("#ranges tr:nth-child(1) .end", "2:00:00")
+    await page.click("#submit")
+    await page.wait_for_selector("#form-error:not([hidden])")
+    await page.wait_for_function(
+        "document.querySelector('#form-error').textContent.includes('max_clip_duration_s')"
+    )
+    assert await page.locator("#job").is_hidden()
+    assert page.errors == []
+
+
+async def test_static_assets_and_unknown_files(service: Service) -> None:
+    """GET / and the fixed assets are served with their types; any other name is a 404 problem."""
+    async with service.http.get(service.base_url + "/") as resp:
+        assert resp.status == 200 and resp.content_type == "text/html"
+        html = await resp.text()
+    assert "/static/app.js" in html and "http" not in html.split("<body>")[0].replace(
+        'name="viewport"', ""
+    )
+    for name, ctype in (("app.js", "text/javascript"), ("style.css", "text/css")):
+        async with service.http.get(f"{service.base_url}/static/{name}") as resp:
+            assert resp.status == 200 and resp.content_type == ctype
+    for bad in ("index.html", "..%2Fapp.py", "nope.js"):
+        async with service.http.get(f"{service.base_url}/static/{bad}") as resp:
+            assert resp.status == 404
+            assert resp.content_type == "application/problem+json"
