@@ -67,6 +67,21 @@ def media(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     # A longer, heavier source, where reading only the needed ranges shows.
     long = make_media(folder, 120, prefix="long-", crf=18)
     files.update({f"long-{k}": v for k, v in long.items()})
+    # Sources the cut engine must handle: H.264 with B-frames (reordered
+    # frames), and a codec it cannot smart-cut (MPEG-4 Part 2).
+    files["bf-video"] = folder / "bf-video.mp4"
+    _ffmpeg(
+        "-f", "lavfi", "-i", f"testsrc2=size=320x180:rate=30:duration={MEDIA_SECONDS}",
+        "-c:v", "libx264", "-preset", "veryfast", "-crf", "30", "-pix_fmt", "yuv420p",
+        "-g", str(GOP_FRAMES), "-keyint_min", str(GOP_FRAMES), "-sc_threshold", "0",
+        "-bf", "2", "-an", "-movflags", "+faststart", str(files["bf-video"]),
+    )  # fmt: skip
+    files["mpeg4-video"] = folder / "mpeg4-video.mp4"
+    _ffmpeg(
+        "-f", "lavfi", "-i", f"testsrc2=size=320x180:rate=30:duration={MEDIA_SECONDS}",
+        "-c:v", "mpeg4", "-q:v", "8", "-g", str(GOP_FRAMES), "-an",
+        "-movflags", "+faststart", str(files["mpeg4-video"]),
+    )  # fmt: skip
     return files
 
 
@@ -82,6 +97,8 @@ FIXTURE_FILES = {
     "muxed.mp4": "muxed",
     "long-video.mp4": "long-video",
     "long-audio.m4a": "long-audio",
+    "bf-video.mp4": "bf-video",
+    "mpeg4-video.mp4": "mpeg4-video",
 }
 
 

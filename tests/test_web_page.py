@@ -1,6 +1,7 @@
 """The web page end to end in headless Chromium (Debian's chromium, driven by Playwright).
 
-A screenshot of the finished job is saved to ``test-artifacts/web-page.png``.
+Screenshots of the finished jobs are saved to ``test-artifacts/web-page.png`` and
+``test-artifacts/web-page-key.png`` (the same with API keys configured).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Service
+from tests.conftest import Service, ServiceFactory
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -170,3 +171,141 @@ async def test_static_assets_and_unknown_files(service: Service) -> None:
         async with service.http.get(f"{service.base_url}/static/{bad}") as resp:
             assert resp.status == 404
             assert resp.content_type == "application/problem+json"
+
+
+async def test_page_with_api_key(make_service: ServiceFactory, browser: Any) -> None:
+    """With API keys: no key shows the 401; with one, SSE via fetch, clips play and download."""
+    svc = await make_service(security={"api_keys": ("k-test",)})
+    page = await _new_page(browser)
+    requests: list[Any] = []
+    page.on("request", lambda req: requests.append(req))
+    console: list[str] = []
+    page.on("console", lambda msg: console.append(msg.text))
+    await page.goto(svc.base_url + "/")
+    await page.fill("#source", "keyedpage")
+    await page.click("details summary")
+    await page.select_option("#mode", "reencode")
+    await page.fill("#ranges tr:nth-child(1) .start", "1")
+    await page.fill("#ranges tr:nth-child(1) .end", "3.5")
+    await page.click("#add-range")
+    await page.fill("#ranges tr:nth-child(2) .start", "0:06")
+    await page.fill("#ranges tr:nth-child(2) .end", "0:09")
+    await page.click("details summary")  # closed again: the 401 must reopen it
+
+    # No key: the service's 401 problem is shown and the page points at the key field.
+    await page.click("#submit")
+    await page.wait_for_selector("#form-error:not([hidden])")
+    error = await page.text_content("#form-error")
+    assert "Unauthorized" in error and "API key" in error and "More options" in error
+    assert await page.locator("details").get_attribute("open") is not None
+    assert await page.evaluate("document.activeElement.id") == "api-key"
+    assert await page.locator("#job").is_hidden()
+
+    # Record every status the page shows, to see it follow the job live.
+    await page.evaluate(
+        """() => {
+          window.seen = [];
+          const status = document.getElementById('job-status');
+          new MutationObserver(() => window.seen.push(status.textContent))
+            .observe(status, { childList: true, characterData: true, subtree: true });
+        }"""
+    )
+    await page.fill("#api-key", "k-test")
+    await page.click("#submit")
+    await page.wait_for_selector("#job-status.finished", timeout=60_000)
+    assert await page.locator("#form-error").is_hidden()
+    assert await page.text_content("#job-transport") == "live (server-sent events)"
+    job_id = (await page.text_content("#job-id")).strip()
+    seen = await page.evaluate("window.seen")
+    assert "processing" in seen and seen[-1] == "finished", seen
+    assert await page.locator(".clip .clip-state.ok").count() == 2
+
+    # The stream came through fetch() with the key header; the job was read once, not polled.
+    api = [r for r in requests if "/api/" in r.url]
+    streams = [r for r in api if r.url.endswith(f"/api/jobs/{job_id}/events")]
+    assert [r.resource_type for r in streams] == ["fetch"]
+    assert (await streams[0].all_headers()).get("x-api-key") == "k-test"
+    assert not any(r.resource_type == "eventsource" for r in requests)
+    job_reads = [r for r in api if r.url.endswith(f"/api/jobs/{job_id}")]
+    assert len(job_reads) == 1 and not any("/api/check-job/" in r.url for r in api)
+
+    # Both clips play from blob: URLs filled by fetching with the key.
+    videos = page.locator(".clip video")
+    assert await videos.count() == 2
+    for i in range(2):
+        await page.wait_for_function(
+            "v => v.readyState >= 1 && v.videoWidth > 0", arg=await videos.nth(i).element_handle()
+        )
+    srcs = await videos.evaluate_all("vs => vs.map(v => v.src)")
+    assert all(s.startswith("blob:") for s in srcs), srcs
+    durations = await videos.evaluate_all("vs => vs.map(v => v.duration)")
+    assert abs(durations[0] - 2.5) < 0.1 and abs(durations[1] - 3.0) < 0.1
+    clip_gets = [r for r in api if "/api/clips/" in r.url]
+    assert len(clip_gets) == 2 and all(r.resource_type == "fetch" for r in clip_gets)
+
+    # The download link hands over the clip's exact bytes.
+    link = page.locator(".clip a.download").nth(0)
+    assert (await link.get_attribute("href")).startswith("blob:")
+    async with page.expect_download() as info:
+        await link.click()
+    download = await info.value
+    assert download.suggested_filename == await link.get_attribute("download")
+    saved = ARTIFACTS / "web-download-key.mp4"
+    await download.save_as(saved)
+    name = await link.get_attribute("download")
+    async with svc.http.get(
+        f"{svc.base_url}/api/clips/{name}", headers={"X-API-Key": "k-test"}
+    ) as resp:
+        assert resp.status == 200
+        assert saved.read_bytes() == await resp.read()
+    saved.unlink()
+    await page.evaluate("document.querySelectorAll('video').forEach(v => v.currentTime = 1)")
+    await page.screenshot(path=str(ARTIFACTS / "web-page-key.png"), full_page=True)
+
+    # The key stays out of URLs, logs and localStorage (sessionStorage keeps it for a reload).
+    assert not any("k-test" in r.url for r in requests)
+    assert not any("k-test" in text for text in console)
+    assert await page.evaluate("localStorage.length") == 0
+    await page.reload()
+    assert await page.input_value("#api-key") == "k-test"
+    assert page.errors == []
+
+
+async def test_page_with_key_falls_back_to_polling(
+    make_service: ServiceFactory, browser: Any
+) -> None:
+    """With a key and no event stream, the page polls with the key to the job's end."""
+    svc = await make_service(security={"api_keys": ("k-test",)})
+    page = await _new_page(browser)
+    await page.route("**/events", lambda route: route.fulfill(status=404, body="{}"))
+    await page.goto(svc.base_url + "/")
+    await page.fill("#source", "keyedpoll")
+    await page.click("details summary")
+    await page.fill("#api-key", "k-test")
+    await page.fill("#ranges tr:nth-child(1) .start", "2")
+    await page.fill("#ranges tr:nth-child(1) .end", "4")
+    await page.click("#submit")
+    await page.wait_for_selector("#job-status.finished", timeout=60_000)
+    assert await page.text_content("#job-transport") == "polling"
+    await page.wait_for_function("document.querySelector('.clip video')?.src.startsWith('blob:')")
+    assert page.errors == []
+
+
+async def test_page_event_stream_parser(service: Service, browser: Any) -> None:
+    """The page's text/event-stream parser handles split chunks, CRLF, comments and data lines."""
+    page = await _new_page(browser)
+    await page.goto(service.base_url + "/")
+    events = await page.evaluate(
+        """() => {
+          const out = [];
+          const feed = eventStreamParser((e) => out.push(e));
+          const chunks = ['retry: 2000\\r', '\\n\\r\\n: keep-alive\\n\\nid: 1-pro', 'cessing\\n',
+            'event: job\\ndata: {"a":', '1}\\r', '\\n\\r', '\\ndata:x\\ndata: y\\n', '\\n'];
+          chunks.forEach(feed);
+          return out;
+        }"""
+    )
+    assert events == [
+        {"type": "job", "data": '{"a":1}', "id": "1-processing"},
+        {"type": "message", "data": "x\ny", "id": "1-processing"},
+    ]

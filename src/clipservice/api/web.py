@@ -25,9 +25,11 @@ STATIC_NAME_PATTERN = "^(" + "|".join(re.escape(n) for n in _ASSETS) + ")$"
 _PAGE_HEADERS = {
     "Cache-Control": "no-cache",
     "X-Content-Type-Options": "nosniff",
-    # Everything comes from this service; the page never loads anything else.
+    # Everything comes from this service; the page never loads anything else. Media may
+    # also be the source URL (to read its length) or, with an API key, a clip the page
+    # fetched with the key header and plays from a blob: URL.
     "Content-Security-Policy": (
-        "default-src 'self'; media-src 'self' http: https:; img-src 'self' data:; "
+        "default-src 'self'; media-src 'self' blob: http: https:; img-src 'self' data:; "
         "object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
     ),
 }

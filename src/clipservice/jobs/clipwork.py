@@ -19,6 +19,7 @@ from clipservice.jobs.models import ClipError, ClipResult, ClipSpec, Job, JobErr
 from clipservice.media import plan
 from clipservice.media.cutter import Cutter
 from clipservice.media.ffmpeg import ProgressCallback
+from clipservice.media.keyframes import KeyframeIndex
 from clipservice.media.probe import SourceInfo
 from clipservice.storage import ClipStorage
 
@@ -49,6 +50,7 @@ async def produce_clip(
     *,
     timeout_s: float,
     on_progress: ProgressCallback | None = None,
+    keyframes: KeyframeIndex | None = None,
 ) -> ClipResult:
     """Cut ``clip`` into ``name`` (or reuse a complete earlier output) and describe it."""
     final = storage.staging_path(name)
@@ -65,6 +67,7 @@ async def produce_clip(
             final,
             timeout_s=timeout_s,
             on_progress=on_progress,
+            keyframes=keyframes,
         )
         await storage.publish(name)
     return ClipResult(

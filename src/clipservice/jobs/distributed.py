@@ -54,6 +54,7 @@ from clipservice.jobs.redis_store import RedisJobStore, StaleAttempt
 from clipservice.jobs.webhooks import WebhookSender
 from clipservice.media import plan
 from clipservice.media.cutter import Cutter
+from clipservice.media.keyframes import KeyframeIndex
 from clipservice.media.naming import clip_file_name
 from clipservice.media.probe import SourceInfo, probe_source
 from clipservice.metrics import Metrics
@@ -76,6 +77,8 @@ _TASK_TTL_S = 600
 # Progress is written to the job store at most this often per clip.
 _PROGRESS_INTERVAL_S = 0.5
 _PROBE_CACHE_SIZE = 64
+# Open source containers kept for keyframe lookups (jobs this worker cuts).
+_KEYFRAME_CACHE_SIZE = 16
 
 
 class FreshSweepQueue(RedisQueue):
@@ -390,6 +393,7 @@ class ClipWorker:
         self.worker_id = worker_id
         self.cutter = Cutter(settings.cut.ffmpeg_path)
         self._probes: OrderedDict[str, asyncio.Future[SourceInfo]] = OrderedDict()
+        self._keyframes: OrderedDict[str, KeyframeIndex] = OrderedDict()
         self._background: set[asyncio.Task[Any]] = set()
         # Called with the job when this worker ended it (its webhook).
         self.on_job_end: list[Callable[[Job], None]] = []
@@ -487,6 +491,9 @@ class ClipWorker:
                 return "stale"
             if after.status.ended:
                 self._ended(after)
+                kf = self._keyframes.pop(job_id, None)
+                if kf is not None:
+                    await kf.aclose()
             return "ok" if isinstance(outcome, ClipResult) else outcome.code
 
     async def _cut(
@@ -530,6 +537,7 @@ class ClipWorker:
                         name,
                         timeout_s=timeout_s,
                         on_progress=on_progress,
+                        keyframes=self._keyframes_for(job.job_id, src),
                     ),
                     timeout_s,
                 )
@@ -612,6 +620,18 @@ class ClipWorker:
         self._probes.move_to_end(job_id)
         return await asyncio.shield(fut)
 
+    def _keyframes_for(self, job_id: str, src: plan.Inputs) -> KeyframeIndex:
+        """One keyframe index per job in this process, shared by its clips here."""
+        index = self._keyframes.get(job_id)
+        if index is None:
+            index = self._keyframes[job_id] = KeyframeIndex(src.video_url)
+            while len(self._keyframes) > _KEYFRAME_CACHE_SIZE:
+                _, old = self._keyframes.popitem(last=False)
+                # Closing is safe mid-lookup: the index reopens on its next use.
+                self._spawn(old.aclose())
+        self._keyframes.move_to_end(job_id)
+        return index
+
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
@@ -627,6 +647,9 @@ class ClipWorker:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for index in self._keyframes.values():
+            await index.aclose()
+        self._keyframes.clear()
 
 
 def default_worker_id() -> str:

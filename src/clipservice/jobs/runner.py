@@ -48,6 +48,7 @@ from clipservice.jobs.store import FileJobStore
 from clipservice.media import plan
 from clipservice.media.cutter import Cutter, remove_stale_parts
 from clipservice.media.ffmpeg import running_processes, terminate
+from clipservice.media.keyframes import KeyframeIndex
 from clipservice.media.naming import clip_file_name
 from clipservice.media.probe import SourceInfo, probe_source
 from clipservice.metrics import Metrics
@@ -258,14 +259,17 @@ class LocalRunner:
         pending = [c for c in job.clips if c.index not in done]
         self._clip_progress[job.job_id] = {}
         self._unfinished_clips[job.job_id] = len(pending)
+        # One keyframe index per job: its clips share the source's probes.
+        keyframes = KeyframeIndex(src.video_url)
         try:
             try:
                 async with asyncio.TaskGroup() as tg:
                     for clip in pending:
-                        tg.create_task(self._run_clip(job, clip, src, info))
+                        tg.create_task(self._run_clip(job, clip, src, info, keyframes))
             finally:
                 self._clip_progress.pop(job.job_id, None)
                 self._unfinished_clips.pop(job.job_id, None)
+                await asyncio.shield(keyframes.aclose())
             if job.results:
                 await self._end(job, None)
             else:
@@ -291,7 +295,14 @@ class LocalRunner:
         """Hold a clip that got its slot while draining until the stop cancels it."""
         await asyncio.get_running_loop().create_future()
 
-    async def _run_clip(self, job: Job, clip: ClipSpec, src: plan.Inputs, info: SourceInfo) -> None:
+    async def _run_clip(
+        self,
+        job: Job,
+        clip: ClipSpec,
+        src: plan.Inputs,
+        info: SourceInfo,
+        keyframes: KeyframeIndex | None = None,
+    ) -> None:
         with structlog.contextvars.bound_contextvars(clip_index=clip.index):
             name = clip_file_name(job.source, clip)
             self._files_in_use[name] += 1
@@ -323,7 +334,7 @@ class LocalRunner:
                     counted = True
                     await self._save(job)
                     result = await asyncio.wait_for(
-                        self._produce(job, clip, src, info, name),
+                        self._produce(job, clip, src, info, name, keyframes),
                         self.settings.jobs.clip_timeout_s,
                     )
                 job.results.append(result)
@@ -377,7 +388,13 @@ class LocalRunner:
                             self._unhold()
 
     async def _produce(
-        self, job: Job, clip: ClipSpec, src: plan.Inputs, info: SourceInfo, name: str
+        self,
+        job: Job,
+        clip: ClipSpec,
+        src: plan.Inputs,
+        info: SourceInfo,
+        name: str,
+        keyframes: KeyframeIndex | None = None,
     ) -> ClipResult:
         final = self.clips_dir / name
         if await aiofiles.os.path.isfile(final):
@@ -398,6 +415,7 @@ class LocalRunner:
                 final,
                 timeout_s=self.settings.jobs.clip_timeout_s,
                 on_progress=on_progress,
+                keyframes=keyframes,
             )
             self.metrics.bytes_written.inc(outcome.size_bytes)
         return ClipResult(

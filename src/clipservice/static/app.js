@@ -1,5 +1,10 @@
 // clipservice web page: submit a job, follow it live (SSE, polling as fallback), play clips.
 // Plain browser JavaScript, no build step and nothing loaded from elsewhere.
+//
+// With an API key the page cannot use what browsers fetch on their own (EventSource,
+// <video src>, <a href>): none of them can send a header, and the key never goes in a URL.
+// So with a key it reads the event stream through fetch() and loads each clip into a Blob;
+// without one it keeps the direct, Range-friendly way.
 "use strict";
 
 const VIDEO_ID = /^[A-Za-z0-9_-]{1,64}$/;
@@ -7,6 +12,9 @@ const MEDIA_EXT = /\.(mp4|m4v|mov|mkv|webm|m4a|mp3|aac|ogg|opus|wav|flac|ts|flv|
 const TIME = /^(?:(\d{1,3}):([0-5]\d)|(\d{1,4})):([0-5]\d)(?:\.(\d{1,6}))?$/;
 const ENDED = new Set(["finished", "failed", "cancelled"]);
 const POLL_MS = 1000;
+// The key lives in the field and, for reloads in the same tab, in sessionStorage; never in
+// localStorage, a URL or a log.
+const KEY_STORE = "clipservice.api-key";
 
 const $ = (id) => document.getElementById(id);
 
@@ -57,11 +65,38 @@ function classify(source, audioUrl) {
   return { kind: "page URL, resolved by the service", fields: { url: source } };
 }
 
+function apiKey() {
+  return $("api-key").value.trim();
+}
+
+// Only ever used for requests to this page's own origin (relative URLs).
 function headers(extra) {
   const h = Object.assign({ Accept: "application/json" }, extra || {});
-  const key = $("api-key").value.trim();
+  const key = apiKey();
   if (key) h["X-API-Key"] = key;
   return h;
+}
+
+function rememberKey() {
+  try {
+    if (apiKey()) sessionStorage.setItem(KEY_STORE, apiKey());
+    else sessionStorage.removeItem(KEY_STORE);
+  } catch {
+    // Storage may be disabled; the key then lasts as long as the field.
+  }
+}
+
+function restoreKey() {
+  try {
+    const key = sessionStorage.getItem(KEY_STORE);
+    if (key) {
+      $("api-key").value = key;
+      // Show that a remembered key is in use rather than sending it unseen.
+      $("api-key").closest("details").open = true;
+    }
+  } catch {
+    // As above: no storage, no remembered key.
+  }
 }
 
 // ---- ranges and the timeline ------------------------------------------------
@@ -208,6 +243,17 @@ function showProblem(target, problem) {
   target.hidden = false;
 }
 
+// The service wants a key: say where to give it and open that field.
+function askForKey(target) {
+  target.textContent +=
+    "\n" +
+    (apiKey()
+      ? "Check the API key under “More options”."
+      : "This service needs an API key: enter it under “More options”.");
+  $("api-key").closest("details").open = true;
+  $("api-key").focus();
+}
+
 async function submit(event) {
   event.preventDefault();
   const formError = $("form-error");
@@ -247,6 +293,7 @@ async function submit(event) {
     const data = await resp.json().catch(() => ({ title: `HTTP ${resp.status}` }));
     if (!resp.ok) {
       showProblem(formError, data);
+      if (resp.status === 401) askForKey(formError);
       return;
     }
     await follow(data.job_id);
@@ -260,7 +307,8 @@ async function submit(event) {
 
 // ---- following a job ----------------------------------------------------------------
 
-let current = null; // { id, source, timer }
+let current = null; // { id, source, abort, timer }
+let objectUrls = []; // Blob URLs of the clips shown; revoked when they are replaced
 
 async function fetchJob(id) {
   const resp = await fetch(`/api/jobs/${id}`, { headers: headers() });
@@ -271,22 +319,26 @@ async function fetchJob(id) {
 
 async function follow(id) {
   stopFollowing();
-  current = { id, source: null, timer: null };
+  current = { id, source: null, abort: null, timer: null };
   $("job").hidden = false;
   $("job-id").textContent = id;
   $("clips").textContent = "";
+  objectUrls.forEach((url) => URL.revokeObjectURL(url));
+  objectUrls = [];
   $("job-error").hidden = true;
   const doc = await fetchJob(id);
   render(doc);
   if (ENDED.has(doc.status)) return;
-  // EventSource cannot send an API key header: with a key, poll instead.
-  if (window.EventSource && !$("api-key").value.trim()) listen(id);
+  // EventSource cannot send an API key header: with a key, read the stream with fetch().
+  if (apiKey() && window.ReadableStream && window.AbortController) stream(id);
+  else if (window.EventSource && !apiKey()) listen(id);
   else poll(id);
 }
 
 function stopFollowing() {
   if (!current) return;
   if (current.source) current.source.close();
+  if (current.abort) current.abort.abort();
   if (current.timer) clearTimeout(current.timer);
   current = null;
 }
@@ -307,6 +359,81 @@ function listen(id) {
     current.source = null;
     poll(id);
   });
+}
+
+// A text/event-stream parser (the WHATWG rules): feed it decoded text, it calls
+// onEvent({ type, data, id }) for every complete event. Comments, retry and unknown
+// fields are skipped.
+function eventStreamParser(onEvent) {
+  let buffer = "";
+  let data = [];
+  let type = "";
+  let lastId = "";
+  const line = (text) => {
+    if (text === "") {
+      if (data.length) onEvent({ type: type || "message", data: data.join("\n"), id: lastId });
+      data = [];
+      type = "";
+      return;
+    }
+    if (text.startsWith(":")) return;
+    const colon = text.indexOf(":");
+    const field = colon < 0 ? text : text.slice(0, colon);
+    let value = colon < 0 ? "" : text.slice(colon + 1);
+    if (value.startsWith(" ")) value = value.slice(1);
+    if (field === "data") data.push(value);
+    else if (field === "event") type = value;
+    else if (field === "id" && !value.includes("\0")) lastId = value;
+  };
+  return (text) => {
+    buffer += text;
+    // A trailing CR may be the first half of CRLF: keep it until the next chunk.
+    const cut = buffer.endsWith("\r") ? buffer.length - 1 : buffer.length;
+    const lines = buffer.slice(0, cut).split(/\r\n|\n|\r/);
+    buffer = lines.pop() + buffer.slice(cut);
+    lines.forEach(line);
+  };
+}
+
+// The job's events through fetch(), so the API key goes in a header. Any failure, or a
+// stream that ends before the job does, falls back to polling, as with EventSource.
+async function stream(id) {
+  const abort = new AbortController();
+  current.abort = abort;
+  $("job-transport").textContent = "live (server-sent events)";
+  const mine = () => current && current.id === id && current.abort === abort;
+  let ended = false;
+  try {
+    const resp = await fetch(`/api/jobs/${id}/events`, {
+      headers: headers({ Accept: "text/event-stream" }),
+      cache: "no-store",
+      signal: abort.signal,
+    });
+    const type = resp.headers.get("Content-Type") || "";
+    if (!resp.ok || !resp.body || !type.startsWith("text/event-stream")) {
+      throw new Error(`no event stream (HTTP ${resp.status})`);
+    }
+    const reader = resp.body.getReader();
+    const decoder = new TextDecoder();
+    const feed = eventStreamParser((event) => {
+      if (event.type !== "job" || !mine()) return;
+      const doc = JSON.parse(event.data);
+      render(doc);
+      if (ENDED.has(doc.status)) ended = true;
+    });
+    while (!ended && mine()) {
+      const { done, value } = await reader.read();
+      if (done) break;
+      feed(decoder.decode(value, { stream: true }));
+    }
+    // The service closes the stream after the terminal event; stop reading either way.
+    await reader.cancel().catch(() => {});
+  } catch {
+    // Aborted by stopFollowing, refused (4xx/5xx) or broken: handled below.
+  }
+  if (!mine()) return;
+  current.abort = null;
+  if (!ended) poll(id);
 }
 
 function poll(id) {
@@ -379,13 +506,17 @@ function render(doc) {
       const video = document.createElement("video");
       video.controls = true;
       video.preload = "metadata";
-      video.src = r.url;
       const link = document.createElement("a");
       link.className = "download";
-      link.href = r.url;
       link.download = r.file;
       link.textContent = `Download ${r.file}`;
       media.replaceChildren(video, link);
+      if (apiKey()) loadClip(card, r, video, link);
+      else {
+        // Direct: the browser streams the clip itself, with Range requests.
+        video.src = r.url;
+        link.href = r.url;
+      }
     } else if (outcome && outcome.error) {
       card.dataset.state = "error";
       setState(card, outcome.error.code, "bad");
@@ -399,6 +530,37 @@ function render(doc) {
       setState(card, doc.status === "pending" ? "queued" : doc.status);
     }
   });
+}
+
+// With a key the browser cannot fetch the clip on its own: fetch it with the header
+// (from this page's own origin, whatever public_url says) and show it as a Blob URL.
+async function loadClip(card, result, video, link) {
+  const info = card.querySelector(".clip-info");
+  const text = info.textContent;
+  const jobId = current && current.id;
+  link.hidden = true;
+  info.textContent = `${text} · loading…`;
+  try {
+    const resp = await fetch(`/api/clips/${encodeURIComponent(result.file)}`, {
+      headers: headers({ Accept: "video/mp4" }),
+    });
+    if (!resp.ok) {
+      const problem = await resp.json().catch(() => ({}));
+      throw new Error(problem.detail || problem.title || `HTTP ${resp.status}`);
+    }
+    const blob = await resp.blob();
+    // The page moved on to another job meanwhile: this clip is no longer shown.
+    if (!current || current.id !== jobId || !card.isConnected) return;
+    const url = URL.createObjectURL(new Blob([blob], { type: "video/mp4" }));
+    objectUrls.push(url);
+    video.src = url;
+    link.href = url;
+    link.hidden = false;
+    info.textContent = text;
+  } catch (err) {
+    if (!card.isConnected) return;
+    info.textContent = `${text} · could not load the clip: ${err.message}`;
+  }
 }
 
 async function cancelJob() {
@@ -423,6 +585,8 @@ document.addEventListener("DOMContentLoaded", () => {
   $("add-range").addEventListener("click", () => addRange().querySelector(".start").focus());
   $("job-form").addEventListener("submit", submit);
   $("cancel").addEventListener("click", cancelJob);
+  restoreKey();
+  $("api-key").addEventListener("input", rememberKey);
   setupTimeline();
   addRange();
   drawTicks();

@@ -1,0 +1,135 @@
+"""Pure parts of the cut engine: FFmpeg argument lists, avcC handling, GOP maths."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import pytest
+
+from clipservice.media import plan
+from clipservice.media.keyframes import ProbeError, _gop_from_packets
+from clipservice.media.smartcut import (
+    SmartCutUnsupported,
+    build_avcc,
+    free_ids,
+    merge_avcc,
+    parse_avcc,
+    pps_id,
+    sps_id,
+)
+
+SRC = plan.Inputs("https://cdn.test/v.mp4", "https://cdn.test/a.m4a")
+# avcC of an x264 High@3.0 stream (SPS id 0, PPS id 0) and of one made with sps-id=3.
+SOURCE_AVCC = bytes.fromhex(
+    "0164001effe1001a6764001eacd940a02ff970110000030001000003003c0f162d9601000468ef8fcbfdf8f800"
+)
+HEAD_AVCC = bytes.fromhex(
+    "0164001effe100196764001e22cb405017fcb80880000003008000001e078b175001000568212f0fcbfdf8f800"
+)
+ENC = plan.EncodeParams("high", "3.0", "yuv420p", 640, 360, 15360, (("-colorspace", "bt709"),))
+
+
+def test_avcc_round_trip_and_ids() -> None:
+    """avcC records parse and rebuild byte for byte; parameter-set ids are read."""
+    cfg = parse_avcc(SOURCE_AVCC)
+    assert build_avcc(cfg) == SOURCE_AVCC
+    assert (cfg.profile_idc, cfg.level_idc, cfg.length_size) == (100, 30, 4)
+    assert [sps_id(s) for s in cfg.sps] == [0] and [pps_id(p) for p in cfg.pps] == [0]
+    head = parse_avcc(HEAD_AVCC)
+    assert [sps_id(s) for s in head.sps] == [3] and [pps_id(p) for p in head.pps] == [3]
+
+
+def test_merge_lists_both_parameter_sets() -> None:
+    """The merged avcC holds the source's and the re-encoded sets, source first."""
+    merged = parse_avcc(merge_avcc(parse_avcc(SOURCE_AVCC), parse_avcc(HEAD_AVCC)))
+    assert [sps_id(s) for s in merged.sps] == [0, 3]
+    assert [pps_id(p) for p in merged.pps] == [0, 3]
+    assert merged.profile_idc == 100 and merged.level_idc == 30
+
+
+def test_merge_refuses_colliding_ids() -> None:
+    """Two different parameter sets with one id cannot share an avcC."""
+    other = parse_avcc(SOURCE_AVCC)
+    changed = other.__class__(**{**other.__dict__, "sps": (other.sps[0][:-1] + b"\x01",)})
+    with pytest.raises(SmartCutUnsupported):
+        merge_avcc(other, changed)
+
+
+def test_free_ids_avoid_the_sources() -> None:
+    """Re-encoded parts get parameter-set ids the source does not use."""
+    assert free_ids(parse_avcc(SOURCE_AVCC), 2) == [1, 2]
+    assert 3 not in free_ids(parse_avcc(HEAD_AVCC), 2)
+
+
+def test_fast_args_seek_both_inputs_to_the_keyframe() -> None:
+    """Fast mode seeks video just past the keyframe and audio to it, each with its own -t."""
+    args = plan.fast_args(SRC, 2.0, 7.2, 7.2, "/o.mp4", audio_codec="aac")
+    iv, ia = args.index(SRC.video_url), args.index(SRC.audio_url)
+    assert args[iv - 5 : iv] == ["-ss", "2.0005", "-t", "7.1995", "-i"]
+    assert args[ia - 5 : ia] == ["-ss", "2", "-t", "7.2", "-i"]
+    assert args[args.index("-c:v") + 1] == "copy" and args[args.index("-c:a") + 1] == "copy"
+    assert "+faststart" in args
+
+
+def test_smart_parts_encode_exact_frame_counts() -> None:
+    """Each partial GOP is its own input and output, with a frame count and its sps-id."""
+    segs = [plan.Segment(3.5, 15, "/h.mp4", 1), plan.Segment(8.0, 6, "/t.mp4", 2)]
+    args = plan.smart_parts_args(SRC, segs, ENC, 3.5, 5.7, "/a.mp4")
+    assert args.count("-i") == 3
+    assert [args[i + 1] for i, a in enumerate(args) if a == "-frames:v"] == ["15", "6"]
+    assert [args[i + 1] for i, a in enumerate(args) if a == "-x264-params"] == [
+        "sps-id=1",
+        "sps-id=2",
+    ]
+    i_head = args.index("/h.mp4")
+    assert args[args.index("-map") + 1] == "0:v:0" and args.index("-map") < i_head
+    assert args[args.index("-profile:v") + 1] == "high"
+    assert args[args.index("-level:v") + 1] == "3.0"
+    assert args[args.index("-bf") + 1] == "0"
+    assert args[args.index("-video_track_timescale") + 1] == "15360"
+    assert "bt709" in args
+    audio_map = args.index("2:a:0")
+    assert args[audio_map + 1 : audio_map + 3] == ["-t", "5.7"]
+    assert args[-1] == "/a.mp4"
+
+
+def test_smart_parts_audio_only_from_muxed_source() -> None:
+    """With nothing to re-encode, the run only cuts the audio (from the muxed file if need be)."""
+    args = plan.smart_parts_args(plan.Inputs("https://cdn.test/m.mp4", None), [], None, 4, 6, "/a")
+    assert args.count("-i") == 1 and "0:a:0" in args and "libx264" not in args
+
+
+TB = Fraction(1, 15360)
+# A closed GOP with B-frames, decode order: I0 P3 B1 B2 P6 B4 B5, then the next I at 7.
+F = 512
+BGOP = [(0, -F, True), (3 * F, 0, False), (F, F, False), (2 * F, 2 * F, False)]
+BGOP += [(6 * F, 3 * F, False), (4 * F, 4 * F, False), (5 * F, 5 * F, False), (7 * F, 6 * F, True)]
+
+
+def test_gop_from_packets_with_b_frames() -> None:
+    """A probed GOP knows its frames, the next keyframe and that frames are reordered."""
+    gop = _gop_from_packets(BGOP, TB, 0)
+    assert gop.frame_pts == tuple(i * F for i in range(7))
+    assert gop.next_key_pts == 7 * F and gop.reorder and not gop.open_gop
+    assert gop.covers(6 * F / 15360) and not gop.covers(7 * F / 15360)
+
+
+def test_open_gop_is_detected() -> None:
+    """Frames after the next keyframe that show before it mark an open GOP."""
+    packets = [*BGOP, (5 * F + F // 2, 7 * F, False)]
+    assert _gop_from_packets(packets, TB, 0).open_gop
+    with pytest.raises(ProbeError):
+        _gop_from_packets([(F, 0, True), (0, F, False), (2 * F, 2 * F, True)], TB, 0)
+
+
+def test_copy_cut_never_leaves_holes() -> None:
+    """A copy ends at the hole-free decode-order prefix nearest the wanted end."""
+    gop = _gop_from_packets(BGOP, TB, 0)
+    # End at frame 4: prefix I0 P3 B1 B2 shows 0..3 exactly.
+    assert gop.copy_cut(4 * F) == (3 * F, 4 * F)
+    # End at frame 2: no prefix shows exactly 0..1; I0 alone (ends at 1) or
+    # I0 P3 B1 B2 (ends at 4): the nearer one wins.
+    assert gop.copy_cut(2 * F) == (0, F)
+    # End at the next keyframe: the whole GOP (stop past the last packet's dts).
+    stop, shown_until = gop.copy_cut(7 * F)
+    assert 5 * F < stop <= 6 * F and shown_until == 7 * F
