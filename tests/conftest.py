@@ -110,11 +110,14 @@ class MediaServer:
     requests: list[dict[str, Any]] = field(default_factory=list)
     # Requests under /stall/ for a Range starting past this fraction of the file hang.
     stall_after_fraction: float = 0.5
+    # Requests under /slow/ are sent at this rate (a slow CDN: cuts take a while).
+    slow_bytes_per_s: int = 64 * 1024
     # Set it to release the stalled requests (and stop stalling new ones).
     unstall: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def url(self, name: str, *, stall: bool = False) -> str:
-        return f"{self.base_url}/{'stall/' if stall else ''}{name}"
+    def url(self, name: str, *, stall: bool = False, slow: bool = False) -> str:
+        prefix = "stall/" if stall else "slow/" if slow else ""
+        return f"{self.base_url}/{prefix}{name}"
 
     @property
     def bytes_served(self) -> int:
@@ -148,6 +151,7 @@ async def media_server(media: dict[str, Path]) -> AsyncIterator[MediaServer]:
     async def serve(request: web.Request) -> web.StreamResponse:
         name = request.match_info["name"]
         stall = request.match_info.get("stall") is not None
+        slow = request.match_info.get("slow") is not None
         key = FIXTURE_FILES.get(name)
         if key is None:
             raise web.HTTPNotFound()
@@ -176,9 +180,11 @@ async def media_server(media: dict[str, Path]) -> AsyncIterator[MediaServer]:
             left = length
             try:
                 while left > 0:
-                    chunk = fh.read(min(64 * 1024, left))
+                    chunk = fh.read(min(4096 if slow else 64 * 1024, left))
                     if not chunk:
                         break
+                    if slow:
+                        await asyncio.sleep(len(chunk) / server.slow_bytes_per_s)
                     await resp.write(chunk)
                     entry["bytes"] += len(chunk)
                     left -= len(chunk)
@@ -190,6 +196,7 @@ async def media_server(media: dict[str, Path]) -> AsyncIterator[MediaServer]:
     app = web.Application()
     app.router.add_get("/{name}", serve)
     app.router.add_get("/{stall:stall}/{name}", serve)
+    app.router.add_get("/{slow:slow}/{name}", serve)
     runner, server.base_url = await _start_site(app)
     yield server
     await runner.cleanup()

@@ -22,6 +22,7 @@ from clipservice.api.keys import (
     GUARD,
     HTTP,
     METRICS,
+    READINESS,
     RUNNER,
     SETTINGS,
     STORE,
@@ -32,7 +33,10 @@ from clipservice.api.problems import problem_middleware
 from clipservice.api.ratelimit import ratelimit_middleware, setup_ratelimit
 from clipservice.api.routes import MAX_BODY_BYTES, routes
 from clipservice.config import Settings
+from clipservice.jobs.distributed import DistributedRunner
 from clipservice.jobs.events import LocalJobEvents
+from clipservice.jobs.redis_events import RedisJobEvents
+from clipservice.jobs.redis_store import RedisJobStore
 from clipservice.jobs.runner import LocalRunner
 from clipservice.jobs.store import FileJobStore
 from clipservice.jobs.webhooks import WebhookSender
@@ -41,6 +45,7 @@ from clipservice.metrics import Metrics
 from clipservice.sources.base import DirectResolver, Resolver
 from clipservice.sources.guard import GuardedResolver, UrlGuard
 from clipservice.sources.vidfly import VidflyResolver
+from clipservice.storage import SharedFolderStorage
 
 
 def _absolute(settings: Settings) -> Settings:
@@ -102,6 +107,34 @@ async def _jobs(app: web.Application) -> AsyncIterator[None]:
     await webhooks.close()
 
 
+async def _distributed_jobs(app: web.Application) -> AsyncIterator[None]:
+    # [queue] url set: jobs and events live in Redis and workers cut the clips;
+    # this node only takes requests (see jobs/distributed.py).
+    settings = app[SETTINGS]
+    store = RedisJobStore.from_url(settings.queue.url)
+    events = RedisJobEvents(store)
+    runner = DistributedRunner(
+        settings, store, SharedFolderStorage(settings.clips_dir), app[METRICS]
+    )
+    guard = app[GUARD]
+    webhooks = WebhookSender(settings, guard.session, store, url_check=guard.check)
+    runner.on_job_end.append(webhooks.job_ended)  # jobs cancelled here
+    app[READINESS].add_check("queue", runner.check_queue)
+    app[EVENTS] = events
+    app[STORE] = store
+    app[RUNNER] = runner
+    app[WEBHOOKS] = webhooks
+    try:
+        await events.start()
+        await runner.start()
+        yield
+    finally:
+        await runner.stop()
+        await webhooks.close()
+        await events.close()
+        await store.close()
+
+
 async def _close_event_streams(app: web.Application) -> None:
     # Open SSE streams end here, so they do not hold up the server's shutdown.
     if EVENTS in app:
@@ -123,7 +156,7 @@ def create_app(settings: Settings) -> web.Application:
     ops.setup(app)
     app.cleanup_ctx.append(_http_session)
     app.cleanup_ctx.append(_url_guard)
-    app.cleanup_ctx.append(_jobs)
+    app.cleanup_ctx.append(_distributed_jobs if settings.queue.url else _jobs)
     app.add_routes(routes)
     app.add_routes(sse.routes)
     app.add_routes(web_page.routes)

@@ -21,6 +21,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="TOML config file (default: ./config.toml if present)")
     serve.add_argument("--host", help="listen address (overrides server.host)")
     serve.add_argument("--port", type=int, help="listen port (overrides server.port)")
+
+    worker = sub.add_parser("worker", help="cut clips for the distributed mode (needs queue.url)")
+    worker.add_argument("--config", help="TOML config file (default: ./config.toml if present)")
     cli_clip.add_parser(sub)
     return parser
 
@@ -60,10 +63,32 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _worker(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from clipservice.jobs.distributed import run_worker
+    from clipservice.logging import configure_logging
+
+    settings = _load(args.config)
+    if not settings.queue.url:
+        print(
+            "clipservice: the worker needs queue.url (the Redis URL the API nodes use)",
+            file=sys.stderr,
+        )
+        return 2
+    configure_logging()
+    asyncio.run(
+        run_worker(settings.replace(storage={"data_dir": settings.storage.data_dir.resolve()}))
+    )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "worker":
+        return _worker(args)
     if args.command == "clip":
         return cli_clip.run(args)
     return 2  # pragma: no cover - argparse already refused unknown commands

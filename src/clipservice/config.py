@@ -114,6 +114,30 @@ class QueueSettings(_Section):
     """In-process jobs, or the distributed mode over Redis."""
 
     url: str = Field("", description='"" = in-process; "redis://host:6379/0" = distributed.')
+    heartbeat_s: int = Field(
+        30,
+        ge=2,
+        description="A clip whose worker sent no sign of life (FFmpeg progress or keep-alive) "
+        "this long is taken from it and queued again.",
+    )
+    sweep_interval_s: int = Field(
+        10, ge=1, description="How often each worker looks for clips of dead workers."
+    )
+    clip_attempts: int = Field(
+        3,
+        ge=1,
+        description="Attempts per clip when workers die under it; then it fails as interrupted.",
+    )
+    retry_delay_s: float = Field(
+        1.0, ge=0, description="First delay before a clip is retried (doubles, with jitter)."
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        if value and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError('expected "" or a redis://, rediss:// or unix:// URL')
+        return value
 
 
 class Settings(_Section):

@@ -8,9 +8,9 @@ import aiohttp
 from aiohttp import web
 
 from clipservice.config import Settings
+from clipservice.jobs.base import Runner
 from clipservice.jobs.events import JobEvents
-from clipservice.jobs.runner import LocalRunner
-from clipservice.jobs.store import FileJobStore
+from clipservice.jobs.store import JobStore
 from clipservice.jobs.webhooks import WebhookSender
 from clipservice.metrics import Metrics
 from clipservice.sources.guard import UrlGuard
@@ -19,8 +19,8 @@ if TYPE_CHECKING:
     from clipservice.api.ops import Readiness
 
 SETTINGS = web.AppKey("settings", Settings)
-STORE = web.AppKey("store", FileJobStore)
-RUNNER = web.AppKey("runner", LocalRunner)
+STORE = web.AppKey[JobStore]("store")
+RUNNER = web.AppKey[Runner]("runner")
 HTTP = web.AppKey("http", aiohttp.ClientSession)
 GUARD = web.AppKey("guard", UrlGuard)
 EVENTS = web.AppKey[JobEvents]("events")

@@ -122,7 +122,7 @@ async def create_clips(request: web.Request) -> web.Response:
         client_id=client_id(request),
     )
     await store.save(job)
-    request.app[RUNNER].submit(job)
+    await request.app[RUNNER].submit(job)
     return _created_response(job, 202)
 
 

@@ -121,7 +121,7 @@ class LocalRunner:
                 self._schedule_cleanup(job)
             else:
                 log.info("job_resumed", job_id=job.job_id, done=len(job.done_indexes()))
-                self.submit(job)
+                await self.submit(job)
 
     @property
     def draining(self) -> bool:
@@ -187,7 +187,7 @@ class LocalRunner:
 
     # -- API-facing -------------------------------------------------------
 
-    def submit(self, job: Job) -> None:
+    async def submit(self, job: Job) -> None:
         task = asyncio.create_task(self._run_job(job), name=f"job-{job.job_id}")
         self._tasks[job.job_id] = task
         self._live_jobs[job.job_id] = job

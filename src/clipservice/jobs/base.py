@@ -1,0 +1,41 @@
+"""The runner interface: what the API needs from whoever runs the jobs.
+
+Two implementations: :class:`~clipservice.jobs.runner.LocalRunner` (jobs as
+tasks of the serving process, the embedded default) and
+:class:`~clipservice.jobs.distributed.DistributedRunner` (jobs queued to
+``clipservice worker`` processes over Redis), chosen by ``[queue] url``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Protocol
+
+from clipservice.jobs.models import Job
+
+
+class Runner(Protocol):
+    """Runs submitted jobs, cancels and deletes them, and drains on shutdown."""
+
+    on_job_end: list[Callable[[Job], None]]
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def drain(self, grace_s: float, abort: asyncio.Event | None = None) -> int:
+        """Start no more clips here; give running ones ``grace_s``; clips still running."""
+        ...
+
+    async def submit(self, job: Job) -> None:
+        """Run a job that is saved as pending."""
+        ...
+
+    async def cancel(self, job_id: str) -> bool:
+        """Cancel a pending or running job; True if this call cancelled it."""
+        ...
+
+    async def delete_ended(self, job: Job) -> None:
+        """Delete an ended job and its files now."""
+        ...

@@ -1,0 +1,283 @@
+"""The distributed mode end to end: an API node and two real ``clipservice worker``
+processes on the real Redis, sharing one data_dir, cutting from the loopback
+media server. No timing assertions: every wait is a generous bound."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from clipservice.jobs.distributed import CLIPS_QUEUE, make_queue
+from clipservice.jobs.models import Job, JobStatus
+from clipservice.jobs.redis_store import RedisJobStore
+from tests.conftest import FakeVidfly, MediaServer, Service, ServiceFactory
+
+REDIS_URL = "redis://127.0.0.1:6379/12"
+WAIT_S = 90
+
+
+def _worker_config(path: Path, data_dir: Path, vidfly_url: str) -> Path:
+    path.write_text(
+        f"""
+[server]
+shutdown_grace_s = 1
+
+[storage]
+data_dir = "{data_dir}"
+
+[resolver]
+base_url = "{vidfly_url}"
+timeout_s = 3
+
+[security]
+allow_private_sources = true
+
+[jobs]
+clip_timeout_s = 60
+max_concurrent_clips = 1
+
+[queue]
+url = "{REDIS_URL}"
+heartbeat_s = 5
+sweep_interval_s = 1
+retry_delay_s = 0.2
+"""
+    )
+    return path
+
+
+def ffmpeg_children(pid: int) -> list[int]:
+    """FFmpeg processes whose parent is ``pid`` (from /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        if ppid == pid and comm.startswith("ffmpeg"):
+            found.append(int(entry))
+    return found
+
+
+@dataclass
+class Cluster:
+    """Two API nodes and worker processes, all on one Redis and one shared data_dir."""
+
+    data_dir: Path
+    config: Path
+    store: RedisJobStore
+    api: Service
+    api2: Service
+    tmp: Path
+    workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def start_worker(self) -> subprocess.Popen[bytes]:
+        n = len(self.workers)
+        log = (self.tmp / f"worker{n}.log").open("wb")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "clipservice", "worker", "--config", str(self.config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        log.close()
+        self.workers.append(proc)
+        return proc
+
+    def worker_id(self, proc: subprocess.Popen[bytes]) -> str:
+        return f"{socket.gethostname()}-{proc.pid}"
+
+    async def wait_workers(self, n: int) -> None:
+        queue = make_queue(REDIS_URL, CLIPS_QUEUE)
+        await queue.connect()
+        try:
+            async with asyncio.timeout(WAIT_S):
+                while len((await queue.info())["workers"]) < n:
+                    for proc in self.workers:
+                        assert proc.poll() is None, self.log(proc)
+                    await asyncio.sleep(0.2)
+        finally:
+            await queue.disconnect()
+
+    def log(self, proc: subprocess.Popen[bytes]) -> str:
+        return (self.tmp / f"worker{self.workers.index(proc)}.log").read_text()[-3000:]
+
+    async def submit(self, video_url: str, ranges: list[tuple[float, float]], mode: str) -> str:
+        """POST the job to the first API node; its id."""
+        body = {
+            "video_url": video_url,
+            "clips": [{"start": s, "end": e} for s, e in ranges],
+            "mode": mode,
+        }
+        async with await self.api.create(body) as resp:
+            assert resp.status == 202, await resp.text()
+            job_id: str = (await resp.json())["job_id"]
+            return job_id
+
+    async def job(self, job_id: str) -> Job:
+        """The job as the second API node answers it."""
+        return Job.model_validate(await self.api2.job(job_id))
+
+    async def wait(self, job_id: str) -> Job:
+        return Job.model_validate(await self.api2.wait(job_id, WAIT_S))
+
+
+@pytest.fixture
+async def cluster(
+    tmp_path: Path, vidfly: FakeVidfly, make_service: ServiceFactory
+) -> AsyncIterator[Cluster]:
+    data_dir = tmp_path / "shared"
+    store = RedisJobStore.from_url(REDIS_URL)
+    await store.redis.flushdb()
+    api = await make_service(data_dir, queue={"url": REDIS_URL})
+    api2 = await make_service(data_dir, queue={"url": REDIS_URL})
+    config = _worker_config(tmp_path / "worker.toml", data_dir, vidfly.base_url)
+    c = Cluster(data_dir, config, store, api, api2, tmp_path)
+    try:
+        yield c
+    finally:
+        for proc in c.workers:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in c.workers:
+            try:
+                await asyncio.to_thread(proc.wait, 30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                await asyncio.to_thread(proc.wait)
+        await store.redis.flushdb()
+        await store.close()
+
+
+async def test_clips_of_one_job_spread_over_two_workers(
+    cluster: Cluster, media_server: MediaServer
+) -> None:
+    """Both worker processes cut clips of the same job, into the shared folder."""
+    a, b = cluster.start_worker(), cluster.start_worker()
+    await cluster.wait_workers(2)
+    url = media_server.url("muxed.mp4", slow=True)
+    job_id = await cluster.submit(
+        url, [(i * 4.0 + 0.5, i * 4.0 + 2.5) for i in range(4)], "accurate"
+    )
+    done = await cluster.wait(job_id)
+    assert done.status is JobStatus.FINISHED, done.errors
+    assert [r.index for r in done.results] == list(range(4)) and done.processed == 4
+    for r in done.results:
+        assert (cluster.data_dir / "clips" / r.file).stat().st_size == r.size_bytes
+    cut_by = await cluster.store.clip_workers(job_id)
+    assert set(cut_by.values()) == {cluster.worker_id(a), cluster.worker_id(b)}, cut_by
+    http, base = cluster.api.http, cluster.api.base_url
+    async with http.get(f"{base}{done.results[0].url}") as resp:
+        assert resp.status == 200 and len(await resp.read()) == done.results[0].size_bytes
+    async with http.get(f"{base}/readyz") as resp:
+        assert resp.status == 200 and (await resp.json())["checks"]["queue"] == "ok"
+    async with http.get(f"{base}/metrics") as resp:
+        assert 'clipservice_jobs{state="finished"} 1.0' in await resp.text()
+
+
+async def test_killed_worker_clip_is_finished_by_the_other(
+    cluster: Cluster, media_server: MediaServer
+) -> None:
+    """SIGKILL one worker mid-clip: its clip is swept, retried elsewhere, and the job finishes."""
+    media_server.slow_bytes_per_s = 24 * 1024
+    a, b = cluster.start_worker(), cluster.start_worker()
+    await cluster.wait_workers(2)
+    url = media_server.url("muxed.mp4", slow=True)
+    job_id = await cluster.submit(url, [(i * 6.0, i * 6.0 + 2) for i in range(3)], "reencode")
+    victim = cluster.worker_id(a)
+    async with asyncio.timeout(WAIT_S):
+        while True:
+            doc = await cluster.job(job_id)
+            cut_by = await cluster.store.clip_workers(job_id)
+            running = {i for i, w in cut_by.items() if w == victim} - doc.done_indexes()
+            if running and ffmpeg_children(a.pid):
+                break
+            await asyncio.sleep(0.05)
+    orphans = ffmpeg_children(a.pid)
+    a.kill()  # the machine dies: the worker and its FFmpeg
+    for pid in orphans:
+        os.kill(pid, signal.SIGKILL)
+    await asyncio.to_thread(a.wait)
+    doc = await cluster.job(job_id)
+    cut_by = await cluster.store.clip_workers(job_id)
+    lost = {i for i, w in cut_by.items() if w == victim} - doc.done_indexes()
+    assert lost, cluster.log(a)
+    done = await cluster.wait(job_id)
+    assert done.status is JobStatus.FINISHED, (done.errors, cluster.log(b))
+    assert [r.index for r in done.results] == [0, 1, 2] and done.errors == [], cluster.log(b)
+    cut_by = await cluster.store.clip_workers(job_id)
+    attempts = await cluster.store.clip_attempts(job_id)
+    for i in lost:
+        assert cut_by[i] == cluster.worker_id(b) and attempts[i] >= 2
+
+
+async def test_cancel_kills_ffmpeg_in_the_worker(
+    cluster: Cluster, media_server: MediaServer
+) -> None:
+    """Cancelling on the API side stops the worker's FFmpeg and leaves no partial file."""
+    a, b = cluster.start_worker(), cluster.start_worker()
+    await cluster.wait_workers(2)
+    url = media_server.url("muxed.mp4", stall=True)  # hangs past half the file
+    job_id = await cluster.submit(url, [(20.0, 24.0), (22.0, 26.0)], "reencode")
+    async with asyncio.timeout(WAIT_S):
+        while not (ffmpeg_children(a.pid) and ffmpeg_children(b.pid)):
+            assert (await cluster.job(job_id)).status is not JobStatus.FAILED
+            await asyncio.sleep(0.1)
+    async with cluster.api2.http.delete(f"{cluster.api2.base_url}/api/jobs/{job_id}") as resp:
+        assert resp.status == 200, await resp.text()
+        doc = Job.model_validate(await resp.json())
+    assert doc.status is JobStatus.CANCELLED
+    assert {e.code for e in doc.errors} == {"cancelled"}
+    async with asyncio.timeout(WAIT_S):
+        while ffmpeg_children(a.pid) or ffmpeg_children(b.pid):
+            await asyncio.sleep(0.1)
+        clips = cluster.data_dir / "clips"
+        while any(".part-" in p.name for p in clips.iterdir()):
+            await asyncio.sleep(0.1)
+    assert a.poll() is None and b.poll() is None
+    assert (await cluster.job(job_id)).status is JobStatus.CANCELLED
+
+
+async def test_sigterm_hands_running_clip_to_another_worker(
+    cluster: Cluster, media_server: MediaServer
+) -> None:
+    """A worker stopped with SIGTERM mid-clip exits cleanly and its clip is finished elsewhere."""
+    media_server.slow_bytes_per_s = 24 * 1024  # a clip takes longer than shutdown_grace_s
+    a, b = cluster.start_worker(), cluster.start_worker()
+    await cluster.wait_workers(2)
+    url = media_server.url("muxed.mp4", slow=True)
+    job_id = await cluster.submit(url, [(0.0, 1.5), (10.0, 11.5)], "reencode")
+    async with asyncio.timeout(WAIT_S):
+        while not ffmpeg_children(a.pid):
+            await asyncio.sleep(0.05)
+    a.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(a.wait, WAIT_S) == 0, cluster.log(a)
+    assert not ffmpeg_children(a.pid)
+    done = await cluster.wait(job_id)
+    assert done.status is JobStatus.FINISHED and done.errors == [], cluster.log(b)
+    cut_by = await cluster.store.clip_workers(job_id)
+    assert set(cut_by.values()) == {cluster.worker_id(b)}, cut_by
+
+
+async def test_readyz_reports_unreachable_queue(
+    make_service: ServiceFactory, tmp_path: Path
+) -> None:
+    """An API node whose Redis is down starts, and /readyz answers 503 naming the queue."""
+    api = await make_service(tmp_path / "d", queue={"url": "redis://127.0.0.1:1/0"})
+    async with api.http.get(f"{api.base_url}/readyz") as resp:
+        assert resp.status == 503
+        assert "queue unreachable" in (await resp.json())["detail"]
