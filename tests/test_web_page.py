@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Service, ServiceFactory
+from tests.conftest import MediaServer, Service, ServiceFactory
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -118,15 +118,21 @@ async def test_page_cuts_plays_and_downloads(service: Service, browser: Any) -> 
     assert page.errors == []
 
 
-async def test_page_falls_back_to_polling(service: Service, browser: Any) -> None:
+async def test_page_falls_back_to_polling(
+    service: Service, media_server: MediaServer, browser: Any
+) -> None:
     """When the event stream is unavailable the page polls the job to its end."""
     page = await _new_page(browser)
     await page.route("**/events", lambda route: route.fulfill(status=404, body="{}"))
     await page.goto(service.base_url + "/")
-    await page.fill("#source", "pollpage")
-    await page.fill("#ranges tr:nth-child(1) .start", "2")
-    await page.fill("#ranges tr:nth-child(1) .end", "4")
+    # The "stall" source holds the clip until released, so the page meets a running job.
+    await page.fill("#source", "stall")
+    await page.fill("#ranges tr:nth-child(1) .start", "20")
+    await page.fill("#ranges tr:nth-child(1) .end", "22")
     await page.click("#submit")
+    await page.wait_for_selector("#job-status.processing", timeout=60_000)
+    assert await page.text_content("#job-transport") == "polling"
+    media_server.unstall.set()
     await page.wait_for_selector("#job-status.finished", timeout=60_000)
     assert await page.text_content("#job-transport") == "polling"
     assert await page.locator(".clip video").count() == 1
@@ -272,19 +278,23 @@ async def test_page_with_api_key(make_service: ServiceFactory, browser: Any) -> 
 
 
 async def test_page_with_key_falls_back_to_polling(
-    make_service: ServiceFactory, browser: Any
+    make_service: ServiceFactory, media_server: MediaServer, browser: Any
 ) -> None:
     """With a key and no event stream, the page polls with the key to the job's end."""
     svc = await make_service(security={"api_keys": ("k-test",)})
     page = await _new_page(browser)
     await page.route("**/events", lambda route: route.fulfill(status=404, body="{}"))
     await page.goto(svc.base_url + "/")
-    await page.fill("#source", "keyedpoll")
+    # The "stall" source holds the clip until released, so the page meets a running job.
+    await page.fill("#source", "stall")
     await page.click("details summary")
     await page.fill("#api-key", "k-test")
-    await page.fill("#ranges tr:nth-child(1) .start", "2")
-    await page.fill("#ranges tr:nth-child(1) .end", "4")
+    await page.fill("#ranges tr:nth-child(1) .start", "20")
+    await page.fill("#ranges tr:nth-child(1) .end", "22")
     await page.click("#submit")
+    await page.wait_for_selector("#job-status.processing", timeout=60_000)
+    assert await page.text_content("#job-transport") == "polling"
+    media_server.unstall.set()
     await page.wait_for_selector("#job-status.finished", timeout=60_000)
     assert await page.text_content("#job-transport") == "polling"
     await page.wait_for_function("document.querySelector('.clip video')?.src.startsWith('blob:')")
