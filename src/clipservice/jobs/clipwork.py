@@ -9,7 +9,7 @@ runner cut the clip.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
 
 import structlog
@@ -51,8 +51,12 @@ async def produce_clip(
     timeout_s: float,
     on_progress: ProgressCallback | None = None,
     keyframes: KeyframeIndex | None = None,
+    on_written: Callable[[int], None] | None = None,
 ) -> ClipResult:
-    """Cut ``clip`` into ``name`` (or reuse a complete earlier output) and describe it."""
+    """Cut ``clip`` into ``name`` (or reuse a complete earlier output) and describe it.
+
+    ``on_written`` hears the size of a newly written output (not of a reused one).
+    """
     final = storage.staging_path(name)
     if await storage.exists(name):
         log.info("clip_reused", file=name)
@@ -70,6 +74,8 @@ async def produce_clip(
             keyframes=keyframes,
         )
         await storage.publish(name)
+        if on_written is not None:
+            on_written(outcome.size_bytes)
     return ClipResult(
         index=clip.index,
         start=clip.start,

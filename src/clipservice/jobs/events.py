@@ -51,19 +51,23 @@ class JobEvents(Protocol):
         ...
 
 
-class _LocalSubscription:
-    """A one-slot mailbox: the newest job and a flag saying it is unread."""
+class Mailbox:
+    """A one-slot mailbox: the newest job and a flag saying it is unread.
+
+    Shared by the in-process and the Redis hubs: a slow listener skips states
+    and publishing never waits for it.
+    """
 
     def __init__(self) -> None:
         self._latest: Job | None = None
         self._changed = asyncio.Event()
         self._closed = False
 
-    def _put(self, job: Job) -> None:
+    def put(self, job: Job) -> None:
         self._latest = job
         self._changed.set()
 
-    def _close(self) -> None:
+    def close(self) -> None:
         self._closed = True
         self._changed.set()
 
@@ -79,7 +83,7 @@ class LocalJobEvents:
     """In-process notifications: subscribers of this process, woken on the event loop."""
 
     def __init__(self) -> None:
-        self._subscribers: dict[str, set[_LocalSubscription]] = {}
+        self._subscribers: dict[str, set[Mailbox]] = {}
         self._closed = False
 
     @property
@@ -89,16 +93,16 @@ class LocalJobEvents:
     def notify(self, job: Job) -> None:
         """Synchronous publish, for callers that are not coroutines (progress callbacks)."""
         for sub in self._subscribers.get(job.job_id, ()):
-            sub._put(job)
+            sub.put(job)
 
     async def publish(self, job: Job) -> None:
         self.notify(job)
 
     @contextlib.asynccontextmanager
     async def _subscription(self, job_id: str) -> AsyncIterator[Subscription]:
-        sub = _LocalSubscription()
+        sub = Mailbox()
         if self._closed:
-            sub._close()
+            sub.close()
         subs = self._subscribers.setdefault(job_id, set())
         subs.add(sub)
         try:
@@ -115,4 +119,4 @@ class LocalJobEvents:
         self._closed = True
         for subs in self._subscribers.values():
             for sub in subs:
-                sub._close()
+                sub.close()

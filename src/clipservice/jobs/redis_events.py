@@ -18,6 +18,7 @@ from typing import Any
 
 import structlog
 
+from clipservice.jobs.events import Mailbox
 from clipservice.jobs.models import Job
 from clipservice.jobs.redis_store import RedisJobStore, dump_job, load_job
 
@@ -26,37 +27,13 @@ log = structlog.get_logger(__name__)
 _RECONNECT_DELAY_S = 1.0
 
 
-class _Mailbox:
-    """A one-slot mailbox: the newest job and a flag saying it is unread."""
-
-    def __init__(self) -> None:
-        self._latest: Job | None = None
-        self._changed = asyncio.Event()
-        self._closed = False
-
-    def put(self, job: Job) -> None:
-        self._latest = job
-        self._changed.set()
-
-    def close(self) -> None:
-        self._closed = True
-        self._changed.set()
-
-    async def next(self) -> Job | None:
-        await self._changed.wait()
-        self._changed.clear()
-        if self._closed:
-            return None
-        return self._latest
-
-
 class RedisJobEvents:
     """Publish and subscribe to job changes through Redis (all nodes see all changes)."""
 
     def __init__(self, store: RedisJobStore) -> None:
         self.store = store
         self._prefix = store.events_channel("")
-        self._subscribers: dict[str, set[_Mailbox]] = {}
+        self._subscribers: dict[str, set[Mailbox]] = {}
         self._reader: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
         self._closed = False
@@ -114,8 +91,8 @@ class RedisJobEvents:
         await self.store.redis.publish(self.store.events_channel(job.job_id), dump_job(job))
 
     @contextlib.asynccontextmanager
-    async def _subscription(self, job_id: str) -> AsyncIterator[_Mailbox]:
-        sub = _Mailbox()
+    async def _subscription(self, job_id: str) -> AsyncIterator[Mailbox]:
+        sub = Mailbox()
         if self._closed:
             sub.close()
         subs = self._subscribers.setdefault(job_id, set())
@@ -127,7 +104,7 @@ class RedisJobEvents:
             if not subs:
                 self._subscribers.pop(job_id, None)
 
-    def subscribe(self, job_id: str) -> AbstractAsyncContextManager[_Mailbox]:
+    def subscribe(self, job_id: str) -> AbstractAsyncContextManager[Mailbox]:
         return self._subscription(job_id)
 
     async def close(self) -> None:

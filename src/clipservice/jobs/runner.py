@@ -33,6 +33,7 @@ import structlog
 
 from clipservice.config import Settings
 from clipservice.errors import ClipFailure, SourceError
+from clipservice.jobs.clipwork import check_range, produce_clip
 from clipservice.jobs.events import JobEvents, LocalJobEvents
 from clipservice.jobs.limiter import FairLimiter
 from clipservice.jobs.models import (
@@ -53,11 +54,10 @@ from clipservice.media.naming import clip_file_name
 from clipservice.media.probe import SourceInfo, probe_source
 from clipservice.metrics import Metrics
 from clipservice.sources.base import ResolvedSource, Resolver
+from clipservice.storage import SharedFolderStorage
 
 log = structlog.get_logger(__name__)
 
-# Ranges may end this far past the probed duration (container rounding).
-_RANGE_SLACK_S = 0.05
 # The job file is rewritten for progress at most this often.
 _PROGRESS_SAVE_INTERVAL_S = 0.5
 # Starts of one clip that may end without an outcome before it is given up as
@@ -84,6 +84,8 @@ class LocalRunner:
         self.resolver = resolver
         self.cutter = cutter
         self.clips_dir: Path = settings.clips_dir
+        # Outputs go to the clips folder; the same clip work as the distributed workers.
+        self.storage = SharedFolderStorage(self.clips_dir)
         self.limiter = FairLimiter(settings.jobs.max_concurrent_clips)
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._cleanup_handles: dict[str, asyncio.TimerHandle] = {}
@@ -311,11 +313,7 @@ class LocalRunner:
             outcome_code = "ok"
             counted = held = False
             try:
-                if clip.end > info.duration_s + _RANGE_SLACK_S:
-                    raise ClipFailure(
-                        "invalid_range",
-                        f"clip ends at {clip.end}s but the video lasts {info.duration_s:.3f}s",
-                    )
+                check_range(clip, info)
                 if clip.attempts >= MAX_CLIP_ATTEMPTS:
                     raise ClipFailure(
                         "interrupted",
@@ -396,40 +394,22 @@ class LocalRunner:
         name: str,
         keyframes: KeyframeIndex | None = None,
     ) -> ClipResult:
-        final = self.clips_dir / name
-        if await aiofiles.os.path.isfile(final):
-            log.info("clip_reused", file=name)
-            outcome = await self.cutter.describe_existing(final, clip.start, clip.end, clip.mode)
-        else:
-            duration = clip.end - clip.start
+        duration = clip.end - clip.start
 
-            def on_progress(out_s: float) -> None:
-                self._on_progress(job, clip.index, min(1.0, out_s / duration))
+        def on_progress(out_s: float) -> None:
+            self._on_progress(job, clip.index, min(1.0, out_s / duration))
 
-            outcome = await self.cutter.cut(
-                src,
-                info,
-                clip.start,
-                clip.end,
-                clip.mode,
-                final,
-                timeout_s=self.settings.jobs.clip_timeout_s,
-                on_progress=on_progress,
-                keyframes=keyframes,
-            )
-            self.metrics.bytes_written.inc(outcome.size_bytes)
-        return ClipResult(
-            index=clip.index,
-            start=clip.start,
-            end=clip.end,
-            mode=clip.mode,
-            file=name,
-            url=f"/api/clips/{name}",
-            size_bytes=outcome.size_bytes,
-            duration_s=round(outcome.duration_s, 3),
-            actual_start=round(outcome.actual_start, 3),
-            actual_end=round(outcome.actual_end, 3),
-            note=outcome.note,
+        return await produce_clip(
+            self.cutter,
+            self.storage,
+            clip,
+            src,
+            info,
+            name,
+            timeout_s=self.settings.jobs.clip_timeout_s,
+            on_progress=on_progress,
+            keyframes=keyframes,
+            on_written=self.metrics.bytes_written.inc,
         )
 
     # -- bookkeeping ------------------------------------------------------
