@@ -137,6 +137,10 @@ class EncodeParams:
     def args(self, sps_id: int) -> list[str]:
         color = [a for k, v in self.color for a in (k, v)]
         return [
+            # One thread: a GOP of frames gains nothing from x264's frame
+            # threads, and clips cut side by side share the cores better.
+            "-threads",
+            "1",
             "-c:v",
             "libx264",
             # A GOP or two of frames: the fastest preset, a low CRF for quality.
@@ -194,7 +198,15 @@ def smart_parts_args(
     outputs: list[str] = []
     for i, seg in enumerate(segments):
         assert params is not None, "segments to encode need encoder parameters"
-        args += [*_NET_INPUT, "-ss", ts(max(0.0, seg.start_s - 0.0005)), "-i", src.video_url]
+        args += [
+            *_NET_INPUT,
+            "-threads",  # decoding one GOP: one thread, as for the encoder
+            "1",
+            "-ss",
+            ts(max(0.0, seg.start_s - 0.0005)),
+            "-i",
+            src.video_url,
+        ]
         outputs += [
             "-map",
             f"{i}:v:0",
