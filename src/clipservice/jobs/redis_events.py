@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import structlog
 
-from clipservice.jobs.events import Mailbox
+from clipservice.jobs.events import LocalJobEvents
 from clipservice.jobs.models import Job
 from clipservice.jobs.redis_store import RedisJobStore, dump_job, load_job
 
@@ -27,20 +25,20 @@ log = structlog.get_logger(__name__)
 _RECONNECT_DELAY_S = 1.0
 
 
-class RedisJobEvents:
-    """Publish and subscribe to job changes through Redis (all nodes see all changes)."""
+class RedisJobEvents(LocalJobEvents):
+    """Publish and subscribe to job changes through Redis (all nodes see all changes).
+
+    This node's subscribers are kept as in :class:`LocalJobEvents`; what differs
+    is that ``publish`` goes through Redis and a reader task delivers every
+    node's changes to them.
+    """
 
     def __init__(self, store: RedisJobStore) -> None:
+        super().__init__()
         self.store = store
         self._prefix = store.events_channel("")
-        self._subscribers: dict[str, set[Mailbox]] = {}
         self._reader: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
-        self._closed = False
-
-    @property
-    def listeners(self) -> int:
-        return sum(len(s) for s in self._subscribers.values())
 
     async def start(self) -> None:
         """Start listening; returns once the subscription is in place."""
@@ -82,37 +80,12 @@ class RedisJobEvents:
         for sub in subs:
             sub.put(job)
 
-    def notify(self, job: Job) -> None:
-        """Hand a change to this node's subscribers at once (the store publishes it too)."""
-        for sub in self._subscribers.get(job.job_id, ()):
-            sub.put(job)
-
     async def publish(self, job: Job) -> None:
         await self.store.redis.publish(self.store.events_channel(job.job_id), dump_job(job))
 
-    @contextlib.asynccontextmanager
-    async def _subscription(self, job_id: str) -> AsyncIterator[Mailbox]:
-        sub = Mailbox()
-        if self._closed:
-            sub.close()
-        subs = self._subscribers.setdefault(job_id, set())
-        subs.add(sub)
-        try:
-            yield sub
-        finally:
-            subs.discard(sub)
-            if not subs:
-                self._subscribers.pop(job_id, None)
-
-    def subscribe(self, job_id: str) -> AbstractAsyncContextManager[Mailbox]:
-        return self._subscription(job_id)
-
     async def close(self) -> None:
         """Wake every subscriber with None and stop listening."""
-        self._closed = True
-        for subs in self._subscribers.values():
-            for sub in subs:
-                sub.close()
+        await super().close()
         if self._reader is not None:
             self._reader.cancel()
             await asyncio.gather(self._reader, return_exceptions=True)
