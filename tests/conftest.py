@@ -152,6 +152,7 @@ async def media_server(media: dict[str, Path]) -> AsyncIterator[MediaServer]:
         name = request.match_info["name"]
         stall = request.match_info.get("stall") is not None
         slow = request.match_info.get("slow") is not None
+        expired = request.match_info.get("expired") is not None
         key = FIXTURE_FILES.get(name)
         if key is None:
             raise web.HTTPNotFound()
@@ -163,6 +164,9 @@ async def media_server(media: dict[str, Path]) -> AsyncIterator[MediaServer]:
         server.requests.append(entry)
         if stall and start > size * server.stall_after_fraction and not server.unstall.is_set():
             await server.unstall.wait()
+        if expired and start > size * server.stall_after_fraction:
+            # A signed stream URL that expired mid-job: the later ranges answer 403.
+            raise web.HTTPForbidden()
         resp = web.StreamResponse(status=206 if range_header else 200)
         resp.content_type = "video/mp4"
         resp.content_length = length
@@ -197,6 +201,7 @@ async def media_server(media: dict[str, Path]) -> AsyncIterator[MediaServer]:
     app.router.add_get("/{name}", serve)
     app.router.add_get("/{stall:stall}/{name}", serve)
     app.router.add_get("/{slow:slow}/{name}", serve)
+    app.router.add_get("/{expired:expired}/{name}", serve)
     runner, server.base_url = await _start_site(app)
     yield server
     await runner.cleanup()
@@ -228,6 +233,8 @@ async def vidfly(media_server: MediaServer) -> AsyncIterator[FakeVidfly]:
         if video_id == "slowupstream":
             await asyncio.sleep(30)
         base = media_server.base_url + ("/stall" if video_id == "stall" else "")
+        if video_id == "expiring" and fake.calls.count(url) == 1:
+            base = media_server.base_url + "/expired"  # fresh URLs from the second call on
         body = json.loads(template.replace("{MEDIA_BASE}", base))
         body["data"]["duration"] = MEDIA_SECONDS
         return web.json_response(body)

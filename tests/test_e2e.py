@@ -7,7 +7,7 @@ from pathlib import Path
 
 import av
 
-from tests.conftest import MediaServer, Service, ServiceFactory
+from tests.conftest import FakeVidfly, MediaServer, Service, ServiceFactory
 
 
 def _probe(path: Path) -> tuple[float, bool, bool]:
@@ -210,3 +210,29 @@ async def test_cancel_running_job(make_service: ServiceFactory) -> None:
         assert r.status == 204
     async with service.http.get(f"{service.base_url}/api/jobs/{job_id}") as r:
         assert r.status == 404
+
+
+async def test_expired_stream_urls_are_resolved_again(
+    service: Service, vidfly: FakeVidfly, media_server: MediaServer
+) -> None:
+    """Stream URLs that start answering 403 mid-job are resolved again once, and the clip
+    is cut from the fresh URLs."""
+    resp = await service.create(
+        {"video_id": "expiring", "clips": [{"start": 20, "end": 22, "mode": "reencode"}]}
+    )
+    doc = await service.wait((await resp.json())["job_id"])
+    assert doc["status"] == "finished", doc
+    assert doc["errors"] == []
+    assert len(vidfly.calls) == 2  # the first resolve, and one more after the 403
+    assert doc["results"][0]["duration_s"] == 2.0
+
+
+def test_source_expired_recognises_ffmpeg_and_probe_messages() -> None:
+    """403/410 answers are recognised in FFmpeg's and the prober's words, other errors are not."""
+    from clipservice.jobs.runner import source_expired
+
+    assert source_expired("[https @ 0x1] HTTP error 403 Forbidden | Server returned 403 Forbidden")
+    assert source_expired("[https @ 0x1] HTTP error 410 Gone")
+    assert source_expired("source answered 403: Forbidden")
+    assert not source_expired("Server returned 404 Not Found")
+    assert not source_expired("Invalid data found when processing input (4030 bytes)")

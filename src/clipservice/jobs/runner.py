@@ -21,9 +21,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import re
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -63,6 +65,53 @@ _PROGRESS_SAVE_INTERVAL_S = 0.5
 # Starts of one clip that may end without an outcome before it is given up as
 # "interrupted": a clip that kills the process is not retried forever.
 MAX_CLIP_ATTEMPTS = 3
+# Times one job may resolve its source again because its stream URLs expired.
+MAX_SOURCE_REFRESHES = 3
+
+_EXPIRED_RE = re.compile(
+    r"(?:HTTP error|Server returned|answered) (?:403|410)\b|\b(?:403|410) (?:Forbidden|Gone)\b"
+)
+
+
+def source_expired(message: str) -> bool:
+    """Whether an error says a stream URL answered 403 or 410 (signed URLs expire)."""
+    return _EXPIRED_RE.search(message) is not None
+
+
+@dataclass
+class StreamSet:
+    """One generation of a job's stream URLs, with the keyframe index over them."""
+
+    src: plan.Inputs
+    keyframes: KeyframeIndex
+    generation: int = 0
+
+
+class JobStreams:
+    """A job's streams: resolved once, and again when they expire mid-job.
+
+    Clips that hit the same expiry share one new resolve: a clip passes the
+    generation it used, and only the first to report it resolves again.
+    """
+
+    def __init__(self, src: plan.Inputs, resolve: Callable[[], Awaitable[ResolvedSource]]) -> None:
+        self.current = StreamSet(src, KeyframeIndex(src.video_url))
+        self._resolve = resolve
+        self._lock = asyncio.Lock()
+        self._retired: list[KeyframeIndex] = []
+
+    async def refresh(self, used: StreamSet) -> StreamSet:
+        async with self._lock:
+            if self.current is used:
+                resolved = await self._resolve()
+                src = plan.Inputs(resolved.video_url, resolved.audio_url)
+                self._retired.append(used.keyframes)
+                self.current = StreamSet(src, KeyframeIndex(src.video_url), used.generation + 1)
+            return self.current
+
+    async def aclose(self) -> None:
+        for index in (*self._retired, self.current.keyframes):
+            await index.aclose()
 
 
 class LocalRunner:
@@ -244,7 +293,15 @@ class LocalRunner:
         try:
             resolved = await self._resolve(job)
             src = plan.Inputs(resolved.video_url, resolved.audio_url)
-            info = await probe_source(src.video_url, src.audio_url)
+            try:
+                info = await probe_source(src.video_url, src.audio_url)
+            except SourceError as exc:
+                if not source_expired(exc.message):
+                    raise
+                log.info("source_expired", error=exc.message[:300])
+                resolved = await self._resolve(job)
+                src = plan.Inputs(resolved.video_url, resolved.audio_url)
+                info = await probe_source(src.video_url, src.audio_url)
         except SourceError as exc:
             log.warning("source_failed", code=exc.code, error=exc.message)
             await self._end(job, JobError(code=exc.code, message=exc.message))
@@ -261,17 +318,17 @@ class LocalRunner:
         pending = [c for c in job.clips if c.index not in done]
         self._clip_progress[job.job_id] = {}
         self._unfinished_clips[job.job_id] = len(pending)
-        # One keyframe index per job: its clips share the source's probes.
-        keyframes = KeyframeIndex(src.video_url)
+        # One set of streams (and keyframe index) per job, shared by its clips.
+        streams = JobStreams(src, functools.partial(self._resolve, job))
         try:
             try:
                 async with asyncio.TaskGroup() as tg:
                     for clip in pending:
-                        tg.create_task(self._run_clip(job, clip, src, info, keyframes))
+                        tg.create_task(self._run_clip(job, clip, streams, info))
             finally:
                 self._clip_progress.pop(job.job_id, None)
                 self._unfinished_clips.pop(job.job_id, None)
-                await asyncio.shield(keyframes.aclose())
+                await asyncio.shield(streams.aclose())
             if job.results:
                 await self._end(job, None)
             else:
@@ -298,12 +355,7 @@ class LocalRunner:
         await asyncio.get_running_loop().create_future()
 
     async def _run_clip(
-        self,
-        job: Job,
-        clip: ClipSpec,
-        src: plan.Inputs,
-        info: SourceInfo,
-        keyframes: KeyframeIndex | None = None,
+        self, job: Job, clip: ClipSpec, streams: JobStreams, info: SourceInfo
     ) -> None:
         with structlog.contextvars.bound_contextvars(clip_index=clip.index):
             name = clip_file_name(job.source, clip)
@@ -332,7 +384,7 @@ class LocalRunner:
                     counted = True
                     await self._save(job)
                     result = await asyncio.wait_for(
-                        self._produce(job, clip, src, info, name, keyframes),
+                        self._produce_fresh(job, clip, streams, info, name),
                         self.settings.jobs.clip_timeout_s,
                     )
                 job.results.append(result)
@@ -384,6 +436,20 @@ class LocalRunner:
                             self._ending.add(job.job_id)  # released once the job is saved
                         else:
                             self._unhold()
+
+    async def _produce_fresh(
+        self, job: Job, clip: ClipSpec, streams: JobStreams, info: SourceInfo, name: str
+    ) -> ClipResult:
+        """Produce the clip; if its stream URLs expired (403/410), resolve again and retry once."""
+        used = streams.current
+        try:
+            return await self._produce(job, clip, used.src, info, name, used.keyframes)
+        except ClipFailure as exc:
+            if not source_expired(exc.message) or used.generation >= MAX_SOURCE_REFRESHES:
+                raise
+            log.info("source_expired", error=exc.message[:300])
+            fresh = await streams.refresh(used)
+            return await self._produce(job, clip, fresh.src, info, name, fresh.keyframes)
 
     async def _produce(
         self,

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import ctypes
 import os
+import re
 import signal
 import sys
 from collections import deque
@@ -46,6 +47,7 @@ SOURCE_INPUT_OPTIONS = {
 ProgressCallback = Callable[[float], None]
 
 _TERM_GRACE_S = 0.5
+_HTTP_ERROR_RE = re.compile(r"HTTP error [45]\d\d")
 # FFmpeg runs at a lower CPU priority than the API: with several encodes on a
 # few cores the event loop would otherwise wait its turn behind every encoder
 # thread, and status polls and event streams would stall while clips cut.
@@ -86,9 +88,14 @@ async def _read_progress(
             on_progress(int(value) / 1_000_000)
 
 
-async def _read_stderr(stream: asyncio.StreamReader, tail: deque[str]) -> None:
+async def _read_stderr(
+    stream: asyncio.StreamReader, tail: deque[str], http_errors: list[str]
+) -> None:
     async for raw in stream:
-        tail.append(raw.decode("utf-8", "replace").rstrip())
+        line = raw.decode("utf-8", "replace").rstrip()
+        tail.append(line)
+        if len(http_errors) < 3 and _HTTP_ERROR_RE.search(line):
+            http_errors.append(line)
 
 
 async def terminate(proc: asyncio.subprocess.Process) -> None:
@@ -159,12 +166,13 @@ async def run_ffmpeg(
     )
     running_processes.add(proc)
     tail: deque[str] = deque(maxlen=20)
+    http_errors: list[str] = []
     assert proc.stdout is not None and proc.stderr is not None
 
     async def _run() -> int:
         assert proc.stdout is not None and proc.stderr is not None
         await asyncio.gather(
-            _read_progress(proc.stdout, on_progress), _read_stderr(proc.stderr, tail)
+            _read_progress(proc.stdout, on_progress), _read_stderr(proc.stderr, tail, http_errors)
         )
         return await proc.wait()
 
@@ -179,5 +187,8 @@ async def run_ffmpeg(
         raise
     finally:
         running_processes.discard(proc)
-    if returncode != 0:
-        raise FFmpegError(returncode, " | ".join(line for line in tail if line)[-2000:])
+    # FFmpeg may exit 0 after an input answered an HTTP error mid-read (the
+    # output is then short or missing a stream): a failed read is a failed run.
+    if returncode != 0 or http_errors:
+        lines = [*http_errors, *(line for line in tail if line and line not in http_errors)]
+        raise FFmpegError(returncode, " | ".join(lines)[:2000])
