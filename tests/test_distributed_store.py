@@ -72,6 +72,18 @@ async def test_roundtrip(store: RedisJobStore) -> None:
     assert await store.get(job.job_id) is None and await store.all() == []
 
 
+async def test_idempotency_key_lookup(store: RedisJobStore) -> None:
+    """A job is found by its Idempotency-Key with one lookup, and no longer once deleted."""
+    job = make_job()
+    job.idempotency_key = "retry-me"
+    await store.save(job)
+    found = await store.by_idempotency_key("retry-me")
+    assert found is not None and found.job_id == job.job_id
+    assert await store.by_idempotency_key("other") is None
+    await store.delete(job.job_id)
+    assert await store.by_idempotency_key("retry-me") is None
+
+
 async def test_last_clip_ends_the_job(store: RedisJobStore) -> None:
     """processed/progress move with each outcome and the last one finishes the job."""
     job = make_job(3)

@@ -93,15 +93,15 @@ async def create_clips(request: web.Request) -> web.Response:
     if idem_key is not None:
         if not 1 <= len(idem_key) <= 255 or not idem_key.isprintable():
             raise ProblemError(400, "Bad Idempotency-Key", "1 to 255 printable characters")
-        for other in await store.all():
-            if other.idempotency_key == idem_key:
-                if other.request_hash != req_hash:
-                    raise ProblemError(
-                        409,
-                        "Idempotency-Key reused",
-                        "this Idempotency-Key was used with a different body",
-                    )
-                return _created_response(other, 200)
+        other = await store.by_idempotency_key(idem_key)
+        if other is not None:
+            if other.request_hash != req_hash:
+                raise ProblemError(
+                    409,
+                    "Idempotency-Key reused",
+                    "this Idempotency-Key was used with a different body",
+                )
+            return _created_response(other, 200)
 
     default_mode = body.mode or settings.cut.default_mode
     clips = [

@@ -20,6 +20,7 @@ from that set owns its cleanup. Every change is published on
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import re
@@ -92,6 +93,10 @@ class RedisJobStore:
     def _progress_key(self, job_id: str) -> str:
         return f"{self.prefix}progress:{job_id}"
 
+    def _idempotency_key(self, key: str) -> str:
+        digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
+        return f"{self.prefix}idem:{digest}"
+
     def _source_key(self, job_id: str) -> str:
         return f"{self.prefix}source:{job_id}"
 
@@ -114,6 +119,8 @@ class RedisJobStore:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(self._job_key(job.job_id), data)
             pipe.sadd(self._index_key, job.job_id)
+            if job.idempotency_key:
+                pipe.set(self._idempotency_key(job.idempotency_key), job.job_id)
             if job.status.ended and job.expires_at is not None:
                 pipe.zadd(self.expiry_key, {job.job_id: job.expires_at.timestamp()})
             pipe.publish(self.events_channel(job.job_id), data)
@@ -126,7 +133,10 @@ class RedisJobStore:
         return load_job(raw) if raw else None
 
     async def delete(self, job_id: str) -> None:
+        job = await self.get(job_id)
         async with self.redis.pipeline(transaction=True) as pipe:
+            if job is not None and job.idempotency_key:
+                pipe.delete(self._idempotency_key(job.idempotency_key))
             pipe.delete(
                 self._job_key(job_id),
                 self._attempt_key(job_id),
@@ -136,6 +146,11 @@ class RedisJobStore:
             pipe.srem(self._index_key, job_id)
             pipe.zrem(self.expiry_key, job_id)
             await pipe.execute()
+
+    async def by_idempotency_key(self, key: str) -> Job | None:
+        """The live job created with this Idempotency-Key (one lookup, not a scan)."""
+        job_id = await self.redis.get(self._idempotency_key(key))
+        return await self.get(str(job_id)) if job_id else None
 
     async def all(self) -> list[Job]:
         ids = sorted(await _aw(self.redis.smembers(self._index_key)))

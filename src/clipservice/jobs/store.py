@@ -36,6 +36,7 @@ class JobStore(Protocol):
     async def get(self, job_id: str) -> Job | None: ...
     async def delete(self, job_id: str) -> None: ...
     async def all(self) -> list[Job]: ...
+    async def by_idempotency_key(self, key: str) -> Job | None: ...
 
 
 class FileJobStore:
@@ -45,6 +46,7 @@ class FileJobStore:
         self.jobs_dir = jobs_dir
         self._cache: dict[str, Job] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._idempotent: dict[str, str] = {}  # Idempotency-Key -> job id
         self._loaded = False
 
     def _path(self, job_id: str) -> Path:
@@ -56,6 +58,9 @@ class FileJobStore:
         """Create the folder, drop stale temp files and load every job."""
         await aiofiles.os.makedirs(self.jobs_dir, exist_ok=True)
         self._cache = await asyncio.to_thread(self._load_all)
+        self._idempotent = {
+            job.idempotency_key: job.job_id for job in self._cache.values() if job.idempotency_key
+        }
         self._loaded = True
 
     def _load_all(self) -> dict[str, Job]:
@@ -77,6 +82,8 @@ class FileJobStore:
     async def save(self, job: Job) -> None:
         path = self._path(job.job_id)
         self._cache[job.job_id] = job
+        if job.idempotency_key:
+            self._idempotent[job.idempotency_key] = job.job_id
         lock = self._locks.setdefault(job.job_id, asyncio.Lock())
         async with lock:
             latest = self._cache.get(job.job_id)
@@ -93,13 +100,20 @@ class FileJobStore:
         return self._cache.get(job_id)
 
     async def delete(self, job_id: str) -> None:
-        self._cache.pop(job_id, None)
+        job = self._cache.pop(job_id, None)
+        if job is not None and job.idempotency_key:
+            self._idempotent.pop(job.idempotency_key, None)
         lock = self._locks.pop(job_id, None) or asyncio.Lock()
         async with lock:
             await _unlink_quiet(self._path(job_id))
 
     async def all(self) -> list[Job]:
         return list(self._cache.values())
+
+    async def by_idempotency_key(self, key: str) -> Job | None:
+        """The live job created with this Idempotency-Key (an index, not a scan)."""
+        job_id = self._idempotent.get(key)
+        return self._cache.get(job_id) if job_id else None
 
 
 async def _write_atomic(path: Path, data: bytes) -> None:
