@@ -3,6 +3,7 @@ content, frame counts, A/V start, clean decoding, fallbacks and caching."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 import subprocess
 from dataclasses import dataclass
@@ -250,3 +251,69 @@ async def test_invalid_output_is_retried_in_reencode(
     assert out.outcome.note is not None and "failed validation" in out.outcome.note
     assert len(calls) == 2
     _check_accuracy(out, media["video"], 3.5, 9.2)
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+async def _no_leftovers_once_released(media_server: MediaServer, folder: Path) -> list[str]:
+    """Release the stalled reads, let the stopped join threads finish, list what is left."""
+    media_server.unstall.set()
+    for _ in range(200):  # the threads stop at their next packet
+        if not _leftovers(folder):
+            break
+        await asyncio.sleep(0.05)
+    return _leftovers(folder)
+
+
+@pytest.mark.parametrize("how", ["timeout", "cancel"])
+async def test_stalled_smart_cut_stops_and_leaves_nothing(
+    media_server: MediaServer, tmp_path: Path, how: str
+) -> None:
+    """A smart cut whose source stalls ends at its time limit, or when cancelled,
+    and its threads leave no partial file once they stop."""
+    src = plan.Inputs(
+        media_server.url("video.mp4", stall=True), media_server.url("audio.m4a", stall=True)
+    )
+    info = await probe_source(src.video_url, src.audio_url)
+    probed = len(media_server.requests)
+    out_dir = tmp_path / "clips"
+    out_dir.mkdir()
+    cut = Cutter().cut(src, info, 20.5, 25.5, "accurate", out_dir / "c.mp4", timeout_s=1.5)
+    if how == "timeout":
+        with pytest.raises(TimeoutError):
+            await cut
+    else:
+        task = asyncio.create_task(cut)
+        while not any(r["bytes"] == 0 for r in media_server.requests[probed:]):
+            await asyncio.sleep(0.02)  # until a read of the cut hangs
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert await _no_leftovers_once_released(media_server, out_dir) == []
+
+
+async def test_source_expiring_mid_join_reports_403(
+    media_server: MediaServer, tmp_path: Path
+) -> None:
+    """A stream URL that starts answering 403 while a smart cut reads it fails the
+    clip with a message the runner recognises (it resolves the source again)."""
+    from clipservice.jobs.runner import source_expired
+
+    base = f"{media_server.base_url}/expired"
+    src = plan.Inputs(f"{base}/video.mp4", f"{base}/audio.m4a")
+    info = await probe_source(src.video_url, src.audio_url)
+    # The keyframes were probed while the URL still worked (here: another URL
+    # to the same file); the ranges the join reads, past half the file, now 403.
+    index = KeyframeIndex(media_server.url("video.mp4"))
+    try:
+        with pytest.raises(ClipFailure) as failure:
+            await Cutter().cut(
+                src, info, 20.5, 25.0, "accurate", tmp_path / "c.mp4", timeout_s=30,
+                keyframes=index,
+            )  # fmt: skip
+    finally:
+        await index.aclose()
+    assert source_expired(failure.value.message), failure.value.message
+    assert _leftovers(tmp_path) == []

@@ -10,12 +10,14 @@ from clipservice.media import plan
 from clipservice.media.keyframes import ProbeError, _gop_from_packets
 from clipservice.media.smartcut import (
     SmartCutUnsupported,
+    annexb_config,
     build_avcc,
     free_ids,
     merge_avcc,
     parse_avcc,
     pps_id,
     sps_id,
+    to_length_prefixed,
 )
 
 SRC = plan.Inputs("https://cdn.test/v.mp4", "https://cdn.test/a.m4a")
@@ -26,7 +28,6 @@ SOURCE_AVCC = bytes.fromhex(
 HEAD_AVCC = bytes.fromhex(
     "0164001effe100196764001e22cb405017fcb80880000003008000001e078b175001000568212f0fcbfdf8f800"
 )
-ENC = plan.EncodeParams("high", "3.0", "yuv420p", 640, 360, 15360, (("-colorspace", "bt709"),))
 
 
 def test_avcc_round_trip_and_ids() -> None:
@@ -71,32 +72,31 @@ def test_fast_args_seek_both_inputs_to_the_keyframe() -> None:
     assert "+faststart" in args
 
 
-def test_smart_parts_encode_exact_frame_counts() -> None:
-    """Each partial GOP is its own input and output, with a frame count and its sps-id."""
-    segs = [plan.Segment(3.5, 15, "/h.mp4", 1), plan.Segment(8.0, 6, "/t.mp4", 2)]
-    args = plan.smart_parts_args(SRC, segs, ENC, 3.5, 5.7, "/a.mp4")
-    assert args.count("-i") == 3
-    assert [args[i + 1] for i, a in enumerate(args) if a == "-frames:v"] == ["15", "6"]
-    assert [args[i + 1] for i, a in enumerate(args) if a == "-x264-params"] == [
-        "sps-id=1",
-        "sps-id=2",
-    ]
-    i_head = args.index("/h.mp4")
-    assert args[args.index("-map") + 1] == "0:v:0" and args.index("-map") < i_head
-    assert args[args.index("-profile:v") + 1] == "high"
-    assert args[args.index("-level:v") + 1] == "3.0"
-    assert args[args.index("-bf") + 1] == "0"
-    assert args[args.index("-video_track_timescale") + 1] == "15360"
-    assert "bt709" in args
-    audio_map = args.index("2:a:0")
-    assert args[audio_map + 1 : audio_map + 3] == ["-t", "5.7"]
-    assert args[-1] == "/a.mp4"
+def test_audio_args_cut_exactly_the_clip_span() -> None:
+    """A non-AAC source's audio is cut to the clip's span as AAC (from the muxed file if need be)."""
+    args = plan.audio_args(SRC, 3.5, 5.7, "/a.mp4")
+    assert args[args.index("-i") + 1] == SRC.audio_url and args.count("-i") == 1
+    assert args[args.index("-ss") + 1] == "3.5" and args[args.index("-t") + 1] == "5.7"
+    assert args[args.index("-c:a") + 1] == "aac" and "libx264" not in args
+    muxed = plan.audio_args(plan.Inputs("https://cdn.test/m.mp4", None), 4, 6, "/a")
+    assert muxed[muxed.index("-i") + 1] == "https://cdn.test/m.mp4" and "0:a:0" in muxed
 
 
-def test_smart_parts_audio_only_from_muxed_source() -> None:
-    """With nothing to re-encode, the run only cuts the audio (from the muxed file if need be)."""
-    args = plan.smart_parts_args(plan.Inputs("https://cdn.test/m.mp4", None), [], None, 4, 6, "/a")
-    assert args.count("-i") == 1 and "0:a:0" in args and "libx264" not in args
+def test_annexb_parameter_sets_and_samples() -> None:
+    """An encoder's Annex B header becomes an avcC; its access units become
+    length-prefixed samples without in-band parameter sets."""
+    head = parse_avcc(HEAD_AVCC)
+    annexb = b"\x00\x00\x00\x01" + head.sps[0] + b"\x00\x00\x01" + head.pps[0]
+    cfg = annexb_config(annexb, 4)
+    assert (cfg.sps, cfg.pps, cfg.profile_idc, cfg.length_size) == (head.sps, head.pps, 100, 4)
+    merged = parse_avcc(merge_avcc(parse_avcc(SOURCE_AVCC), cfg))
+    assert [sps_id(s) for s in merged.sps] == [0, 3]
+    slice_nal = bytes([0x65, 0x88, 0x84, 0x00, 0x00, 0x03, 0x01, 0x20])
+    sei = bytes([0x06, 0x05, 0x01, 0x80])
+    au = b"\x00\x00\x00\x01\x09\xf0" + b"\x00\x00\x01" + head.sps[0] + b"\x00\x00\x01" + sei
+    au += b"\x00\x00\x00\x01" + slice_nal
+    sample = to_length_prefixed(au, 4)
+    assert sample == b"\x00\x00\x00\x04" + sei + b"\x00\x00\x00\x08" + slice_nal
 
 
 TB = Fraction(1, 15360)
@@ -133,3 +133,19 @@ def test_copy_cut_never_leaves_holes() -> None:
     # End at the next keyframe: the whole GOP (stop past the last packet's dts).
     stop, shown_until = gop.copy_cut(7 * F)
     assert 5 * F < stop <= 6 * F and shown_until == 7 * F
+
+
+def test_copy_prefix_never_overshoots_the_end() -> None:
+    """With B-frames the tail copy keeps the longest hole-free prefix showing
+    nothing at or after the end; the rest up to the end is re-encoded."""
+    gop = _gop_from_packets(BGOP, TB, 0)
+    # End at frame 4 (exclusive): I0 P3 B1 B2 shows exactly 0..3.
+    assert gop.copy_prefix(4 * F) == (3 * F, 4 * F)
+    # End at frame 3: P3 would show at the end, so only I0 (0..0) is copied.
+    assert gop.copy_prefix(3 * F) == (0, F)
+    # End at frame 6: I0 P3 B1 B2 (0..3); P6 would show at 6, B4 B5 are re-encoded.
+    assert gop.copy_prefix(6 * F) == (3 * F, 4 * F)
+    # End at frame 1: only the keyframe itself.
+    assert gop.copy_prefix(F) == (0, F)
+    # End before the keyframe shows: nothing (stop at the keyframe's decode time).
+    assert gop.copy_prefix(0) == (-F, 0)

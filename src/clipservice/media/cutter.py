@@ -11,8 +11,10 @@ import asyncio
 import contextlib
 import math
 import os
+import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -30,17 +32,14 @@ from clipservice.media.smartcut import (
     AudioCopy,
     AvcConfig,
     CopySpan,
-    EncodedPart,
+    EncoderSpec,
+    GopEncode,
     JoinPlan,
     SmartCutUnsupported,
     VideoParams,
     check_supported,
     free_ids,
     join,
-    merge_avcc,
-    parse_avcc,
-    x264_level,
-    x264_profile,
 )
 
 log = structlog.get_logger(__name__)
@@ -68,14 +67,6 @@ def _sibling(tmp: Path, role: str) -> Path:
     return tmp.with_name(f"{tmp.stem}-{role}.mp4")
 
 
-def _part_configs(paths: list[Path]) -> list[AvcConfig]:
-    configs = []
-    for path in paths:
-        with av.open(str(path)) as c:
-            configs.append(parse_avcc(bytes(c.streams.video[0].codec_context.extradata or b"")))
-    return configs
-
-
 def remove_stale_parts(clips_dir: Path) -> int:
     """Delete temporary outputs left by a process that died mid-cut."""
     removed = 0
@@ -94,6 +85,36 @@ def _frame_s(info: SourceInfo) -> float:
 def _ticks_at_or_after(t_s: float, origin: int, tb: Fraction) -> int:
     """The first tick of time base ``tb`` at or after ``t_s`` (minus the tolerance)."""
     return origin + math.ceil(Fraction(t_s - EPS_S) / tb)
+
+
+# Joins run on their own threads (at a lower priority, see smartcut), never on
+# the event loop's default executor, which serves file and probe work.
+_JOIN_POOL = ThreadPoolExecutor(max_workers=32, thread_name_prefix="clip-join")
+# How long a cancelled or timed-out join is waited for. It stops between two
+# packets; only a read blocked on a stalled source outlasts this (until the
+# source's read timeout), and such a join removes its own partial output.
+_JOIN_STOP_S = 2.0
+
+
+async def _in_join_thread(join_plan: JoinPlan, tmp: Path, budget: _Budget) -> None:
+    """Run the join; on timeout or cancellation tell it to stop and give it a
+    moment to, so a cancelled clip answers at once and leaves no thread busy."""
+    cancel = threading.Event()
+    loop = asyncio.get_running_loop()
+    done = loop.run_in_executor(_JOIN_POOL, join, join_plan, tmp, budget.deadline, cancel)
+    done.add_done_callback(_retrieve)
+    try:
+        await asyncio.wait_for(asyncio.shield(done), budget.left_s())
+    except BaseException:
+        cancel.set()
+        await asyncio.wait({done}, timeout=_JOIN_STOP_S)
+        raise
+
+
+def _retrieve(future: asyncio.Future[int]) -> None:
+    """Mark a join's error as seen (a stopped join's own error is expected)."""
+    if not future.cancelled():
+        future.exception()
 
 
 class _Budget:
@@ -148,7 +169,10 @@ class Cutter:
                 outcome = await self._cut_mode(
                     src, info, start_s, end_s, mode, tmp, budget, on_progress, index
                 )
-            except (SmartCutUnsupported, ProbeError) as exc:
+            except (SmartCutUnsupported, ProbeError, av.FFmpegError) as exc:
+                # av errors: reading the source in process failed (PyAV says
+                # little: a 403 on a seek reads as "invalid data"). FFmpeg's
+                # own run retries once and names an HTTP error if there is one.
                 log.info("cut_fallback", mode=mode, reason=str(exc))
                 outcome = await self._reencode(
                     src, info, start_s, end_s, tmp, budget, on_progress,
@@ -166,6 +190,8 @@ class Cutter:
             return outcome
         except FFmpegError as exc:
             raise ClipFailure("ffmpeg_failed", exc.stderr_tail or str(exc)) from exc
+        except av.FFmpegError as exc:  # the source failed mid-read (403 when it expired…)
+            raise ClipFailure("ffmpeg_failed", f"cannot read the source: {exc}") from exc
         finally:
             with contextlib.suppress(FileNotFoundError):
                 await asyncio.to_thread(os.unlink, tmp)
@@ -263,62 +289,50 @@ class Cutter:
         first = await asyncio.wait_for(index.gop_at(start_s), budget.left_s())
         if first.open_gop:
             raise SmartCutUnsupported("the source uses open GOPs")
-        tb, origin = first.time_base, first.origin_pts
-        end_pts = _ticks_at_or_after(end_s, origin, tb)
-        head_frames = [p for p in first.frames_from(start_s) if p < end_pts]
+        head_sps, tail_sps = free_ids(avcc, 2)
+        end_pts = _ticks_at_or_after(end_s, first.origin_pts, first.time_base)
         next_key = first.next_key_pts
-        whole_in_first = next_key is None or next_key >= end_pts
-        starts_on_key = bool(head_frames) and head_frames[0] == first.key_pts
+
+        # The start: frames from start to the next keyframe are re-encoded
+        # (decoded from this GOP's keyframe); on a keyframe nothing is.
+        head: GopEncode | None = None
+        head_frames = [p for p in first.frames_from(start_s) if p < end_pts]
         if not head_frames:  # start falls after the GOP's last frame
             if next_key is None or next_key >= end_pts:
                 raise SmartCutUnsupported("no frame in the clip's range")
-            head_frames, copy_from, whole_in_first = [], next_key, False
-        elif starts_on_key and (not whole_in_first or not first.reorder):
-            head_frames, copy_from = [], first.key_pts
-        elif whole_in_first:
-            # The clip lies inside one GOP and needs re-encoding: all of it.
-            return await self._reencode(src, info, start_s, end_s, tmp, budget, on_progress)
-        else:
-            assert next_key is not None
             copy_from = next_key
-        clip_start_pts = head_frames[0] if head_frames else copy_from
+        elif head_frames[0] == first.key_pts:
+            copy_from = first.key_pts
+        else:
+            head = GopEncode(first.key_pts, tuple(head_frames), head_sps)
+            copy_from = next_key if next_key is not None else end_pts
+        clip_start_pts = head.frame_pts[0] if head is not None else copy_from
 
-        # The end: without reordering, copied frames may stop anywhere; with
-        # B-frames, the last partial GOP is re-encoded so no kept frame refers
-        # to a dropped one.
-        tail_frames: list[int] = []
-        copy_end, stop_at_key = end_pts, False
-        cutoff: int | None = None
-        if first.reorder:
-            last = await asyncio.wait_for(index.gop_at(end_s - EPS_S * 2), budget.left_s())
-            if last.open_gop:
-                raise SmartCutUnsupported("the source uses open GOPs")
-            if last.key_pts > copy_from:
-                tail_frames = [p for p in last.frame_pts if p < end_pts]
-                copy_end, stop_at_key = last.key_pts, True
-            elif last.key_pts == copy_from:
-                tail_frames = [p for p in last.frame_pts if p < end_pts]
-                copy_end = copy_from  # nothing to copy
-            next_s = last.next_key_s
-            if last.next_key_pts is not None and next_s is not None and next_s <= end_s + EPS_S:
-                # The clip ends exactly on a keyframe: copy up to it, no tail.
-                copy_end, stop_at_key, tail_frames = last.next_key_pts, True, []
-            elif tail_frames and last.key_pts >= copy_from:
-                # Often a copy of the last GOP can end exactly at the end (the
-                # end falls between mini-GOPs): then nothing needs re-encoding.
-                stop, shown_until = last.copy_cut(end_pts)
-                wanted = min((p for p in last.frame_pts if p >= end_pts), default=None)
-                if shown_until == (wanted if wanted is not None else last.next_key_pts):
-                    copy_end, cutoff, tail_frames = end_pts, stop, []
-
-        copy = None
-        if cutoff is not None:
-            copy = CopySpan(copy_from, copy_end, None, False, cutoff)
-        elif copy_end > copy_from:
-            copy = CopySpan(copy_from, copy_end, None, stop_at_key)
+        # The end: without reordering a copy stops anywhere. With B-frames it
+        # keeps the longest prefix of the last GOP that refers to no dropped
+        # frame, and the few frames from there to the end are re-encoded.
+        copy: CopySpan | None = None
+        tail: GopEncode | None = None
+        if copy_from < end_pts:
+            copy = CopySpan(copy_from, end_pts, None, False)
+            if first.reorder:
+                last = await asyncio.wait_for(index.gop_at(end_s - EPS_S * 2), budget.left_s())
+                if last.open_gop:
+                    raise SmartCutUnsupported("the source uses open GOPs")
+                next_s = last.next_key_s
+                if last.next_key_pts is not None and next_s is not None and next_s <= end_s + EPS_S:
+                    copy = CopySpan(copy_from, last.next_key_pts, None, True)  # ends on a key
+                else:
+                    stop, shown_until = last.copy_prefix(end_pts)
+                    copy = CopySpan(copy_from, end_pts, None, False, stop)
+                    if stop <= last.key_dts and last.key_pts == copy_from:
+                        copy = None  # nothing of the GOP can be copied
+                    frames = tuple(p for p in last.frame_pts if shown_until <= p < end_pts)
+                    if frames:
+                        tail = GopEncode(last.key_pts, frames, tail_sps)
         return await self._assemble(
-            src, info, first, head_frames, tail_frames, copy, clip_start_pts, end_s, tmp,
-            budget, on_progress, params=params, avcc=avcc,
+            src, info, first, head, tail, copy, clip_start_pts, end_s, tmp, budget,
+            on_progress, params=params, avcc=avcc,
         )  # fmt: skip
 
     async def _assemble(
@@ -326,8 +340,8 @@ class Cutter:
         src: plan.Inputs,
         info: SourceInfo,
         first: Gop,
-        head_frames: list[int] | None,
-        tail_frames: list[int] | None,
+        head: GopEncode | None,
+        tail: GopEncode | None,
         copy: CopySpan | None,
         clip_start_pts: int,
         end_s: float,
@@ -338,68 +352,22 @@ class Cutter:
         params: VideoParams | None,
         avcc: AvcConfig | None,
     ) -> CutOutcome:
-        """Re-encode the partial GOPs and the audio in one FFmpeg run, then join
-        them with the copied packets into the output."""
-        tb = first.time_base
-        parts: list[Path] = []
+        """Join the re-encoded partial GOPs, the copied packets and the audio
+        into the output (see :func:`clipservice.media.smartcut.join`)."""
+        clip_start_s = first.seconds(clip_start_pts)
+        audio = audio_copy = None
         try:
-            segments: list[plan.Segment] = []
-            head = tail = None
-            encoded: list[EncodedPart] = []
-            if head_frames or tail_frames:
-                assert params is not None and avcc is not None
-                ids = free_ids(avcc, 2)
-                for role, frames, sps in (
-                    ("head", head_frames, ids[0]),
-                    ("tail", tail_frames, ids[1]),
-                ):
-                    if not frames:
-                        continue
-                    path = _sibling(tmp, role)
-                    parts.append(path)
-                    segments.append(
-                        plan.Segment(first.seconds(frames[0]), len(frames), str(path), sps)
-                    )
-                    part = EncodedPart(path, tuple(frames))
-                    encoded.append(part)
-                    if role == "head":
-                        head = part
-                    else:
-                        tail = part
-            audio = audio_copy = None
-            clip_start_s = first.seconds(clip_start_pts)
             if info.audio is not None and info.audio.codec == "aac":
                 # AAC is copied in the join: no encode, the span exact to one
                 # audio frame, whose lead-in the MP4 edit list trims.
                 audio_copy = AudioCopy(src.audio_url or src.video_url, clip_start_s, end_s)
             elif info.audio is not None:
                 audio = _sibling(tmp, "audio")
-                parts.append(audio)
-            if segments or audio:
-                enc = None
-                if params is not None:
-                    enc = plan.EncodeParams(
-                        profile=x264_profile(params),
-                        level=x264_level(params),
-                        pix_fmt=params.pix_fmt or "yuv420p",
-                        width=params.width,
-                        height=params.height,
-                        timescale=tb.denominator,
-                        color=params.color,
-                    )
-                args = plan.smart_parts_args(
-                    src, segments, enc, clip_start_s, end_s - clip_start_s,
-                    str(audio) if audio else None,
-                )  # fmt: skip
+                args = plan.audio_args(src, clip_start_s, end_s - clip_start_s, str(audio))
                 await self._run(args, budget, on_progress)
-            extradata = None
-            if encoded:
-                assert avcc is not None
-                configs = await asyncio.to_thread(_part_configs, [p.path for p in encoded])
-                extradata = merge_avcc(avcc, *configs)
             join_plan = JoinPlan(
                 video_url=src.video_url,
-                time_base=tb,
+                time_base=first.time_base,
                 origin_pts=clip_start_pts,
                 reorder_ticks=first.key_pts - first.key_dts,
                 head=head,
@@ -407,15 +375,14 @@ class Cutter:
                 tail=tail,
                 audio=audio,
                 audio_copy=audio_copy,
-                extradata=extradata,
+                encoder=EncoderSpec.matching(params) if params is not None else None,
+                avcc=avcc,
             )
-            await asyncio.wait_for(
-                asyncio.to_thread(join, join_plan, tmp, budget.deadline), budget.left_s()
-            )
+            await _in_join_thread(join_plan, tmp, budget)
         finally:
-            for path in parts:
+            if audio is not None:
                 with contextlib.suppress(FileNotFoundError):
-                    await asyncio.to_thread(os.unlink, path)
+                    await asyncio.to_thread(os.unlink, audio)
         out = await validate_output(
             tmp,
             end_s - clip_start_s,

@@ -24,10 +24,8 @@ from typing import Any
 
 import av
 
-from clipservice.media.ffmpeg import NETWORK_PROTOCOLS
-from clipservice.media.smartcut import VideoParams, video_params
+from clipservice.media.smartcut import VideoParams, open_source, video_params
 
-_OPEN_TIMEOUT_S = 15.0
 # Packets read past the next keyframe to catch leading pictures of an open GOP.
 _LOOKAHEAD_PACKETS = 8
 # Stop a lookup that finds no next keyframe after this many packets.
@@ -95,6 +93,28 @@ class Gop:
         stop = self.packets[i + 1][1] if i + 1 < len(self.packets) else self.packets[i][1] + 1
         return stop, self._after(ordered, i + 1)
 
+    def copy_prefix(self, end_pts: int) -> tuple[int, int]:
+        """The longest copy of this GOP that shows nothing at or after ``end_pts``.
+
+        Like :meth:`copy_cut` a copy keeps a hole-free prefix of the packets in
+        decode order; this one never overshoots, and the frames from where it
+        ends to ``end_pts`` are for the caller to re-encode. Returns (decode
+        time to stop at, presentation time the copy shows until); a copy of
+        nothing stops at the keyframe.
+        """
+        ordered = sorted(self.frame_pts)
+        best = (self.key_dts, self.key_pts)
+        highest = None
+        for i, (pts, _) in enumerate(self.packets):
+            if pts >= end_pts:
+                break
+            highest = pts if highest is None else max(highest, pts)
+            if highest != ordered[i]:
+                continue  # a hole: a frame shown before this one is not kept yet
+            stop = self.packets[i + 1][1] if i + 1 < len(self.packets) else self.packets[i][1] + 1
+            best = (stop, self._after(ordered, i + 1))
+        return best
+
     def _after(self, ordered: list[int], count: int) -> int:
         if count < len(ordered):
             return ordered[count]
@@ -113,10 +133,6 @@ class Gop:
         ]
 
 
-def _open(url: str) -> Any:
-    return av.open(url, options={"protocol_whitelist": NETWORK_PROTOCOLS}, timeout=_OPEN_TIMEOUT_S)
-
-
 class KeyframeIndex:
     """The keyframes of one source's video, looked up lazily and cached for a job.
 
@@ -130,14 +146,32 @@ class KeyframeIndex:
         self._container: Any = None
         self._gops: list[Gop] = []  # sorted by key_pts
         self.lookups = 0  # GOPs really probed (not served from cache)
+        self._close_when_free = False
 
     # -- life cycle --------------------------------------------------------
 
     def close(self) -> None:
-        with self._lock:
-            if self._container is not None:
-                self._container.close()
-                self._container = None
+        """Close the container; if a lookup still holds it (a read stalled on
+        the source, up to its read timeout), that lookup closes it when done,
+        so closing never waits on the source."""
+        if not self._lock.acquire(timeout=0.2):
+            self._close_when_free = True
+            if not self._lock.acquire(blocking=False):
+                return  # (else the lookup ended meanwhile: close here)
+        try:
+            self._close_now()
+        finally:
+            self._lock.release()
+
+    def _close_now(self) -> None:
+        self._close_when_free = False
+        if self._container is not None:
+            self._container.close()
+            self._container = None
+
+    def _done_with_lock(self) -> None:
+        if self._close_when_free:
+            self._close_now()
 
     async def aclose(self) -> None:
         await asyncio.to_thread(self.close)
@@ -154,6 +188,8 @@ class KeyframeIndex:
                 return video_params(self._stream())
             except av.FFmpegError as exc:
                 raise ProbeError(f"cannot read the source: {exc}") from exc
+            finally:
+                self._done_with_lock()
 
     async def gop_at(self, t_s: float) -> Gop:
         """The GOP holding time ``t_s`` (its keyframe is at or before it)."""
@@ -168,6 +204,8 @@ class KeyframeIndex:
                 gop = self._probe(t_s)
             except av.FFmpegError as exc:
                 raise ProbeError(f"cannot read keyframes: {exc}") from exc
+            finally:
+                self._done_with_lock()
             self.lookups += 1
             keys = [g.key_pts for g in self._gops]
             i = bisect.bisect_left(keys, gop.key_pts)
@@ -177,7 +215,7 @@ class KeyframeIndex:
 
     def _stream(self) -> Any:
         if self._container is None:
-            self._container = _open(self.video_url)
+            self._container = open_source(self.video_url)
         if not self._container.streams.video:
             raise ProbeError("the source has no video stream")
         return self._container.streams.video[0]

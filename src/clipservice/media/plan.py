@@ -122,115 +122,23 @@ def fast_args(
     return [*args, *_maps(src), "-c:v", "copy", *audio, *MP4_OUT, out]
 
 
-@dataclass(frozen=True)
-class EncodeParams:
-    """x264 settings that make re-encoded frames fit the source's stream."""
-
-    profile: str  # x264 profile name: baseline | main | high
-    level: str  # e.g. "3.1"
-    pix_fmt: str
-    width: int
-    height: int
-    timescale: int  # MP4 track timescale (the source's time base denominator)
-    color: tuple[tuple[str, str], ...] = ()  # (-color_primaries, bt709)…
-
-    def args(self, sps_id: int) -> list[str]:
-        color = [a for k, v in self.color for a in (k, v)]
-        return [
-            # One thread: a GOP of frames gains nothing from x264's frame
-            # threads, and clips cut side by side share the cores better.
-            "-threads",
-            "1",
-            "-c:v",
-            "libx264",
-            # A GOP or two of frames: the fastest preset, a low CRF for quality.
-            "-preset",
-            "ultrafast",
-            "-crf",
-            "14",
-            "-profile:v",
-            self.profile,
-            "-level:v",
-            self.level,
-            "-pix_fmt",
-            self.pix_fmt,
-            "-s",
-            f"{self.width}x{self.height}",
-            # No B-frames: packets stay in presentation order, so the joined
-            # stream's decode times are easy to keep increasing.
-            "-bf",
-            "0",
-            "-x264-params",
-            f"sps-id={sps_id}",
-            *color,
-            "-fps_mode",
-            "passthrough",
-            "-video_track_timescale",
-            str(self.timescale),
-        ]
-
-
-@dataclass(frozen=True)
-class Segment:
-    """Frames to re-encode: ``frames`` frames from the one at ``start_s``."""
-
-    start_s: float
-    frames: int
-    out: str
-    sps_id: int
-
-
-def smart_parts_args(
-    src: Inputs,
-    segments: list[Segment],
-    params: EncodeParams | None,
-    audio_start_s: float,
-    audio_duration_s: float,
-    audio_out: str | None,
-) -> list[str]:
-    """One FFmpeg run that re-encodes the partial GOPs of a smart cut (each to
-    its own MP4) and cuts the audio to exactly the clip's span (AAC).
-
-    Each segment's input is seeked a hair before its first frame (FFmpeg keeps
-    frames at or after the seek point) and stops after an exact frame count.
-    """
-    args: list[str] = []
-    outputs: list[str] = []
-    for i, seg in enumerate(segments):
-        assert params is not None, "segments to encode need encoder parameters"
-        args += [
-            *_NET_INPUT,
-            "-threads",  # decoding one GOP: one thread, as for the encoder
-            "1",
-            "-ss",
-            ts(max(0.0, seg.start_s - 0.0005)),
-            "-i",
-            src.video_url,
-        ]
-        outputs += [
-            "-map",
-            f"{i}:v:0",
-            "-frames:v",
-            str(seg.frames),
-            *params.args(seg.sps_id),
-            "-an",
-            "-f",
-            "mp4",
-            seg.out,
-        ]
-    if audio_out is not None:
-        k = len(segments)
-        audio_url = src.audio_url or src.video_url
-        args += [*_NET_INPUT, "-ss", ts(audio_start_s), "-i", audio_url]
-        outputs += [
-            "-map",
-            f"{k}:a:0",
-            "-t",
-            ts(audio_duration_s),
-            "-vn",
-            *AAC_OUT,
-            "-f",
-            "mp4",
-            audio_out,
-        ]
-    return [*args, *outputs]
+def audio_args(src: Inputs, start_s: float, duration_s: float, out: str) -> list[str]:
+    """The audio of exactly [start_s, start_s + duration_s) as AAC, for a smart
+    cut whose source audio is not AAC (so cannot be copied)."""
+    audio_url = src.audio_url or src.video_url
+    return [
+        *_NET_INPUT,
+        "-ss",
+        ts(start_s),
+        "-i",
+        audio_url,
+        "-map",
+        "0:a:0",
+        "-t",
+        ts(duration_s),
+        "-vn",
+        *AAC_OUT,
+        "-f",
+        "mp4",
+        out,
+    ]

@@ -19,17 +19,23 @@ times, so the output holds exactly the frames of [start, end).
 
 from __future__ import annotations
 
+import contextlib
 import heapq
+import os
+import queue
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import av
+from av.codec.context import Flags
+from av.video.frame import PictureType
 
-from clipservice.media.ffmpeg import NETWORK_PROTOCOLS
+from clipservice.media.ffmpeg import FFMPEG_NICE, SOURCE_INPUT_OPTIONS
 
 _OPEN_TIMEOUT_S = 15.0
 _H264_PROFILES = {
@@ -173,24 +179,22 @@ class VideoParams:
     height: int
     time_base: Fraction
     extradata: bytes
-    color: tuple[tuple[str, str], ...]
+    color: tuple[tuple[str, int], ...]  # (codec context attribute, value)
+    frame_rate: Fraction | None = None
 
 
 def video_params(stream: Any) -> VideoParams:
     cc = stream.codec_context
-    color: list[tuple[str, str]] = []
-    for flag, attr in (
-        ("-color_primaries", "color_primaries"),
-        ("-color_trc", "color_trc"),
-        ("-colorspace", "colorspace"),
-        ("-color_range", "color_range"),
-    ):
+    color: list[tuple[str, int]] = []
+    for attr in _COLOR_ATTRS:
         value = getattr(cc, attr, None)
-        name = _color_name(attr, value)
-        if name:
-            color.append((flag, name))
+        number = int(value) if isinstance(value, int) else getattr(value, "value", None)
+        unspecified = (0,) if attr == "color_range" else (0, 2)
+        if isinstance(number, int) and number not in unspecified:
+            color.append((attr, number))
     extradata = bytes(cc.extradata or b"")
     cfg = parse_avcc(extradata) if cc.name == "h264" else None
+    rate = stream.average_rate or stream.guessed_rate
     return VideoParams(
         codec=cc.name,
         profile_idc=cfg.profile_idc if cfg else 0,
@@ -201,24 +205,12 @@ def video_params(stream: Any) -> VideoParams:
         time_base=stream.time_base,
         extradata=extradata,
         color=tuple(color),
+        frame_rate=Fraction(rate) if rate else None,
     )
 
 
-_COLOR_NAMES = {
-    "color_primaries": {1: "bt709", 5: "bt470bg", 6: "smpte170m", 9: "bt2020"},
-    "color_trc": {1: "bt709", 6: "smpte170m", 13: "iec61966-2-1", 14: "bt2020-10"},
-    "colorspace": {1: "bt709", 5: "bt470bg", 6: "smpte170m", 9: "bt2020nc"},
-    "color_range": {1: "tv", 2: "pc"},
-}
-
-
-def _color_name(attr: str, value: object) -> str | None:
-    if value is None:
-        return None
-    number = int(value) if isinstance(value, int) else getattr(value, "value", None)
-    if not isinstance(number, int):
-        return None
-    return _COLOR_NAMES[attr].get(number)
+# Colour description copied from the source into the re-encoded frames' VUI.
+_COLOR_ATTRS = ("color_primaries", "color_trc", "colorspace", "color_range")
 
 
 def check_supported(params: VideoParams) -> AvcConfig:
@@ -240,15 +232,86 @@ def x264_level(params: VideoParams) -> str:
     return f"{params.level_idc // 10}.{params.level_idc % 10}"
 
 
-# -- the join --------------------------------------------------------------
+# -- re-encoding partial GOPs, in process ------------------------------------
+#
+# The partial GOPs are decoded and encoded with PyAV (libavcodec and libx264
+# in this process, the GIL released while they work) rather than by an FFmpeg
+# process: no process start, no second read of the source's index, no part
+# files to write and read back, and the head, the copied middle and the tail
+# are fetched side by side. Every loop checks the clip's deadline and its
+# cancel flag between packets, so a cut stops within one frame's work.
 
 
 @dataclass(frozen=True)
-class EncodedPart:
-    """A re-encoded partial GOP on disk and the source times of its frames."""
+class EncoderSpec:
+    """x264 settings that make re-encoded frames fit the source's stream."""
 
-    path: Path
-    frame_pts: tuple[int, ...]  # source ticks, one per frame, in order
+    profile: str  # x264 profile name: baseline | main | high
+    level: str  # e.g. "3.1"
+    pix_fmt: str
+    width: int
+    height: int
+    time_base: Fraction
+    frame_rate: Fraction | None
+    color: tuple[tuple[str, int], ...] = ()
+
+    @classmethod
+    def matching(cls, params: VideoParams) -> EncoderSpec:
+        return cls(
+            profile=x264_profile(params),
+            level=x264_level(params),
+            pix_fmt=params.pix_fmt or "yuv420p",
+            width=params.width,
+            height=params.height,
+            time_base=params.time_base,
+            frame_rate=params.frame_rate,
+            color=params.color,
+        )
+
+    def open(self, sps: int) -> Any:
+        """An open libx264 encoder whose parameter sets use id ``sps``.
+
+        The fastest preset (a GOP or two of frames) at a low CRF, one thread
+        (clips cut side by side share the cores), no B-frames (packets come
+        in presentation order), and the parameter sets out of band (global
+        header) so they are known before the first frame is encoded.
+        """
+        enc = av.CodecContext.create("libx264", "w")
+        enc.width, enc.height, enc.pix_fmt = self.width, self.height, self.pix_fmt
+        enc.time_base = self.time_base
+        if self.frame_rate:
+            enc.framerate = self.frame_rate
+        for attr, value in self.color:
+            setattr(enc, attr, value)
+        enc.thread_count = 1
+        enc.flags |= Flags.global_header
+        enc.options = {
+            "preset": "ultrafast",
+            "crf": str(ENCODE_CRF),
+            "profile": self.profile,
+            "level": self.level,
+            "bf": "0",
+            "x264-params": f"sps-id={sps}",
+        }
+        try:
+            enc.open()
+        except av.FFmpegError as exc:
+            raise SmartCutUnsupported(f"x264 cannot match the source: {exc}") from exc
+        return enc
+
+
+# Visually transparent for frames that sit between copied source frames.
+ENCODE_CRF = 16
+
+
+@dataclass(frozen=True)
+class GopEncode:
+    """Frames of one source GOP to re-encode: decoded from the GOP's keyframe
+    at ``key_pts``, encoded are the frames shown at ``frame_pts`` (sorted)."""
+
+    key_pts: int
+    frame_pts: tuple[int, ...]
+    sps_id: int
 
 
 @dataclass(frozen=True)
@@ -260,7 +323,7 @@ class CopySpan:
     end_pts: int
     expected_frames: int | None
     stop_at_keyframe: bool  # end_pts is a keyframe: stop there (B-frame safe)
-    cutoff_dts: int | None = None  # fast mode with B-frames: stop at this decode time
+    cutoff_dts: int | None = None  # with B-frames: stop at this decode time
 
 
 @dataclass(frozen=True)
@@ -285,89 +348,241 @@ class JoinPlan:
     time_base: Fraction
     origin_pts: int  # source ticks of the clip's first frame
     reorder_ticks: int  # pts - dts of the source's keyframes
-    head: EncodedPart | None
+    head: GopEncode | None
     copy: CopySpan | None
-    tail: EncodedPart | None
+    tail: GopEncode | None
     audio: Path | None  # re-encoded audio of exactly the clip's span, or
     audio_copy: AudioCopy | None  # AAC packets copied from the source
-    extradata: bytes | None  # None: keep the source's
+    encoder: EncoderSpec | None = None  # needed when head or tail is set
+    avcc: AvcConfig | None = None  # the source's, needed when head or tail is set
 
 
-def _open_url(url: str) -> Any:
-    return av.open(url, options={"protocol_whitelist": NETWORK_PROTOCOLS}, timeout=_OPEN_TIMEOUT_S)
+class Cancelled(Exception):
+    """The cut was cancelled (its job was deleted or the service is stopping)."""
 
 
-def join(plan: JoinPlan, out: Path, deadline: float) -> int:
-    """Write the joined clip to ``out``; return its video frame count."""
-    with av.open(str(out), "w", format="mp4", options={"movflags": "+faststart"}) as oc:
-        source = _open_url(plan.video_url)
-        try:
+@dataclass
+class _Guard:
+    """A clip's deadline and cancel flag, checked by every loop of the join,
+    and the first error any of its threads met (the one to report)."""
+
+    deadline: float
+    cancel: threading.Event
+    error: BaseException | None = None
+
+    def fail(self, exc: BaseException) -> None:
+        if self.error is None and not isinstance(exc, Cancelled):
+            self.error = exc
+        self.cancel.set()  # the other parts stop too
+
+    def check(self) -> None:
+        if self.cancel.is_set():
+            raise Cancelled
+        if time.monotonic() > self.deadline:
+            raise TimeoutError
+
+
+def lower_thread_priority() -> None:
+    """Run this thread at FFMPEG_NICE, like the FFmpeg processes: cutting must
+    never starve the event loop that serves the API (Linux nice is per thread)."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), FFMPEG_NICE)
+
+
+def open_source(url: str) -> Any:
+    """A source opened by PyAV under the same rules as FFmpeg's inputs.
+
+    The time limit is FFmpeg's own ``rw_timeout`` on every network read, not
+    PyAV's ``timeout``: that one is an interrupt callback which takes the GIL
+    on every read, so clips read on several threads would queue for the GIL.
+    """
+    options = {**SOURCE_INPUT_OPTIONS, "rw_timeout": str(int(_OPEN_TIMEOUT_S * 1e6))}
+    return av.open(url, options=options)
+
+
+def _nal_units(data: bytes) -> list[bytes]:
+    """The NAL units of an Annex B byte stream (start codes removed)."""
+    units = []
+    pos = data.find(b"\x00\x00\x01")
+    while pos >= 0:
+        begin = pos + 3
+        nxt = data.find(b"\x00\x00\x01", begin)
+        unit = data[begin : nxt if nxt >= 0 else len(data)].rstrip(b"\x00")
+        if unit:
+            units.append(unit)
+        pos = nxt
+    return units
+
+
+def annexb_config(extradata: bytes, length_size: int) -> AvcConfig:
+    """The SPS and PPS of an encoder's Annex B global header, as an avcC record."""
+    units = _nal_units(extradata)
+    sps = tuple(u for u in units if u[0] & 0x1F == 7)
+    pps = tuple(u for u in units if u[0] & 0x1F == 8)
+    if not sps or not pps:
+        raise SmartCutUnsupported("the encoder gave no parameter sets")
+    return AvcConfig(sps[0][1], sps[0][2], sps[0][3], length_size, sps, pps, b"")
+
+
+def to_length_prefixed(data: bytes, length_size: int) -> bytes:
+    """An Annex B access unit as MP4 samples carry it; parameter sets and access
+    unit delimiters are dropped (the avcC holds the sets)."""
+    return b"".join(
+        len(u).to_bytes(length_size, "big") + u
+        for u in _nal_units(data)
+        if u[0] & 0x1F not in (7, 8, 9)
+    )
+
+
+@dataclass(frozen=True)
+class _Encoded:
+    """One re-encoded frame, ready to mux: MP4 sample bytes and its source time."""
+
+    data: bytes
+    pts: int
+    keyframe: bool
+
+
+def _reencode_gop(
+    url: str, part: GopEncode, enc: Any, length_size: int, guard: _Guard
+) -> list[_Encoded]:
+    """Decode the GOP at ``part.key_pts`` and encode the frames ``part`` wants.
+
+    Only what those frames need is decoded: frames before the first wanted one
+    that no other frame refers to (most B-frames) are skipped. Decoding and
+    encoding run on two threads, so one clip's ends are cut on two cores.
+    """
+    lower_thread_priority()
+    wanted = set(part.frame_pts)
+    frames: queue.Queue[Any] = queue.Queue()
+    encoder = _Worker(lambda: _encode_frames(frames, enc, guard), guard)
+    got = 0
+
+    def encode(decoded: list[Any]) -> None:
+        nonlocal got
+        for frame in decoded:
+            if frame.pts in wanted:
+                got += 1
+                frame.pict_type = PictureType.NONE  # the encoder decides
+                frames.put(frame)
+
+    try:
+        with open_source(url) as source:
             vin = source.streams.video[0]
-            vout = oc.add_stream_from_template(vin)
-            if plan.extradata is not None:
-                vout.codec_context.extradata = plan.extradata
-            vout.time_base = plan.time_base
-            audio_in = None
-            if plan.audio is not None:
-                audio_in = av.open(str(plan.audio))
-            elif plan.audio_copy is not None:
-                audio_in = _open_url(plan.audio_copy.url)
+            dec = av.CodecContext.create(vin.codec_context.name, "r")
+            dec.extradata = vin.codec_context.extradata
+            dec.thread_count = 1
+            source.seek(part.key_pts, stream=vin, backward=True, any_frame=False)
+            first = True
+            for packet in source.demux(vin):
+                guard.check()
+                if packet.size == 0:
+                    continue
+                if first:
+                    if not packet.is_keyframe or packet.pts != part.key_pts:
+                        raise SmartCutUnsupported(
+                            "decoding does not start on the expected keyframe"
+                        )
+                    first = False
+                elif packet.is_keyframe:
+                    break  # the next GOP
+                dec.skip_frame = "DEFAULT" if packet.pts in wanted else "NONREF"
+                encode(_decode(dec, packet))
+                if got == len(wanted):
+                    break
+            if got < len(wanted):
+                encode(_decode(dec, None))
+    finally:
+        frames.put(None)  # the encoder flushes and ends
+    packets: list[Any] = encoder.result()
+    if got != len(wanted) or len(packets) != len(part.frame_pts):
+        raise SmartCutUnsupported(
+            f"re-encoded {len(packets)} of {len(part.frame_pts)} frames (decoded {got})"
+        )
+    return [
+        _Encoded(to_length_prefixed(bytes(p), length_size), pts, bool(p.is_keyframe))
+        for p, pts in zip(packets, part.frame_pts, strict=True)
+    ]
+
+
+def _decode(dec: Any, packet: Any) -> list[Any]:
+    try:
+        return list(dec.decode(packet))
+    except av.error.InvalidDataError as exc:  # FFmpeg's own re-encode may cope
+        raise SmartCutUnsupported(f"the source does not decode cleanly: {exc}") from exc
+
+
+def _encode_frames(frames: queue.Queue[Any], enc: Any, guard: _Guard) -> list[Any]:
+    """Encode frames from the queue until None, then flush the encoder."""
+    lower_thread_priority()
+    packets: list[Any] = []
+    while True:
+        try:
+            frame = frames.get(timeout=0.1)
+        except queue.Empty:
+            guard.check()
+            continue
+        if frame is None:
+            packets.extend(enc.encode(None))
+            return packets
+        guard.check()
+        packets.extend(enc.encode(frame))
+
+
+class _Worker:
+    """A function run on its own thread; ``result()`` waits and re-raises."""
+
+    def __init__(self, fn: Callable[[], Any], guard: _Guard) -> None:
+        self._fn = fn
+        self._guard = guard
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True, name="clip-part")
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._value = self._fn()
+        except BaseException as exc:  # handed to the joining thread
+            self._error = exc
+            self._guard.fail(exc)
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+    def stop(self) -> None:
+        self._guard.cancel.set()
+        self._thread.join()
+
+
+_COPY_QUEUE_PACKETS = 256  # read ahead of the muxer by up to ~8 s of video
+_END = object()
+
+
+def _read_copy(source: Any, span: CopySpan, out: queue.Queue[Any], guard: _Guard) -> int:
+    """Put the copied span's packets on ``out`` (then _END); return their count.
+    Takes over (and closes) the open ``source``."""
+    lower_thread_priority()
+
+    def put(item: Any) -> None:
+        while True:
+            guard.check()
             try:
-                aout = None
-                if audio_in is not None:
-                    aout = oc.add_stream_from_template(audio_in.streams.audio[0])
-                counter = [0]
-                video = _video_packets(plan, source, vin, vout, counter, deadline)
-                streams: list[Iterator[tuple[float, int, Any]]] = [video]
-                if audio_in is not None and aout is not None:
-                    if plan.audio_copy is not None:
-                        streams.append(_copied_audio(audio_in, aout, plan.audio_copy))
-                    else:
-                        streams.append(_audio_packets(audio_in, aout))
-                last_dts: int | None = None
-                for _, _, packet in heapq.merge(*streams, key=lambda x: (x[0], x[1])):
-                    if packet.stream is vout:
-                        if last_dts is not None and packet.dts <= last_dts:
-                            raise SmartCutUnsupported("joined decode times do not increase")
-                        last_dts = packet.dts
-                    oc.mux(packet)
-                return counter[0]
-            finally:
-                if audio_in is not None:
-                    audio_in.close()
-        finally:
-            source.close()
+                out.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
 
-
-def _retime(packet: Any, stream: Any, pts: int, dts: int, tb: Fraction) -> Any:
-    packet.stream = stream
-    packet.time_base = tb
-    packet.pts = pts
-    packet.dts = dts
-    return packet
-
-
-def _video_packets(
-    plan: JoinPlan, source: Any, vin: Any, vout: Any, counter: list[int], deadline: float
-) -> Iterator[tuple[float, int, Any]]:
-    tb = plan.time_base
-    origin = plan.origin_pts
-
-    def emit(packet: Any, pts: int, dts: int) -> tuple[float, int, Any]:
-        counter[0] += 1
-        return (float(dts * tb), 0, _retime(packet, vout, pts, dts, tb))
-
-    for part in (plan.head,):
-        if part is not None:
-            yield from (emit(p, pts, dts) for p, pts, dts in _encoded(part, plan))
-    if plan.copy is not None:
-        span = plan.copy
+    copied = 0
+    with source:
+        vin = source.streams.video[0]
         source.seek(span.key_pts, stream=vin, backward=True, any_frame=False)
-        copied = 0
         first = True
         for packet in source.demux(vin):
-            if time.monotonic() > deadline:
-                raise TimeoutError
+            guard.check()
             if packet.size == 0:
                 continue
             if packet.pts is None or packet.dts is None:
@@ -381,36 +596,160 @@ def _video_packets(
             if span.cutoff_dts is not None:
                 if packet.dts >= span.cutoff_dts:
                     break
-                copied += 1
-                yield emit(packet, packet.pts - origin, packet.dts - origin)
-                continue
-            if span.stop_at_keyframe and packet.is_keyframe and packet.pts >= span.end_pts:
+            elif span.stop_at_keyframe and packet.is_keyframe and packet.pts >= span.end_pts:
                 break
-            if packet.pts >= span.end_pts:
+            elif packet.pts >= span.end_pts:
                 if span.stop_at_keyframe:
                     raise SmartCutUnsupported("frames past the end inside a copied GOP")
-                # No reordering: nothing before the end refers to this frame.
-                break
+                break  # no reordering: nothing before the end refers to this frame
             copied += 1
-            yield emit(packet, packet.pts - origin, packet.dts - origin)
-        if span.expected_frames is not None and copied != span.expected_frames:
-            raise SmartCutUnsupported(f"copied {copied} frames, expected {span.expected_frames}")
-    if plan.tail is not None:
-        yield from (emit(p, pts, dts) for p, pts, dts in _encoded(plan.tail, plan))
+            put(packet)
+    put(_END)
+    if span.expected_frames is not None and copied != span.expected_frames:
+        raise SmartCutUnsupported(f"copied {copied} frames, expected {span.expected_frames}")
+    return copied
 
 
-def _encoded(part: EncodedPart, plan: JoinPlan) -> Iterator[tuple[Any, int, int]]:
-    """The part's packets with the source times of its frames (no B-frames:
-    packet order is presentation order)."""
-    with av.open(str(part.path)) as c:
-        packets = [p for p in c.demux(c.streams.video[0]) if p.size > 0]
-        if len(packets) != len(part.frame_pts):
-            raise SmartCutUnsupported(
-                f"re-encoded {len(packets)} frames, expected {len(part.frame_pts)}"
-            )
-        for packet, src_pts in zip(packets, part.frame_pts, strict=True):
-            pts = src_pts - plan.origin_pts
-            yield packet, pts, pts - plan.reorder_ticks
+def join(plan: JoinPlan, out: Path, deadline: float, cancel: threading.Event | None = None) -> int:
+    """Write the clip to ``out``; return its video frame count.
+
+    The re-encoded head and tail and the copied middle are each read on their
+    own thread (and connection), so fetching the middle overlaps encoding the
+    ends; this thread muxes them in order with the audio.
+    """
+    lower_thread_priority()
+    guard = _Guard(deadline, cancel or threading.Event())
+    extradata = None
+    encoders: dict[str, Any] = {}
+    if plan.head is not None or plan.tail is not None:
+        if plan.encoder is None or plan.avcc is None:
+            raise ValueError("re-encoding needs the encoder spec and the source's avcC")
+        configs = []
+        for role, part in (("head", plan.head), ("tail", plan.tail)):
+            if part is not None:
+                encoders[role] = plan.encoder.open(part.sps_id)
+                configs.append(
+                    annexb_config(bytes(encoders[role].extradata), plan.avcc.length_size)
+                )
+        extradata = merge_avcc(plan.avcc, *configs)
+    length = plan.avcc.length_size if plan.avcc is not None else 4
+    workers: list[_Worker] = []
+    copied: queue.Queue[Any] = queue.Queue(maxsize=_COPY_QUEUE_PACKETS)
+    source = open_source(plan.video_url)  # the output's template, then the copy's reader
+    try:
+        with av.open(str(out), "w", format="mp4", options={"movflags": "+faststart"}) as oc:
+            vout = oc.add_stream_from_template(source.streams.video[0])
+            if extradata is not None:
+                vout.codec_context.extradata = extradata
+            vout.time_base = plan.time_base
+            head = tail = copy = None
+            if plan.copy is not None:
+                span, reader, source = plan.copy, source, None
+                copy = _Worker(lambda: _read_copy(reader, span, copied, guard), guard)
+            if plan.head is not None:
+                part, enc = plan.head, encoders["head"]
+                head = _Worker(
+                    lambda: _reencode_gop(plan.video_url, part, enc, length, guard), guard
+                )
+            if plan.tail is not None:
+                tpart, tenc = plan.tail, encoders["tail"]
+                tail = _Worker(
+                    lambda: _reencode_gop(plan.video_url, tpart, tenc, length, guard), guard
+                )
+            workers = [w for w in (head, copy, tail) if w is not None]
+            return _mux(plan, oc, vout, head, copy, copied, tail, guard)
+    except BaseException as exc:
+        guard.fail(exc)
+        for worker in workers:
+            worker.stop()
+        # A join stopped late (its reads outlived the caller's wait) must not
+        # leave its partial output behind: it removes the file itself.
+        with contextlib.suppress(OSError):
+            out.unlink()
+        if guard.error is not None and guard.error is not exc:
+            raise guard.error from None  # the cause, not another part's stop
+        raise
+    finally:
+        for worker in workers:
+            worker.stop()
+        if source is not None:
+            source.close()
+
+
+def _mux(
+    plan: JoinPlan,
+    oc: Any,
+    vout: Any,
+    head: _Worker | None,
+    copy: _Worker | None,
+    copied: queue.Queue[Any],
+    tail: _Worker | None,
+    guard: _Guard,
+) -> int:
+    tb = plan.time_base
+    origin = plan.origin_pts
+    counter = 0
+    audio_in = None
+    if plan.audio is not None:
+        audio_in = av.open(str(plan.audio))
+    elif plan.audio_copy is not None:
+        audio_in = open_source(plan.audio_copy.url)
+    try:
+        aout = None
+        if audio_in is not None:
+            aout = oc.add_stream_from_template(audio_in.streams.audio[0])
+
+        def emit(packet: Any, pts: int, dts: int) -> tuple[float, int, Any]:
+            nonlocal counter
+            counter += 1
+            packet.stream = vout
+            packet.time_base = tb
+            packet.pts = pts
+            packet.dts = dts
+            return (float(dts * tb), 0, packet)
+
+        def encoded(worker: _Worker) -> Iterator[tuple[float, int, Any]]:
+            for frame in worker.result():
+                packet = av.Packet(frame.data)
+                packet.is_keyframe = frame.keyframe
+                pts = frame.pts - origin
+                yield emit(packet, pts, pts - plan.reorder_ticks)
+
+        def video() -> Iterator[tuple[float, int, Any]]:
+            if head is not None:
+                yield from encoded(head)
+            if copy is not None:
+                while True:
+                    try:
+                        packet = copied.get(timeout=0.1)
+                    except queue.Empty:
+                        guard.check()
+                        continue
+                    if packet is _END:
+                        break
+                    yield emit(packet, packet.pts - origin, packet.dts - origin)
+                copy.result()
+            if tail is not None:
+                yield from encoded(tail)
+
+        streams: list[Iterator[tuple[float, int, Any]]] = [video()]
+        if audio_in is not None and aout is not None:
+            if plan.audio_copy is not None:
+                streams.append(_copied_audio(audio_in, aout, plan.audio_copy))
+            else:
+                streams.append(_audio_packets(audio_in, aout))
+        last_dts: int | None = None
+        for _, _, packet in heapq.merge(*streams, key=lambda x: (x[0], x[1])):
+            guard.check()
+            if packet.stream is vout:
+                if last_dts is not None and packet.dts <= last_dts:
+                    raise SmartCutUnsupported("joined decode times do not increase")
+                last_dts = packet.dts
+            oc.mux(packet)
+        return counter
+    finally:
+        if audio_in is not None:
+            audio_in.close()
 
 
 def _audio_packets(container: Any, aout: Any) -> Iterator[tuple[float, int, Any]]:
