@@ -162,13 +162,31 @@ async def test_smart_cut_joins_distinct_parameter_sets(
     _check_accuracy(out, media["video"], 3.5, 9.0)
 
 
-@pytest.mark.parametrize(("start", "end"), [(3.5, 9.2), (4.0, 10.0), (2.5, 3.5), (0.0, 29.9)])
+@pytest.mark.parametrize(
+    ("start", "end", "parameter_sets"),
+    [
+        (3.5, 9.2, 3),  # head and tail re-encoded, each with its own SPS/PPS
+        (4.0, 10.0, 1),  # keyframe to keyframe: all copied
+        (2.5, 3.5, 2),  # inside one GOP
+        (0.0, 29.9, 2),  # from 0 to the last frames: the tail only
+        (4.0, 9.1, 2),  # on a keyframe, ends mid-GOP: the tail only
+    ],
+)
 async def test_accurate_with_b_frames(
-    media_server: MediaServer, media: dict[str, Path], tmp_path: Path, start: float, end: float
+    media_server: MediaServer,
+    media: dict[str, Path],
+    tmp_path: Path,
+    start: float,
+    end: float,
+    parameter_sets: int,
 ) -> None:
-    """On a source with B-frames, head and tail partial GOPs are re-encoded and the join is exact."""
+    """On a source with B-frames, the frames before the start's next keyframe and
+    those after the last copyable prefix of the end's GOP are re-encoded, and the
+    join is exact."""
     out = await _cut(media_server, tmp_path, "bf-video.mp4", start, end, "accurate")
     _check_accuracy(out, media["bf-video"], start, end)
+    assert out.sps_count == parameter_sets
+    assert out.outcome.note is None
 
 
 @pytest.mark.parametrize("video", ["video.mp4", "bf-video.mp4"])

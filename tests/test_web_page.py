@@ -322,24 +322,34 @@ async def test_page_event_stream_parser(service: Service, browser: Any) -> None:
 
 
 async def test_smart_cut_and_fast_clips_play_through_in_chromium(
-    service: Service, browser: Any
+    service: Service, browser: Any, media_server: MediaServer
 ) -> None:
-    """Accurate (smart-cut, two parameter sets in avcC) and fast clips decode frame by frame
-    in Chromium from first to last frame, with no media error."""
-    resp = await service.create(
+    """Accurate (smart-cut, parameter sets of each part side by side in avcC) and fast clips
+    decode frame by frame in Chromium from first to last frame, with no media error;
+    on a B-frame source too, where the frames before the end are re-encoded as well."""
+    results = []
+    for body in (
         {
             "video_id": "browserplay",
             "clips": [
                 {"start": 1.5, "end": 5.3, "mode": "accurate"},
                 {"start": 3.1, "end": 7.0, "mode": "fast"},
             ],
-        }
-    )
-    doc = await service.wait((await resp.json())["job_id"])
-    assert doc["status"] == "finished" and doc["errors"] == [], doc
+        },
+        {
+            "video_url": media_server.url("bf-video.mp4"),
+            "audio_url": media_server.url("audio.m4a"),
+            "clips": [{"start": 2.5, "end": 9.2, "mode": "accurate"}],
+        },
+    ):
+        resp = await service.create(body)
+        doc = await service.wait((await resp.json())["job_id"])
+        assert doc["status"] == "finished" and doc["errors"] == [], doc
+        results += doc["results"]
+    assert all(r["note"] is None for r in results)  # smart-cut, not re-encoded
     page = await _new_page(browser)
     await page.goto(service.base_url + "/")
-    for result in doc["results"]:
+    for result in results:
         played = await page.evaluate(
             """async (url) => {
               const v = document.createElement('video');
