@@ -235,10 +235,18 @@ def main() -> None:
 
             def service_clip(mode: CutMode) -> Callable[[], None]:
                 async def one() -> None:
-                    info = await probe_source(video, audio)
-                    out = work / f"{mode}.mp4"
-                    out.unlink(missing_ok=True)
-                    outcome = await Cutter().cut(src, info, start, end, mode, out, timeout_s=300)
+                    # What the service does for a job of one clip (but the
+                    # resolve): probe through the job's keyframe index, cut.
+                    index = KeyframeIndex(video)
+                    try:
+                        info = await probe_source(video, audio, index)
+                        out = work / f"{mode}.mp4"
+                        out.unlink(missing_ok=True)
+                        outcome = await Cutter().cut(
+                            src, info, start, end, mode, out, timeout_s=300, keyframes=index
+                        )
+                    finally:
+                        await index.aclose()
                     if outcome.note:
                         notes[mode] = outcome.note
 
@@ -293,8 +301,8 @@ def main() -> None:
             # keyframe index, clips under the default limit of 4 at once.
             def job(clips: int) -> Callable[[], None]:
                 async def run() -> None:
-                    info = await probe_source(video, audio)
                     index = KeyframeIndex(video)
+                    info = await probe_source(video, audio, index)
                     limit = asyncio.Semaphore(4)
 
                     async def clip(i: int) -> None:

@@ -613,7 +613,8 @@ class ClipWorker:
         """Probe a job's source once per worker process (clips of a job share it)."""
         fut = self._probes.get(job_id)
         if fut is None or (fut.done() and fut.exception() is not None):
-            fut = asyncio.ensure_future(probe_source(src.video_url, src.audio_url))
+            index = self._keyframes_for(job_id, src)  # the probe reads through it
+            fut = asyncio.ensure_future(probe_source(src.video_url, src.audio_url, index))
             self._probes[job_id] = fut
             while len(self._probes) > _PROBE_CACHE_SIZE:
                 self._probes.popitem(last=False)

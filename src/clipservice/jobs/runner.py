@@ -94,8 +94,13 @@ class JobStreams:
     generation it used, and only the first to report it resolves again.
     """
 
-    def __init__(self, src: plan.Inputs, resolve: Callable[[], Awaitable[ResolvedSource]]) -> None:
-        self.current = StreamSet(src, KeyframeIndex(src.video_url))
+    def __init__(
+        self,
+        src: plan.Inputs,
+        resolve: Callable[[], Awaitable[ResolvedSource]],
+        keyframes: KeyframeIndex | None = None,
+    ) -> None:
+        self.current = StreamSet(src, keyframes or KeyframeIndex(src.video_url))
         self._resolve = resolve
         self._lock = asyncio.Lock()
         self._retired: list[KeyframeIndex] = []
@@ -290,22 +295,33 @@ class LocalRunner:
         job.status = JobStatus.PROCESSING
         await self._save(job)
         t0 = time.monotonic()
+        index: KeyframeIndex | None = None
         try:
             resolved = await self._resolve(job)
             src = plan.Inputs(resolved.video_url, resolved.audio_url)
+            # The job's keyframe index; the probe reads the video through it.
+            index = KeyframeIndex(src.video_url)
             try:
-                info = await probe_source(src.video_url, src.audio_url)
+                info = await probe_source(src.video_url, src.audio_url, index)
             except SourceError as exc:
                 if not source_expired(exc.message):
                     raise
                 log.info("source_expired", error=exc.message[:300])
+                await index.aclose()
                 resolved = await self._resolve(job)
                 src = plan.Inputs(resolved.video_url, resolved.audio_url)
-                info = await probe_source(src.video_url, src.audio_url)
+                index = KeyframeIndex(src.video_url)
+                info = await probe_source(src.video_url, src.audio_url, index)
         except SourceError as exc:
+            if index is not None:
+                await index.aclose()
             log.warning("source_failed", code=exc.code, error=exc.message)
             await self._end(job, JobError(code=exc.code, message=exc.message))
             return
+        except BaseException:
+            if index is not None:
+                await asyncio.shield(index.aclose())
+            raise
         log.info(
             "source_ready",
             duration_s=info.duration_s,
@@ -319,7 +335,7 @@ class LocalRunner:
         self._clip_progress[job.job_id] = {}
         self._unfinished_clips[job.job_id] = len(pending)
         # One set of streams (and keyframe index) per job, shared by its clips.
-        streams = JobStreams(src, functools.partial(self._resolve, job))
+        streams = JobStreams(src, functools.partial(self._resolve, job), index)
         try:
             try:
                 async with asyncio.TaskGroup() as tg:

@@ -18,9 +18,10 @@ import asyncio
 import bisect
 import itertools
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any
+from typing import Any, TypeVar
 
 import av
 
@@ -30,6 +31,7 @@ from clipservice.media.smartcut import VideoParams, open_source, video_params
 _LOOKAHEAD_PACKETS = 8
 # Stop a lookup that finds no next keyframe after this many packets.
 _MAX_GOP_PACKETS = 2000
+T = TypeVar("T")
 # Times closer than this are the same instant (well under one frame).
 EPS_S = 1e-3
 
@@ -188,6 +190,17 @@ class KeyframeIndex:
                 return video_params(self._stream())
             except av.FFmpegError as exc:
                 raise ProbeError(f"cannot read the source: {exc}") from exc
+            finally:
+                self._done_with_lock()
+
+    def inspect_sync(self, read: Callable[[Any], T]) -> T:
+        """Run ``read`` on the index's open container (opening it if need be):
+        the job's metadata probe shares the one open of the video."""
+        with self._lock:
+            try:
+                if self._container is None:
+                    self._container = open_source(self.video_url)
+                return read(self._container)
             finally:
                 self._done_with_lock()
 

@@ -8,17 +8,21 @@ coroutine here runs its work in a thread.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import av
 
 from clipservice.errors import ClipFailure, SourceError
-from clipservice.media.ffmpeg import SOURCE_INPUT_OPTIONS
+from clipservice.media.smartcut import open_source
 
-_OPEN_TIMEOUT_S = 15.0
+if TYPE_CHECKING:
+    from clipservice.media.keyframes import KeyframeIndex
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -46,7 +50,7 @@ class SourceInfo:
 
 
 def _open(url: str) -> Any:
-    return av.open(url, options=dict(SOURCE_INPUT_OPTIONS), timeout=_OPEN_TIMEOUT_S)
+    return open_source(url)
 
 
 def _stream_duration(stream: Any, container: Any) -> float | None:
@@ -90,31 +94,58 @@ def _audio_info(container: Any) -> StreamInfo | None:
     )
 
 
-def _probe_sync(video_url: str, audio_url: str | None) -> SourceInfo:
+def _read_source(read: Callable[[], T]) -> T:
     try:
-        with _open(video_url) as c:
-            video = _video_info(c)
-            audio = _audio_info(c) if audio_url is None else None
-        if video is None:
-            raise SourceError("source_unavailable", "the video URL holds no video stream")
-        if audio_url is not None:
-            with _open(audio_url) as c:
-                audio = _audio_info(c)
-            if audio is None:
-                raise SourceError("source_unavailable", "the audio URL holds no audio stream")
+        return read()
     except av.error.HTTPForbiddenError as exc:
         raise SourceError("source_unavailable", f"source answered 403: {exc}") from exc
     except av.FFmpegError as exc:
         raise SourceError("source_unavailable", f"cannot read source: {exc}") from exc
-    durations = [d for d in (video.duration_s, audio.duration_s if audio else None) if d]
+
+
+async def probe_source(
+    video_url: str, audio_url: str | None, keyframes: KeyframeIndex | None = None
+) -> SourceInfo:
+    """Probe a job's source once: duration and stream parameters.
+
+    Video and separate audio are opened side by side. With ``keyframes`` (the
+    job's index over ``video_url``) the video is read through the index's
+    container, which stays open for the job's keyframe lookups: the video's
+    index is then read once per job, not twice.
+    """
+
+    def video() -> tuple[StreamInfo | None, StreamInfo | None]:
+        def read(c: Any) -> tuple[StreamInfo | None, StreamInfo | None]:
+            return _video_info(c), _audio_info(c) if audio_url is None else None
+
+        if keyframes is not None and keyframes.video_url == video_url:
+            return keyframes.inspect_sync(read)
+        with _open(video_url) as c:
+            return read(c)
+
+    def audio() -> StreamInfo | None:
+        assert audio_url is not None
+        with _open(audio_url) as c:
+            return _audio_info(c)
+
+    async def no_audio() -> StreamInfo | None:
+        return None
+
+    (video_info, audio_info), separate_audio = await asyncio.gather(
+        asyncio.to_thread(_read_source, video),
+        asyncio.to_thread(_read_source, audio) if audio_url is not None else no_audio(),
+    )
+    if video_info is None:
+        raise SourceError("source_unavailable", "the video URL holds no video stream")
+    if audio_url is not None:
+        audio_info = separate_audio
+        if audio_info is None:
+            raise SourceError("source_unavailable", "the audio URL holds no audio stream")
+    audio_s = audio_info.duration_s if audio_info else None
+    durations = [d for d in (video_info.duration_s, audio_s) if d]
     if not durations:
         raise SourceError("source_unavailable", "source has no known duration")
-    return SourceInfo(duration_s=min(durations), video=video, audio=audio)
-
-
-async def probe_source(video_url: str, audio_url: str | None) -> SourceInfo:
-    """Probe a job's source once: duration and stream parameters."""
-    return await asyncio.to_thread(_probe_sync, video_url, audio_url)
+    return SourceInfo(duration_s=min(durations), video=video_info, audio=audio_info)
 
 
 @dataclass(frozen=True)
