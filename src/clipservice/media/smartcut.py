@@ -454,7 +454,9 @@ def _reencode_gop(
     """
     lower_thread_priority()
     wanted = set(part.frame_pts)
-    frames: queue.Queue[Any] = queue.Queue()
+    # Bounded: a long GOP of large frames must not pile up decoded pictures
+    # (a 4K frame is 12 MB) while the encoder catches up.
+    frames: queue.Queue[Any] = queue.Queue(maxsize=_FRAME_QUEUE)
     encoder = _Worker(lambda: _encode_frames(frames, enc, guard), guard)
     got = 0
 
@@ -464,7 +466,7 @@ def _reencode_gop(
             if frame.pts in wanted:
                 got += 1
                 frame.pict_type = PictureType.NONE  # the encoder decides
-                frames.put(frame)
+                _put(frames, frame, guard)
 
     try:
         with open_source(url) as source:
@@ -493,7 +495,7 @@ def _reencode_gop(
             if got < len(wanted):
                 encode(_decode(dec, None))
     finally:
-        frames.put(None)  # the encoder flushes and ends
+        _put(frames, None, guard, stopping=True)  # the encoder flushes and ends
     packets: list[Any] = encoder.result()
     if got != len(wanted) or len(packets) != len(part.frame_pts):
         raise SmartCutUnsupported(
@@ -503,6 +505,23 @@ def _reencode_gop(
         _Encoded(to_length_prefixed(bytes(p), length_size), pts, bool(p.is_keyframe))
         for p, pts in zip(packets, part.frame_pts, strict=True)
     ]
+
+
+_FRAME_QUEUE = 8
+
+
+def _put(q: queue.Queue[Any], item: Any, guard: _Guard, *, stopping: bool = False) -> None:
+    """Put on a bounded queue, giving up when the cut is stopped (unless this
+    is the end marker of a part that is stopping anyway: then drop it)."""
+    while True:
+        try:
+            q.put(item, timeout=0.1)
+            return
+        except queue.Full:
+            if guard.cancel.is_set() or time.monotonic() > guard.deadline:
+                if stopping:
+                    return  # the reader of q stops on its own guard check
+                guard.check()
 
 
 def _decode(dec: Any, packet: Any) -> list[Any]:
@@ -567,15 +586,6 @@ def _read_copy(source: Any, span: CopySpan, out: queue.Queue[Any], guard: _Guard
     Takes over (and closes) the open ``source``."""
     lower_thread_priority()
 
-    def put(item: Any) -> None:
-        while True:
-            guard.check()
-            try:
-                out.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
     copied = 0
     with source:
         vin = source.streams.video[0]
@@ -603,8 +613,8 @@ def _read_copy(source: Any, span: CopySpan, out: queue.Queue[Any], guard: _Guard
                     raise SmartCutUnsupported("frames past the end inside a copied GOP")
                 break  # no reordering: nothing before the end refers to this frame
             copied += 1
-            put(packet)
-    put(_END)
+            _put(out, packet, guard)
+    _put(out, _END, guard)
     if span.expected_frames is not None and copied != span.expected_frames:
         raise SmartCutUnsupported(f"copied {copied} frames, expected {span.expected_frames}")
     return copied
