@@ -4,7 +4,10 @@ content, frame counts, A/V start, clean decoding, fallbacks and caching."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
+import os
+import signal
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +19,7 @@ import pytest
 from clipservice.config import CutMode
 from clipservice.errors import ClipFailure
 from clipservice.media import cutter as cutter_module
-from clipservice.media import plan
+from clipservice.media import joinproc, plan
 from clipservice.media.cutter import CutOutcome, Cutter
 from clipservice.media.ffmpeg import bundled_ffmpeg
 from clipservice.media.keyframes import KeyframeIndex
@@ -289,26 +292,40 @@ async def _no_leftovers_once_released(media_server: MediaServer, folder: Path) -
 async def test_stalled_smart_cut_stops_and_leaves_nothing(
     media_server: MediaServer, tmp_path: Path, how: str
 ) -> None:
-    """A smart cut whose source stalls ends at its time limit, or when cancelled,
-    and its threads leave no partial file once they stop."""
+    """A smart cut whose source stalls mid-join ends at its time limit, or when
+    cancelled: its worker process is killed (as FFmpeg would be) and no partial
+    file is left."""
     src = plan.Inputs(
         media_server.url("video.mp4", stall=True), media_server.url("audio.m4a", stall=True)
     )
     info = await probe_source(src.video_url, src.audio_url)
+    index = KeyframeIndex(media_server.url("video.mp4"))  # lookups do not stall
     probed = len(media_server.requests)
     out_dir = tmp_path / "clips"
     out_dir.mkdir()
-    cut = Cutter().cut(src, info, 20.5, 25.5, "accurate", out_dir / "c.mp4", timeout_s=1.5)
-    if how == "timeout":
-        with pytest.raises(TimeoutError):
-            await cut
-    else:
-        task = asyncio.create_task(cut)
-        while not any(r["bytes"] == 0 for r in media_server.requests[probed:]):
-            await asyncio.sleep(0.02)  # until a read of the cut hangs
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+    cut = Cutter().cut(
+        src, info, 20.5, 25.5, "accurate", out_dir / "c.mp4", timeout_s=3, keyframes=index
+    )
+    busy: list[int] = []
+    try:
+        if how == "timeout":
+            with pytest.raises(TimeoutError):
+                await cut
+        else:
+            task = asyncio.create_task(cut)
+            while not (any(r["bytes"] == 0 for r in media_server.requests[probed:])
+                       and joinproc.POOL.busy_pids):  # fmt: skip
+                await asyncio.sleep(0.02)  # until a read of the join hangs
+            busy = joinproc.POOL.busy_pids
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+    finally:
+        await index.aclose()
+    assert joinproc.POOL.busy_pids == []
+    for pid in busy:  # killed and reaped
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
     assert await _no_leftovers_once_released(media_server, out_dir) == []
 
 
@@ -335,3 +352,39 @@ async def test_source_expiring_mid_join_reports_403(
         await index.aclose()
     assert source_expired(failure.value.message), failure.value.message
     assert _leftovers(tmp_path) == []
+
+
+async def test_join_process_that_dies_falls_back_to_ffmpeg(
+    media_server: MediaServer, media: dict[str, Path], tmp_path: Path
+) -> None:
+    """Smart cuts run in worker processes: one that dies mid-cut (a decoder crash on
+    a hostile source, say) costs the service nothing, and FFmpeg re-encodes the clip."""
+    src = plan.Inputs(
+        media_server.url("video.mp4", stall=True), media_server.url("audio.m4a", stall=True)
+    )
+    info = await probe_source(src.video_url, src.audio_url)
+    index = KeyframeIndex(media_server.url("video.mp4"))  # lookups do not stall
+    await index.gop_at(20.5)
+    await index.gop_at(25.5)
+    probed = len(media_server.requests)
+    task = asyncio.create_task(
+        Cutter().cut(
+            src, info, 20.5, 25.5, "accurate", tmp_path / "c.mp4", timeout_s=60, keyframes=index
+        )
+    )
+    while not (any(r["bytes"] == 0 for r in media_server.requests[probed:])
+               and joinproc.POOL.busy_pids):  # fmt: skip
+        await asyncio.sleep(0.02)  # the join's reads hang
+    for pid in joinproc.POOL.busy_pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    media_server.unstall.set()  # FFmpeg's re-encode may read on
+    try:
+        outcome = await task
+    finally:
+        await index.aclose()
+    assert outcome.note is not None and "re-encoded" in outcome.note
+    assert "ended unexpectedly" in outcome.note
+    frames, *_ = _decode(tmp_path / "c.mp4")
+    assert len(frames) == 150
+    assert _leftovers(tmp_path) == ["c.mp4"]

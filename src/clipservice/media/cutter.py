@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import math
 import os
-import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +23,7 @@ import structlog
 
 from clipservice.config import CutMode
 from clipservice.errors import ClipFailure
-from clipservice.media import plan
+from clipservice.media import joinproc, plan
 from clipservice.media.ffmpeg import FFmpegError, ProgressCallback, run_ffmpeg
 from clipservice.media.keyframes import EPS_S, Gop, KeyframeIndex, ProbeError
 from clipservice.media.probe import SourceInfo, validate_output
@@ -39,7 +38,6 @@ from clipservice.media.smartcut import (
     VideoParams,
     check_supported,
     free_ids,
-    join,
 )
 
 log = structlog.get_logger(__name__)
@@ -87,32 +85,36 @@ def _ticks_at_or_after(t_s: float, origin: int, tb: Fraction) -> int:
     return origin + math.ceil(Fraction(t_s - EPS_S) / tb)
 
 
-# Joins run on their own threads (at a lower priority, see smartcut), never on
-# the event loop's default executor, which serves file and probe work.
-_JOIN_POOL = ThreadPoolExecutor(max_workers=32, thread_name_prefix="clip-join")
-# How long a cancelled or timed-out join is waited for. It stops between two
-# packets; only a read blocked on a stalled source outlasts this (until the
-# source's read timeout), and such a join removes its own partial output.
+# Threads that wait on the join processes' answers (never the loop's default
+# executor, which serves file and probe work).
+_WAITERS = ThreadPoolExecutor(max_workers=32, thread_name_prefix="clip-join")
+# How long a killed join process's waiter is given to see it end.
 _JOIN_STOP_S = 2.0
 
 
-async def _in_join_thread(join_plan: JoinPlan, tmp: Path, budget: _Budget) -> None:
-    """Run the join; on timeout or cancellation tell it to stop and give it a
-    moment to, so a cancelled clip answers at once and leaves no thread busy."""
-    cancel = threading.Event()
+async def _in_join_process(join_plan: JoinPlan, tmp: Path, budget: _Budget) -> None:
+    """Run the join in a worker process (see :mod:`clipservice.media.joinproc`);
+    on timeout or cancellation kill it, as FFmpeg would be killed."""
     loop = asyncio.get_running_loop()
-    done = loop.run_in_executor(_JOIN_POOL, join, join_plan, tmp, budget.deadline, cancel)
+    proc = await loop.run_in_executor(_WAITERS, joinproc.POOL.acquire)
+    done = loop.run_in_executor(_WAITERS, proc.call, join_plan, tmp, budget.deadline)
     done.add_done_callback(_retrieve)
+    healthy = False
     try:
         await asyncio.wait_for(asyncio.shield(done), budget.left_s())
-    except BaseException:
-        cancel.set()
-        await asyncio.wait({done}, timeout=_JOIN_STOP_S)
+        healthy = True
+    except SmartCutUnsupported:
+        healthy = True  # the process answered: it stays in the pool
         raise
+    finally:
+        if not healthy:
+            proc.kill()
+            await asyncio.wait({done}, timeout=_JOIN_STOP_S)
+        joinproc.POOL.release(proc, healthy=healthy)
 
 
 def _retrieve(future: asyncio.Future[int]) -> None:
-    """Mark a join's error as seen (a stopped join's own error is expected)."""
+    """Mark a join's error as seen (a killed join's own error is expected)."""
     if not future.cancelled():
         future.exception()
 
@@ -378,7 +380,7 @@ class Cutter:
                 encoder=EncoderSpec.matching(params) if params is not None else None,
                 avcc=avcc,
             )
-            await _in_join_thread(join_plan, tmp, budget)
+            await _in_join_process(join_plan, tmp, budget)
         finally:
             if audio is not None:
                 with contextlib.suppress(FileNotFoundError):

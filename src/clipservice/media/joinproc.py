@@ -1,0 +1,203 @@
+"""Smart-cut joins in worker processes, kept warm between clips.
+
+A join decodes and encodes video (PyAV: libavcodec, libx264). Done in the
+service's own process it would share the GIL and the CPU share with the event
+loop that serves the API, and a decoder crash on a hostile source would take
+the service down. So joins run in separate Python processes, like FFmpeg:
+
+- each runs one join at a time; idle ones wait for the next (no start-up cost
+  after the first: importing PyAV takes a quarter of a second);
+- they get the same set-up as FFmpeg: their own session and a lower priority
+  (nice 10, autogroup too), and a parent-death signal so none outlives the
+  service, even after kill -9;
+- on timeout or cancellation the process is killed, as FFmpeg would be, and
+  the caller removes the partial output; a process that dies is replaced.
+
+Requests and answers are pickles over the child's stdin and stdout; both ends
+are this package.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import IO, Any
+
+from clipservice.media.ffmpeg import _child_setup
+from clipservice.media.smartcut import JoinPlan, SmartCutUnsupported
+
+_HEADER = struct.Struct(">I")
+# Idle processes kept for the next joins; more run when more clips run at once.
+MAX_IDLE = 4
+# A process is replaced after this many joins (allocator growth stays bounded).
+MAX_JOINS_PER_PROCESS = 100
+
+
+def _send(stream: IO[bytes], obj: object) -> None:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(_HEADER.pack(len(data)) + data)
+    stream.flush()
+
+
+def _receive(stream: IO[bytes]) -> Any:
+    header = stream.read(_HEADER.size)
+    if len(header) < _HEADER.size:
+        raise EOFError
+    (size,) = _HEADER.unpack(header)
+    data = stream.read(size)
+    if len(data) < size:
+        raise EOFError
+    return pickle.loads(data)  # our own child process's answer
+
+
+class JoinProcess:
+    """One worker process."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(  # our own interpreter and module
+            [sys.executable, "-m", "clipservice.media.joinproc"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            start_new_session=True,
+            preexec_fn=_child_setup,  # tiny and lock-free by design
+        )
+        self.joins = 0
+
+    def call(self, plan: JoinPlan, out: Path, deadline: float) -> int:
+        """Run one join (blocking); raise what the join raised, or
+        SmartCutUnsupported if the process died."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.joins += 1
+        try:
+            _send(self.proc.stdin, (plan, str(out), deadline))
+            kind, value = _receive(self.proc.stdout)
+        except (EOFError, OSError, pickle.UnpicklingError) as exc:
+            raise SmartCutUnsupported("the smart-cut process ended unexpectedly") from exc
+        if kind == "ok":
+            return int(value)
+        if kind == "timeout":
+            raise TimeoutError
+        if kind == "unsupported":
+            raise SmartCutUnsupported(value)
+        raise SmartCutUnsupported(f"reading or joining failed: {value}")
+
+    def kill(self) -> None:
+        with contextlib.suppress(OSError):
+            self.proc.kill()
+        with contextlib.suppress(Exception):
+            self.proc.wait(timeout=5)
+        for stream in (self.proc.stdin, self.proc.stdout):
+            with contextlib.suppress(OSError):
+                if stream is not None:
+                    stream.close()
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+
+class JoinPool:
+    """Worker processes shared by every clip of this service process.
+
+    Thread-safe; usable from any event loop (the calls block, so callers run
+    them in threads).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle: list[JoinProcess] = []
+        self._busy: set[JoinProcess] = set()
+
+    def acquire(self) -> JoinProcess:
+        with self._lock:
+            while self._idle:
+                proc = self._idle.pop()
+                if proc.alive:
+                    self._busy.add(proc)
+                    return proc
+                proc.kill()
+        proc = JoinProcess()  # outside the lock: starting one takes a moment
+        with self._lock:
+            self._busy.add(proc)
+        return proc
+
+    def release(self, proc: JoinProcess, *, healthy: bool) -> None:
+        with self._lock:
+            self._busy.discard(proc)
+            keep = (
+                healthy
+                and proc.alive
+                and proc.joins < MAX_JOINS_PER_PROCESS
+                and len(self._idle) < MAX_IDLE
+            )
+            if keep:
+                self._idle.append(proc)
+                return
+        proc.kill()
+
+    def warm(self, count: int = 1) -> None:
+        """Start idle processes ahead of the first clips."""
+        for _ in range(count):
+            proc = JoinProcess()
+            with self._lock:
+                if len(self._idle) < MAX_IDLE:
+                    self._idle.append(proc)
+                    continue
+            proc.kill()
+
+    def close(self) -> None:
+        """Kill every process, idle or busy (at shutdown)."""
+        with self._lock:
+            procs = [*self._idle, *self._busy]
+            self._idle.clear()
+            self._busy.clear()
+        for proc in procs:
+            proc.kill()
+
+    @property
+    def pids(self) -> list[int]:
+        with self._lock:
+            return [p.proc.pid for p in (*self._idle, *self._busy)]
+
+    @property
+    def busy_pids(self) -> list[int]:
+        with self._lock:
+            return [p.proc.pid for p in self._busy]
+
+
+POOL = JoinPool()
+atexit.register(POOL.close)  # (and the parent-death signal, if we die harder)
+
+
+def _serve() -> None:
+    """The worker process: joins requests from stdin until it closes."""
+    from clipservice.media.smartcut import join
+
+    requests, answers = sys.stdin.buffer, sys.stdout.buffer
+    sys.stdout = sys.stderr  # nothing else may write to the answer channel
+    while True:
+        try:
+            plan, out, deadline = _receive(requests)
+        except EOFError:
+            return
+        try:
+            answer: tuple[str, object] = ("ok", join(plan, Path(out), deadline))
+        except TimeoutError:
+            answer = ("timeout", None)
+        except SmartCutUnsupported as exc:
+            answer = ("unsupported", str(exc))
+        except Exception as exc:  # every failure goes back to the caller
+            answer = ("error", f"{type(exc).__name__}: {exc}")
+        _send(answers, answer)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    _serve()
