@@ -645,35 +645,35 @@ def join(plan: JoinPlan, out: Path, deadline: float, cancel: threading.Event | N
     length = plan.avcc.length_size if plan.avcc is not None else 4
     workers: list[_Worker] = []
     copied: queue.Queue[Any] = queue.Queue(maxsize=_COPY_QUEUE_PACKETS)
-    source = open_source(plan.video_url)  # the output's template, then the copy's reader
+    source = None
     try:
+        # The ends first: their decoding is the long pole, so it starts while
+        # the output is set up.
+        head = tail = copy = None
+        if plan.head is not None:
+            part, enc = plan.head, encoders["head"]
+            head = _Worker(lambda: _reencode_gop(plan.video_url, part, enc, length, guard), guard)
+            workers.append(head)
+        if plan.tail is not None:
+            tpart, tenc = plan.tail, encoders["tail"]
+            tail = _Worker(lambda: _reencode_gop(plan.video_url, tpart, tenc, length, guard), guard)
+            workers.append(tail)
+        source = open_source(plan.video_url)  # the output's template, then the copy's reader
         with av.open(str(out), "w", format="mp4", options={"movflags": "+faststart"}) as oc:
             vout = oc.add_stream_from_template(source.streams.video[0])
             if extradata is not None:
                 vout.codec_context.extradata = extradata
             vout.time_base = plan.time_base
-            head = tail = copy = None
             if plan.copy is not None:
                 span, reader, source = plan.copy, source, None
                 copy = _Worker(lambda: _read_copy(reader, span, copied, guard), guard)
-            if plan.head is not None:
-                part, enc = plan.head, encoders["head"]
-                head = _Worker(
-                    lambda: _reencode_gop(plan.video_url, part, enc, length, guard), guard
-                )
-            if plan.tail is not None:
-                tpart, tenc = plan.tail, encoders["tail"]
-                tail = _Worker(
-                    lambda: _reencode_gop(plan.video_url, tpart, tenc, length, guard), guard
-                )
-            workers = [w for w in (head, copy, tail) if w is not None]
+                workers.append(copy)
             return _mux(plan, oc, vout, head, copy, copied, tail, guard)
     except BaseException as exc:
         guard.fail(exc)
         for worker in workers:
             worker.stop()
-        # A join stopped late (its reads outlived the caller's wait) must not
-        # leave its partial output behind: it removes the file itself.
+        # A failed or stopped join leaves no partial output behind.
         with contextlib.suppress(OSError):
             out.unlink()
         if guard.error is not None and guard.error is not exc:
