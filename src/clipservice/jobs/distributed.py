@@ -53,7 +53,7 @@ from clipservice.jobs.models import ClipResult, ClipSpec, Job, JobError, JobStat
 from clipservice.jobs.redis_store import RedisJobStore, StaleAttempt
 from clipservice.jobs.webhooks import WebhookSender
 from clipservice.media import plan
-from clipservice.media.cutter import Cutter
+from clipservice.media.cutter import Cutter, warm_join_processes
 from clipservice.media.keyframes import KeyframeIndex
 from clipservice.media.naming import clip_file_name
 from clipservice.media.probe import SourceInfo, probe_source
@@ -688,6 +688,7 @@ async def run_worker(settings: Settings, *, worker_id: str | None = None) -> Non
         state = ClipWorker(
             settings, store, storage, make_resolver(settings, http, guard), clips_queue, worker_id
         )
+        warm_join_processes()
         # The worker that ends a job sends its webhook. Unlike the embedded
         # mode, a delivery cut short by a worker restart is not resumed.
         webhooks = WebhookSender(settings, guard.session, store, url_check=guard.check)

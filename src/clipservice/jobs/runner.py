@@ -49,7 +49,7 @@ from clipservice.jobs.models import (
 )
 from clipservice.jobs.store import FileJobStore
 from clipservice.media import plan
-from clipservice.media.cutter import Cutter, remove_stale_parts
+from clipservice.media.cutter import Cutter, remove_stale_parts, warm_join_processes
 from clipservice.media.ffmpeg import running_processes, terminate
 from clipservice.media.keyframes import KeyframeIndex
 from clipservice.media.naming import clip_file_name
@@ -172,6 +172,7 @@ class LocalRunner:
         stale = await asyncio.to_thread(remove_stale_parts, self.clips_dir)
         if stale:
             log.info("stale_parts_removed", count=stale)
+        warm_join_processes()
         for job in await self.store.all():
             if job.status.ended:
                 self._schedule_cleanup(job)

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import av
 import structlog
@@ -113,7 +114,14 @@ async def _in_join_process(join_plan: JoinPlan, tmp: Path, budget: _Budget) -> N
         joinproc.POOL.release(proc, healthy=healthy)
 
 
-def _retrieve(future: asyncio.Future[int]) -> None:
+def warm_join_processes() -> None:
+    """Start a smart-cut worker process in the background (not awaited), so the
+    first clip does not wait a quarter of a second for one."""
+    warming = asyncio.get_running_loop().run_in_executor(_WAITERS, joinproc.POOL.warm, 1)
+    warming.add_done_callback(_retrieve)
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
     """Mark a join's error as seen (a killed join's own error is expected)."""
     if not future.cancelled():
         future.exception()

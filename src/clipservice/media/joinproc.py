@@ -143,14 +143,15 @@ class JoinPool:
         proc.kill()
 
     def warm(self, count: int = 1) -> None:
-        """Start idle processes ahead of the first clips."""
-        for _ in range(count):
+        """Have at least ``count`` idle processes, so the first clips do not
+        wait for one to start (blocking: run it in a thread)."""
+        while True:
+            with self._lock:
+                if len(self._idle) + len(self._busy) >= min(count, MAX_IDLE):
+                    return
             proc = JoinProcess()
             with self._lock:
-                if len(self._idle) < MAX_IDLE:
-                    self._idle.append(proc)
-                    continue
-            proc.kill()
+                self._idle.append(proc)
 
     def close(self) -> None:
         """Kill every process, idle or busy (at shutdown)."""
