@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from fractions import Fraction
 
+import av
 import pytest
 
 from clipservice.media import plan
 from clipservice.media.keyframes import ProbeError, _gop_from_packets
 from clipservice.media.smartcut import (
+    EncoderSpec,
     SmartCutUnsupported,
     annexb_config,
     build_avcc,
@@ -149,3 +151,32 @@ def test_copy_prefix_never_overshoots_the_end() -> None:
     assert gop.copy_prefix(F) == (0, F)
     # End before the keyframe shows: nothing (stop at the keyframe's decode time).
     assert gop.copy_prefix(0) == (-F, 0)
+
+
+def test_encoder_matches_the_source_and_its_frames_join_the_stream() -> None:
+    """The in-process encoder takes the source's size, colour description and a
+    parameter-set id of its own; its frames, as MP4 samples with the merged avcC,
+    decode with the colour the source declares."""
+    spec = EncoderSpec(
+        profile="high", level="3.1", pix_fmt="yuv420p", width=320, height=180,
+        time_base=Fraction(1, 15360), frame_rate=Fraction(30),
+        color=(("color_primaries", 1), ("color_trc", 1), ("colorspace", 1), ("color_range", 2)),
+    )  # fmt: skip
+    enc = spec.open(3)
+    frames = []
+    for i in range(3):
+        frame = av.VideoFrame(320, 180, "yuv420p")
+        frame.pts = i * 512
+        frames.append(frame)
+    packets = [p for f in [*frames, None] for p in enc.encode(f)]
+    part = annexb_config(bytes(enc.extradata), 4)
+    assert [sps_id(s) for s in part.sps] == [3] and [pps_id(p) for p in part.pps] == [3]
+    dec = av.CodecContext.create("h264", "r")
+    dec.extradata = merge_avcc(parse_avcc(SOURCE_AVCC), part)
+    decoded = [f for p in packets for f in dec.decode(av.Packet(to_length_prefixed(bytes(p), 4)))]
+    decoded += dec.decode(None)
+    assert len(decoded) == 3 and (decoded[0].width, decoded[0].height) == (320, 180)
+    first = decoded[0]
+    assert (first.color_primaries, first.color_trc, first.colorspace, first.color_range) == (
+        1, 1, 1, 2,
+    )  # fmt: skip

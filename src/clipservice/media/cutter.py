@@ -19,7 +19,6 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-import av
 import structlog
 
 from clipservice.config import CutMode
@@ -179,10 +178,10 @@ class Cutter:
                 outcome = await self._cut_mode(
                     src, info, start_s, end_s, mode, tmp, budget, on_progress, index
                 )
-            except (SmartCutUnsupported, ProbeError, av.FFmpegError) as exc:
-                # av errors: reading the source in process failed (PyAV says
-                # little: a 403 on a seek reads as "invalid data"). FFmpeg's
-                # own run retries once and names an HTTP error if there is one.
+            except (SmartCutUnsupported, ProbeError) as exc:
+                # Also when the join could not read the source (PyAV says
+                # little: a 403 on a seek reads as "invalid data"): FFmpeg's
+                # run retries once and names an HTTP error if there is one.
                 log.info("cut_fallback", mode=mode, reason=str(exc))
                 outcome = await self._reencode(
                     src, info, start_s, end_s, tmp, budget, on_progress,
@@ -200,8 +199,6 @@ class Cutter:
             return outcome
         except FFmpegError as exc:
             raise ClipFailure("ffmpeg_failed", exc.stderr_tail or str(exc)) from exc
-        except av.FFmpegError as exc:  # the source failed mid-read (403 when it expired…)
-            raise ClipFailure("ffmpeg_failed", f"cannot read the source: {exc}") from exc
         finally:
             with contextlib.suppress(FileNotFoundError):
                 await asyncio.to_thread(os.unlink, tmp)
@@ -277,7 +274,7 @@ class Cutter:
             last = await asyncio.wait_for(index.gop_at(end_s - 2 * EPS_S), budget.left_s())
             cutoff, shown_until = last.copy_cut(end_pts)
             shown_end_s = last.seconds(shown_until)
-        copy = CopySpan(first.key_pts, end_pts, None, False, cutoff)
+        copy = CopySpan(first.key_pts, end_pts, False, cutoff)
         return await self._assemble(
             src, info, first, None, None, copy, first.key_pts, shown_end_s, tmp, budget,
             on_progress, params=None, avcc=None,
@@ -324,17 +321,17 @@ class Cutter:
         copy: CopySpan | None = None
         tail: GopEncode | None = None
         if copy_from < end_pts:
-            copy = CopySpan(copy_from, end_pts, None, False)
+            copy = CopySpan(copy_from, end_pts, False)
             if first.reorder:
                 last = await asyncio.wait_for(index.gop_at(end_s - EPS_S * 2), budget.left_s())
                 if last.open_gop:
                     raise SmartCutUnsupported("the source uses open GOPs")
                 next_s = last.next_key_s
                 if last.next_key_pts is not None and next_s is not None and next_s <= end_s + EPS_S:
-                    copy = CopySpan(copy_from, last.next_key_pts, None, True)  # ends on a key
+                    copy = CopySpan(copy_from, last.next_key_pts, True)  # ends on a key
                 else:
                     stop, shown_until = last.copy_prefix(end_pts)
-                    copy = CopySpan(copy_from, end_pts, None, False, stop)
+                    copy = CopySpan(copy_from, end_pts, False, stop)
                     if stop <= last.key_dts and last.key_pts == copy_from:
                         copy = None  # nothing of the GOP can be copied
                     frames = tuple(p for p in last.frame_pts if shown_until <= p < end_pts)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import heapq
-import os
 import queue
 import threading
 import time
@@ -35,7 +34,7 @@ import av
 from av.codec.context import Flags
 from av.video.frame import PictureType
 
-from clipservice.media.ffmpeg import FFMPEG_NICE, SOURCE_INPUT_OPTIONS
+from clipservice.media.ffmpeg import SOURCE_INPUT_OPTIONS
 
 _OPEN_TIMEOUT_S = 15.0
 _H264_PROFILES = {
@@ -321,7 +320,6 @@ class CopySpan:
 
     key_pts: int
     end_pts: int
-    expected_frames: int | None
     stop_at_keyframe: bool  # end_pts is a keyframe: stop there (B-frame safe)
     cutoff_dts: int | None = None  # with B-frames: stop at this decode time
 
@@ -380,13 +378,6 @@ class _Guard:
             raise Cancelled
         if time.monotonic() > self.deadline:
             raise TimeoutError
-
-
-def lower_thread_priority() -> None:
-    """Run this thread at FFMPEG_NICE, like the FFmpeg processes: cutting must
-    never starve the event loop that serves the API (Linux nice is per thread)."""
-    with contextlib.suppress(OSError, AttributeError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), FFMPEG_NICE)
 
 
 def open_source(url: str) -> Any:
@@ -452,7 +443,6 @@ def _reencode_gop(
     that no other frame refers to (most B-frames) are skipped. Decoding and
     encoding run on two threads, so one clip's ends are cut on two cores.
     """
-    lower_thread_priority()
     wanted = set(part.frame_pts)
     # Bounded: a long GOP of large frames must not pile up decoded pictures
     # (a 4K frame is 12 MB) while the encoder catches up.
@@ -524,6 +514,15 @@ def _put(q: queue.Queue[Any], item: Any, guard: _Guard, *, stopping: bool = Fals
                 guard.check()
 
 
+def _get(q: queue.Queue[Any], guard: _Guard) -> Any:
+    """Take from a queue, checking between waits that the cut still runs."""
+    while True:
+        try:
+            return q.get(timeout=0.1)
+        except queue.Empty:
+            guard.check()
+
+
 def _decode(dec: Any, packet: Any) -> list[Any]:
     try:
         return list(dec.decode(packet))
@@ -533,14 +532,9 @@ def _decode(dec: Any, packet: Any) -> list[Any]:
 
 def _encode_frames(frames: queue.Queue[Any], enc: Any, guard: _Guard) -> list[Any]:
     """Encode frames from the queue until None, then flush the encoder."""
-    lower_thread_priority()
     packets: list[Any] = []
     while True:
-        try:
-            frame = frames.get(timeout=0.1)
-        except queue.Empty:
-            guard.check()
-            continue
+        frame = _get(frames, guard)
         if frame is None:
             packets.extend(enc.encode(None))
             return packets
@@ -584,7 +578,6 @@ _END = object()
 def _read_copy(source: Any, span: CopySpan, out: queue.Queue[Any], guard: _Guard) -> int:
     """Put the copied span's packets on ``out`` (then _END); return their count.
     Takes over (and closes) the open ``source``."""
-    lower_thread_priority()
 
     copied = 0
     with source:
@@ -615,8 +608,6 @@ def _read_copy(source: Any, span: CopySpan, out: queue.Queue[Any], guard: _Guard
             copied += 1
             _put(out, packet, guard)
     _put(out, _END, guard)
-    if span.expected_frames is not None and copied != span.expected_frames:
-        raise SmartCutUnsupported(f"copied {copied} frames, expected {span.expected_frames}")
     return copied
 
 
@@ -627,7 +618,6 @@ def join(plan: JoinPlan, out: Path, deadline: float, cancel: threading.Event | N
     own thread (and connection), so fetching the middle overlaps encoding the
     ends; this thread muxes them in order with the audio.
     """
-    lower_thread_priority()
     guard = _Guard(deadline, cancel or threading.Event())
     extradata = None
     encoders: dict[str, Any] = {}
@@ -730,11 +720,7 @@ def _mux(
                 yield from encoded(head)
             if copy is not None:
                 while True:
-                    try:
-                        packet = copied.get(timeout=0.1)
-                    except queue.Empty:
-                        guard.check()
-                        continue
+                    packet = _get(copied, guard)
                     if packet is _END:
                         break
                     yield emit(packet, packet.pts - origin, packet.dts - origin)
