@@ -163,6 +163,12 @@ async def test_smart_cut_joins_distinct_parameter_sets(
     out = await _cut(media_server, tmp_path, "video.mp4", 3.5, 9.0, "accurate")
     assert out.sps_count == 2
     _check_accuracy(out, media["video"], 3.5, 9.0)
+    with av.open(str(tmp_path / "video.mp4-3.5-9.0-accurate.mp4")) as c:
+        avcc = parse_avcc(bytes(c.streams.video[0].codec_context.extradata))
+    with av.open(str(media["video"])) as c:
+        source = parse_avcc(bytes(c.streams.video[0].codec_context.extradata))
+    # Every part's parameter sets name the source's profile and level.
+    assert {(s[1], s[3]) for s in avcc.sps} == {(source.profile_idc, source.level_idc)}
 
 
 @pytest.mark.parametrize(

@@ -171,6 +171,7 @@ def test_encoder_matches_the_source_and_its_frames_join_the_stream() -> None:
     packets = [p for f in [*frames, None] for p in enc.encode(f)]
     part = annexb_config(bytes(enc.extradata), 4)
     assert [sps_id(s) for s in part.sps] == [3] and [pps_id(p) for p in part.pps] == [3]
+    assert (part.profile_idc, part.sps[0][3]) == (100, 31)  # High, level 3.1, as asked
     dec = av.CodecContext.create("h264", "r")
     dec.extradata = merge_avcc(parse_avcc(SOURCE_AVCC), part)
     decoded = [f for p in packets for f in dec.decode(av.Packet(to_length_prefixed(bytes(p), 4)))]
@@ -180,3 +181,10 @@ def test_encoder_matches_the_source_and_its_frames_join_the_stream() -> None:
     assert (first.color_primaries, first.color_trc, first.colorspace, first.color_range) == (
         1, 1, 1, 2,
     )  # fmt: skip
+
+
+@pytest.mark.parametrize(("profile", "idc"), [("baseline", 66), ("main", 77), ("high", 100)])
+def test_encoder_writes_the_source_profile(profile: str, idc: int) -> None:
+    """x264's fastest preset alone would always say Baseline; the parts say the source's profile."""
+    spec = EncoderSpec(profile, "4.0", "yuv420p", 64, 64, Fraction(1, 90000), Fraction(30))
+    assert annexb_config(bytes(spec.open(1).extradata), 4).profile_idc == idc
