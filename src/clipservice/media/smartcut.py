@@ -473,19 +473,8 @@ def _reencode_gop(
             dec = av.CodecContext.create(vin.codec_context.name, "r")
             dec.extradata = vin.codec_context.extradata
             dec.thread_count = 1
-            source.seek(part.key_pts, stream=vin, backward=True, any_frame=False)
-            first = True
-            for packet in source.demux(vin):
-                guard.check()
-                if packet.size == 0:
-                    continue
-                if first:
-                    if not packet.is_keyframe or packet.pts != part.key_pts:
-                        raise SmartCutUnsupported(
-                            "decoding does not start on the expected keyframe"
-                        )
-                    first = False
-                elif packet.is_keyframe:
+            for packet in _packets_from(source, part.key_pts, guard):
+                if packet.is_keyframe and packet.pts != part.key_pts:
                     break  # the next GOP
                 dec.skip_frame = "DEFAULT" if packet.pts in wanted else "NONREF"
                 encode(_decode(dec, packet))
@@ -530,6 +519,24 @@ def _get(q: queue.Queue[Any], guard: _Guard) -> Any:
             return q.get(timeout=0.1)
         except queue.Empty:
             guard.check()
+
+
+def _packets_from(source: Any, key_pts: int, guard: _Guard) -> Iterator[Any]:
+    """The video packets from the keyframe at ``key_pts`` on, in decode order
+    (the first one checked to be that keyframe), until the caller stops."""
+    vin = source.streams.video[0]
+    source.seek(key_pts, stream=vin, backward=True, any_frame=False)
+    first = True
+    for packet in source.demux(vin):
+        guard.check()
+        if packet.size == 0:  # the demuxer's end-of-stream flush packet
+            continue
+        if packet.pts is None or packet.dts is None:
+            raise SmartCutUnsupported("source packet without timestamps")
+        if first and (not packet.is_keyframe or packet.pts != key_pts):
+            raise SmartCutUnsupported("reading does not start on the expected keyframe")
+        first = False
+        yield packet
 
 
 def _decode(dec: Any, packet: Any) -> list[Any]:
@@ -590,19 +597,7 @@ def _read_copy(source: Any, span: CopySpan, out: queue.Queue[Any], guard: _Guard
 
     copied = 0
     with source:
-        vin = source.streams.video[0]
-        source.seek(span.key_pts, stream=vin, backward=True, any_frame=False)
-        first = True
-        for packet in source.demux(vin):
-            guard.check()
-            if packet.size == 0:
-                continue
-            if packet.pts is None or packet.dts is None:
-                raise SmartCutUnsupported("source packet without timestamps")
-            if first:
-                if not packet.is_keyframe or packet.pts != span.key_pts:
-                    raise SmartCutUnsupported("copy does not start on the expected keyframe")
-                first = False
+        for packet in _packets_from(source, span.key_pts, guard):
             if packet.pts < span.key_pts:
                 raise SmartCutUnsupported("open GOP: a frame shows before its keyframe")
             if span.cutoff_dts is not None:
