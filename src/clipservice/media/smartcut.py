@@ -670,8 +670,11 @@ def join(plan: JoinPlan, out: Path, deadline: float, cancel: threading.Event | N
         # A failed or stopped join leaves no partial output behind.
         with contextlib.suppress(OSError):
             out.unlink()
-        if guard.error is not None and guard.error is not exc:
-            raise guard.error from None  # the cause, not another part's stop
+        cause = guard.error if guard.error is not None else exc  # not another part's stop
+        if isinstance(cause, av.FFmpegError):  # the source failed mid-read (a 403…)
+            raise SmartCutUnsupported(f"reading the source failed: {cause}") from cause
+        if cause is not exc:
+            raise cause from None
         raise
     finally:
         for worker in workers:
