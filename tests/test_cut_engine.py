@@ -300,8 +300,8 @@ async def test_stalled_cut_stops_and_leaves_nothing(
     media_server: MediaServer, tmp_path: Path, how: str, mode: CutMode
 ) -> None:
     """A cut whose source stalls mid-join ends at its time limit, or when
-    cancelled: a smart cut's worker process is killed (as FFmpeg would be), a
-    copy's thread stops, and no partial file is left."""
+    cancelled: its worker process is killed (as FFmpeg would be) and no partial
+    file is left."""
     src = plan.Inputs(
         media_server.url("video.mp4", stall=True), media_server.url("audio.m4a", stall=True)
     )
@@ -319,7 +319,7 @@ async def test_stalled_cut_stops_and_leaves_nothing(
         else:
             task = asyncio.create_task(cut)
             while not (any(r["bytes"] == 0 for r in media_server.requests[probed:])
-                       and (mode == "fast" or joinproc.POOL.busy_pids)):  # fmt: skip
+                       and joinproc.POOL.busy_pids):  # fmt: skip
                 await asyncio.sleep(0.02)  # until a read of the join hangs
             busy = joinproc.POOL.busy_pids
             task.cancel()

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import math
 import os
-import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -39,7 +38,6 @@ from clipservice.media.smartcut import (
     VideoParams,
     check_supported,
     free_ids,
-    join,
 )
 
 log = structlog.get_logger(__name__)
@@ -90,34 +88,8 @@ def _ticks_at_or_after(t_s: float, origin: int, tb: Fraction) -> int:
 # Threads that wait on the join processes' answers (never the loop's default
 # executor, which serves file and probe work).
 _WAITERS = ThreadPoolExecutor(max_workers=32, thread_name_prefix="clip-join")
-# How long a stopped join is given to end (a copy stops at its next packet,
-# a killed process at once; a read stalled in a copy thread ends at the
-# source's read timeout, and that join removes its own partial output).
+# How long a killed join process's waiter is given to see it end.
 _JOIN_STOP_S = 2.0
-
-
-async def _join(join_plan: JoinPlan, tmp: Path, budget: _Budget) -> None:
-    """Run the join: one that re-encodes in a worker process, a pure copy
-    (fast mode, or a smart cut between keyframes) on a thread of ours."""
-    if join_plan.head is None and join_plan.tail is None:
-        await _in_join_thread(join_plan, tmp, budget)
-    else:
-        await _in_join_process(join_plan, tmp, budget)
-
-
-async def _in_join_thread(join_plan: JoinPlan, tmp: Path, budget: _Budget) -> None:
-    """A copy only demuxes and muxes: no decoder to isolate, and no process to
-    start. On timeout or cancellation it stops at its next packet."""
-    cancel = threading.Event()
-    loop = asyncio.get_running_loop()
-    done = loop.run_in_executor(_WAITERS, join, join_plan, tmp, budget.deadline, cancel)
-    done.add_done_callback(_retrieve)
-    try:
-        await asyncio.wait_for(asyncio.shield(done), budget.left_s())
-    except BaseException:
-        cancel.set()
-        await asyncio.wait({done}, timeout=_JOIN_STOP_S)
-        raise
 
 
 async def _in_join_process(join_plan: JoinPlan, tmp: Path, budget: _Budget) -> None:
@@ -413,7 +385,7 @@ class Cutter:
                 encoder=EncoderSpec.matching(params) if params is not None else None,
                 avcc=avcc,
             )
-            await _join(join_plan, tmp, budget)
+            await _in_join_process(join_plan, tmp, budget)
         finally:
             if audio is not None:
                 with contextlib.suppress(FileNotFoundError):
