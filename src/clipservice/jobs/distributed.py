@@ -688,7 +688,7 @@ async def run_worker(settings: Settings, *, worker_id: str | None = None) -> Non
         state = ClipWorker(
             settings, store, storage, make_resolver(settings, http, guard), clips_queue, worker_id
         )
-        warm_join_processes()
+        warm_join_processes(settings.jobs.max_concurrent_clips)
         # The worker that ends a job sends its webhook. Unlike the embedded
         # mode, a delivery cut short by a worker restart is not resumed.
         webhooks = WebhookSender(settings, guard.session, store, url_check=guard.check)

@@ -172,7 +172,7 @@ class LocalRunner:
         stale = await asyncio.to_thread(remove_stale_parts, self.clips_dir)
         if stale:
             log.info("stale_parts_removed", count=stale)
-        warm_join_processes()
+        warm_join_processes(self.settings.jobs.max_concurrent_clips)
         for job in await self.store.all():
             if job.status.ended:
                 self._schedule_cleanup(job)

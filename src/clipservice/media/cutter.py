@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import math
 import os
 import time
@@ -108,15 +109,19 @@ async def _in_join_process(join_plan: JoinPlan, tmp: Path, budget: _Budget) -> N
         raise
     finally:
         if not healthy:
-            proc.kill()
+            proc.signal_kill()
             await asyncio.wait({done}, timeout=_JOIN_STOP_S)
-        joinproc.POOL.release(proc, healthy=healthy)
+        # Reaping (and recycling) may wait on the process: not on the loop.
+        await loop.run_in_executor(
+            _WAITERS, functools.partial(joinproc.POOL.release, proc, healthy=healthy)
+        )
 
 
-def warm_join_processes() -> None:
-    """Start a smart-cut worker process in the background (not awaited), so the
-    first clip does not wait a quarter of a second for one."""
-    warming = asyncio.get_running_loop().run_in_executor(_WAITERS, joinproc.POOL.warm, 1)
+def warm_join_processes(concurrency: int) -> None:
+    """Size the pool of join processes for ``concurrency`` clips at once and
+    start one in the background (not awaited), so the first clip does not
+    wait a quarter of a second for it."""
+    warming = asyncio.get_running_loop().run_in_executor(_WAITERS, joinproc.POOL.warm, concurrency)
     warming.add_done_callback(_retrieve)
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import os
 import pickle
 import struct
 import subprocess
@@ -34,8 +33,6 @@ from clipservice.media.ffmpeg import _child_setup
 from clipservice.media.smartcut import JoinPlan, SmartCutUnsupported
 
 _HEADER = struct.Struct(">I")
-# Idle processes kept for the next joins; more run when more clips run at once.
-MAX_IDLE = 4
 # A process is replaced after this many joins (allocator growth stays bounded).
 MAX_JOINS_PER_PROCESS = 100
 
@@ -88,9 +85,14 @@ class JoinProcess:
             raise SmartCutUnsupported(value)
         raise SmartCutUnsupported(f"reading or joining failed: {value}")
 
-    def kill(self) -> None:
+    def signal_kill(self) -> None:
+        """SIGKILL, without waiting (safe on the event loop); reaped by kill()."""
         with contextlib.suppress(OSError):
             self.proc.kill()
+
+    def kill(self) -> None:
+        """Kill, reap and close (blocking briefly: call it from a thread)."""
+        self.signal_kill()
         with contextlib.suppress(Exception):
             self.proc.wait(timeout=5)
         for stream in (self.proc.stdin, self.proc.stdout):
@@ -114,6 +116,9 @@ class JoinPool:
         self._lock = threading.Lock()
         self._idle: list[JoinProcess] = []
         self._busy: set[JoinProcess] = set()
+        # Idle processes kept for the next joins: as many as clips may run at
+        # once (jobs.max_concurrent_clips, set by warm()).
+        self.max_idle = 1
 
     def acquire(self) -> JoinProcess:
         with self._lock:
@@ -135,23 +140,23 @@ class JoinPool:
                 healthy
                 and proc.alive
                 and proc.joins < MAX_JOINS_PER_PROCESS
-                and len(self._idle) < MAX_IDLE
+                and len(self._idle) < self.max_idle
             )
             if keep:
                 self._idle.append(proc)
                 return
         proc.kill()
 
-    def warm(self, count: int = 1) -> None:
-        """Have at least ``count`` idle processes, so the first clips do not
-        wait for one to start (blocking: run it in a thread)."""
-        while True:
-            with self._lock:
-                if len(self._idle) + len(self._busy) >= min(count, MAX_IDLE):
-                    return
-            proc = JoinProcess()
-            with self._lock:
-                self._idle.append(proc)
+    def warm(self, concurrency: int) -> None:
+        """Keep up to ``concurrency`` idle processes from now on, and start one
+        now so the first clip does not wait for it (blocking: use a thread)."""
+        with self._lock:
+            self.max_idle = max(self.max_idle, concurrency)
+            if self._idle or self._busy:
+                return
+        proc = JoinProcess()
+        with self._lock:
+            self._idle.append(proc)
 
     def close(self) -> None:
         """Kill every process, idle or busy (at shutdown)."""
@@ -200,5 +205,4 @@ def _serve() -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
     _serve()

@@ -49,10 +49,6 @@ class SourceInfo:
     audio: StreamInfo | None
 
 
-def _open(url: str) -> Any:
-    return open_source(url)
-
-
 def _stream_duration(stream: Any, container: Any) -> float | None:
     if stream.duration is not None and stream.time_base is not None:
         return float(stream.duration * stream.time_base)
@@ -120,12 +116,12 @@ async def probe_source(
 
         if keyframes is not None and keyframes.video_url == video_url:
             return keyframes.inspect_sync(read)
-        with _open(video_url) as c:
+        with open_source(video_url) as c:
             return read(c)
 
     def audio() -> StreamInfo | None:
         assert audio_url is not None
-        with _open(audio_url) as c:
+        with open_source(audio_url) as c:
             return _audio_info(c)
 
     async def no_audio() -> StreamInfo | None:

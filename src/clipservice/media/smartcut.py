@@ -615,14 +615,14 @@ def _read_copy(source: Any, span: CopySpan, out: queue.Queue[Any], guard: _Guard
     return copied
 
 
-def join(plan: JoinPlan, out: Path, deadline: float, cancel: threading.Event | None = None) -> int:
+def join(plan: JoinPlan, out: Path, deadline: float) -> int:
     """Write the clip to ``out``; return its video frame count.
 
     The re-encoded head and tail and the copied middle are each read on their
     own thread (and connection), so fetching the middle overlaps encoding the
     ends; this thread muxes them in order with the audio.
     """
-    guard = _Guard(deadline, cancel or threading.Event())
+    guard = _Guard(deadline, threading.Event())
     extradata = None
     encoders: dict[str, Any] = {}
     if plan.head is not None or plan.tail is not None:
@@ -664,9 +664,7 @@ def join(plan: JoinPlan, out: Path, deadline: float, cancel: threading.Event | N
                 workers.append(copy)
             return _mux(plan, oc, vout, head, copy, copied, tail, guard)
     except BaseException as exc:
-        guard.fail(exc)
-        for worker in workers:
-            worker.stop()
+        guard.fail(exc)  # the parts stop (and are joined below)
         # A failed or stopped join leaves no partial output behind.
         with contextlib.suppress(OSError):
             out.unlink()
