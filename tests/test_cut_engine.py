@@ -393,3 +393,25 @@ async def test_join_process_that_dies_falls_back_to_ffmpeg(
     frames, *_ = _decode(tmp_path / "c.mp4")
     assert len(frames) == 150
     assert _leftovers(tmp_path) == ["c.mp4"]
+
+
+def test_join_pool_keeps_as_many_idle_processes_as_clips_run_at_once() -> None:
+    """Idle join processes are kept up to the configured concurrency (recycled
+    ones beyond it are killed and reaped); warm() raises the limit."""
+    pool = joinproc.JoinPool()
+    try:
+        pool.max_idle = 2
+        procs = [pool.acquire() for _ in range(3)]
+        assert len(set(pool.busy_pids)) == 3
+        for proc in procs:
+            pool.release(proc, healthy=True)
+        assert len(pool.pids) == 2 and pool.busy_pids == []
+        assert procs[2].proc.returncode is not None  # the third: killed and reaped
+        pool.warm(6)
+        assert pool.max_idle == 6 and len(pool.pids) == 2  # no extra start: some are idle
+        again = pool.acquire()
+        assert again in procs[:2]  # reused, not started anew
+        pool.release(again, healthy=False)
+        assert again.proc.returncode is not None and len(pool.pids) == 1
+    finally:
+        pool.close()

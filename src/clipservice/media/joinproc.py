@@ -117,8 +117,8 @@ class JoinPool:
         self._idle: list[JoinProcess] = []
         self._busy: set[JoinProcess] = set()
         # Idle processes kept for the next joins: as many as clips may run at
-        # once (jobs.max_concurrent_clips, set by warm()).
-        self.max_idle = 1
+        # once (jobs.max_concurrent_clips: its default here, raised by warm()).
+        self.max_idle = 4
 
     def acquire(self) -> JoinProcess:
         with self._lock:
