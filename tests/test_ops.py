@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -141,9 +142,16 @@ async def test_request_id_echoed_generated_and_logged(
     assert created[0]["request_id"] == rid and created[0]["status"] == 202
     assert created[0]["method"] == "POST" and created[0]["duration_ms"] >= 0
     assert any(e["request_id"] == generated and e["status"] == 404 for e in access)
-    # The job started by that request logs with its request id as well as its job id.
-    job_lines = [e for e in logs if e.get("job_id") == job_id and e["event"] == "job_ended"]
-    assert job_lines and job_lines[0]["request_id"] == rid
+    # The job started by that request logs with its request id as well as its job id
+    # (its end is logged just after the ended document is saved: give it a moment).
+    async with asyncio.timeout(5):
+        while not (
+            job_lines := [
+                e for e in logs if e.get("job_id") == job_id and e["event"] == "job_ended"
+            ]
+        ):
+            await asyncio.sleep(0.02)
+    assert job_lines[0]["request_id"] == rid
 
 
 async def test_forwarded_headers_only_from_trusted_proxies(
