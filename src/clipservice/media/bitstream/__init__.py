@@ -1,0 +1,1 @@
+"""Codec bitstream surgery: parameter sets and slice headers read and rewritten bit-exactly."""
