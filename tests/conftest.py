@@ -19,6 +19,7 @@ from aiohttp import web
 from clipservice.app import create_app
 from clipservice.config import Settings
 from clipservice.media.ffmpeg import bundled_ffmpeg
+from tests.media_shapes import Shape, make_shape
 
 FIXTURES = Path(__file__).parent / "fixtures"
 MEDIA_SECONDS = 30
@@ -85,6 +86,24 @@ def media(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return files
 
 
+class Shapes:
+    """Test media in YouTube's adaptive shapes (tests/media_shapes.py), each made on first use."""
+
+    def __init__(self, folder: Path) -> None:
+        self._folder = folder
+        self._made: dict[str, Shape] = {}
+
+    def get(self, name: str) -> Shape:
+        if name not in self._made:
+            self._made[name] = make_shape(name, self._folder)
+        return self._made[name]
+
+
+@pytest.fixture(scope="session")
+def shapes(tmp_path_factory: pytest.TempPathFactory) -> Shapes:
+    return Shapes(tmp_path_factory.mktemp("shapes"))
+
+
 # Names the Vidfly fixture uses, mapped to the generated files.
 FIXTURE_FILES = {
     "video-1080.mp4": "video",
@@ -114,6 +133,15 @@ class MediaServer:
     slow_bytes_per_s: int = 64 * 1024
     # Set it to release the stalled requests (and stop stalling new ones).
     unstall: asyncio.Event = field(default_factory=asyncio.Event)
+    # Files served besides FIXTURE_FILES (see add), by name.
+    files: dict[str, Path] = field(default_factory=dict)
+
+    def add(self, name: str, path: Path) -> str:
+        """Serve ``path`` as ``name`` too (every prefix works for it); its plain URL."""
+        if "/" in name or name in FIXTURE_FILES:
+            raise ValueError(f"cannot serve a file as {name!r}")
+        self.files[name] = path
+        return self.url(name)
 
     def url(self, name: str, *, stall: bool = False, slow: bool = False) -> str:
         prefix = "stall/" if stall else "slow/" if slow else ""
@@ -154,9 +182,9 @@ async def media_server(media: dict[str, Path]) -> AsyncIterator[MediaServer]:
         slow = request.match_info.get("slow") is not None
         expired = request.match_info.get("expired") is not None
         key = FIXTURE_FILES.get(name)
-        if key is None:
+        path = media[key] if key is not None else server.files.get(name)
+        if path is None:
             raise web.HTTPNotFound()
-        path = media[key]
         size = path.stat().st_size
         range_header = request.headers.get("Range")
         start, length = _range(range_header, size)
@@ -168,7 +196,7 @@ async def media_server(media: dict[str, Path]) -> AsyncIterator[MediaServer]:
             # A signed stream URL that expired mid-job: the later ranges answer 403.
             raise web.HTTPForbidden()
         resp = web.StreamResponse(status=206 if range_header else 200)
-        resp.content_type = "video/mp4"
+        resp.content_type = "video/webm" if path.suffix == ".webm" else "video/mp4"
         resp.content_length = length
         resp.headers["Accept-Ranges"] = "bytes"
         if range_header:
