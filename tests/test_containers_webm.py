@@ -482,6 +482,46 @@ def test_hand_built_minimal_file_opens() -> None:
     assert len(_samples(index.window(1, 0, 1), data)) == 1
 
 
+def test_header_past_the_first_chunk() -> None:
+    """Info and Tracks after 100 KiB of Void and no SeekHead: the walk reads on, one
+    read more."""
+    data = _minimal(segment_extra=b"")
+    void = _el(0xEC, b"\0" * 100_000)
+    segment = data.index(bytes.fromhex("18538067"))
+    body = void + data[segment + 12 :]
+    data = data[:segment] + _el(0x18538067, body)
+    read = Counting(data)
+    index = open_webm(read, len(data))
+    assert read.reads == 2
+    assert index.tracks[0].codec == "vp9"
+    assert [s.size for s in _samples(index.window(1, 0, 1), data)] == [5]
+
+
+def test_cues_without_relative_positions(webm: dict[str, Path]) -> None:
+    """Cues that name only Clusters (as YouTube's DASH WebM writes them): windows end
+    at the following key frame's Cluster and still hold whole GOPs."""
+    original = webm["vp9-end"].read_bytes()
+    index = open_webm(Counting(original), len(original))
+    segment_data = original.index(bytes.fromhex("18538067")) + 12
+    points = b"".join(
+        _el(0xBB, _uint_el(0xB3, cue.raw_time) + _el(0xB7, _uint_el(0xF7, 1)
+            + _uint_el(0xF1, cue.cluster_pos - segment_data)))
+        for cue in index._cues[1]
+    )  # fmt: skip
+    cues_at = original.rindex(bytes.fromhex("1c53bb6b"))
+    data = original[:cues_at] + _el(0x1C53BB6B, points)
+    size = len(data) - segment_data
+    data = data[: segment_data - 8] + (0x01 << 56 | size).to_bytes(8, "big") + data[segment_data:]
+    read = Counting(data)
+    index = open_webm(read, len(data))
+    assert read.reads == 2
+    oracle = _oracle(webm["vp9-end"])[0]
+    window = index.window(1, 3.0, 5.0)
+    assert window.following_key_pts == 6000 and window.starts_on_key
+    got = _got(_samples(window, data), data)
+    assert got == [p for p in oracle if 2000 <= p[0] < 6000]
+
+
 def _nested(depth: int) -> bytes:
     inner = b""
     for _ in range(depth):

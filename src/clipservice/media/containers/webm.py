@@ -806,7 +806,8 @@ class WebmIndex:
         limit = self._clusters_end if limit is None else limit
         length = _PROBE_BYTES
         overlap = _MAX_CLUSTER_HEADER_BYTES + 32
-        while pos < limit:
+        scan_end = min(limit, pos + _MAX_PROBE_BYTES)  # no Cluster that far: damage
+        while pos < scan_end:
             buf = fetcher.cached(pos)
             if len(buf) < _MIN_PROBE_BYTES:
                 buf = fetcher.get(pos, length + overlap)
