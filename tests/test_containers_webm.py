@@ -27,7 +27,7 @@ VP9 = [
 VIDEO_SRC = ["-f", "lavfi", "-i", f"testsrc2=size=320x180:rate=30:duration={SECONDS}"]
 AUDIO_SRC = ["-f", "lavfi", "-i", f"sine=frequency=440:sample_rate=48000:duration={SECONDS}"]
 # Files with Cues (read at open) and without (searched by bisection).
-WITH_CUES = ["vp9-end", "vp9-front", "vp9-altref", "opus", "muxed", "av1"]
+WITH_CUES = ["vp9-end", "vp9-front", "vp9-altref", "opus", "muxed", "av1", "mkv-h264"]
 WITHOUT_CUES = ["nocues", "nocues-unknown"]
 
 
@@ -65,6 +65,7 @@ def _unknown_cluster_sizes(data: bytes) -> bytes:
 def webm(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("webm")
     f = {name: folder / f"{name}.webm" for name in WITH_CUES + WITHOUT_CUES}
+    f["mkv-h264"] = folder / "h264.mkv"
     _ffmpeg(*VIDEO_SRC, *VP9, "-an", str(f["vp9-end"]))
     _ffmpeg(*VIDEO_SRC, *VP9, "-an", "-cues_to_front", "1", str(f["vp9-front"]))
     # Alt-ref (hidden) frames: libvpx packs them with a shown frame in superframes.
@@ -79,6 +80,11 @@ def webm(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "-c", "copy", str(f["muxed"]),
     )  # fmt: skip
     _ffmpeg(*VIDEO_SRC, "-c:v", "libsvtav1", "-preset", "12", "-g", "60", "-an", str(f["av1"]))
+    # Matroska proper: CRC-32 elements in every Cluster, H.264 with B-frames, AAC.
+    _ffmpeg(
+        *VIDEO_SRC, *AUDIO_SRC, "-c:v", "libx264", "-preset", "ultrafast", "-bf", "2",
+        "-g", "60", "-c:a", "aac", "-b:a", "64k", str(f["mkv-h264"]),
+    )  # fmt: skip
     # A pipe is not seekable: FFmpeg writes no Cues, no sizes to patch later
     # (unknown Segment size), and short Clusters that start mid-GOP.
     _ffmpeg(

@@ -318,7 +318,7 @@ class ClusterReader:
             if child_size is None:
                 raise ContainerError(f"unknown size inside a Cluster at {base + pos}")
             child_end = data + child_size
-            if child_end > end:
+            if size is not None and child_end > end:
                 raise ContainerError(f"element at {base + pos} runs past its Cluster")
             if child_end > limit:
                 raise _Truncated("cluster past the end of the span")
@@ -425,8 +425,7 @@ class ClusterReader:
                 (i for i, s in enumerate(samples) if s.key and s.pts >= self.stop_key_pts),
                 len(samples),
             )
-            if stop > 0:
-                samples = samples[:stop]
+            samples = samples[:stop]
         return samples
 
 
@@ -638,7 +637,7 @@ class WebmIndex:
             span_start = min(self._first_cluster, cues[0].cluster_pos)
             on_key = span_start == cues[0].cluster_pos
         after = bisect.bisect_right(times, end_ticks)
-        reader = self._readers[track.track_id]
+        reader = replace(self._readers[track.track_id], trim_to_key=on_key)
         if after >= len(cues):
             return self._make_window(
                 track, span_start, self._clusters_end, reader, on_key, None, at_end=True
@@ -655,16 +654,7 @@ class WebmIndex:
             span_end = following.cluster_pos + _MAX_CLUSTER_HEADER_BYTES + following.relative_pos
             partial = True
         span_end = min(span_end, self._segment_end)
-        reader = ClusterReader(
-            reader.track_number,
-            reader.tick_mult,
-            reader.delay_ticks,
-            reader.timecode_scale_ns,
-            reader.default_duration_ns,
-            trim_to_key=on_key,
-            stop_key_pts=following_pts,
-            partial_tail=partial,
-        )
+        reader = replace(reader, stop_key_pts=following_pts, partial_tail=partial)
         return self._make_window(track, span_start, span_end, reader, on_key, following_pts)
 
     def _window_foreign_cues(self, track: Track, start_ticks: int, end_ticks: int) -> Window:
