@@ -491,6 +491,25 @@ def test_sps_inter_rps_prediction(head: Head) -> None:
     assert sps.temporal_mvp is False and (sps.width, sps.height) == (64, 64)
 
 
+def _sei(*messages: tuple[int, bytes]) -> bytes:
+    body = b"".join(bytes([kind, len(data)]) + data for kind, data in messages)
+    return bytes([hevc.PREFIX_SEI_NUT << 1, 1]) + hevc.escape(body + b"\x80")
+
+
+def test_sei_naming_a_parameter_set_raises(head: Head) -> None:
+    """SEI messages that name a set id (buffering period, active parameter sets) are refused;
+    others (user data, after a message that is skipped) pass unchanged."""
+    user_data = (5, bytes(16) + b"x265 settings")
+    recovery = (6, b"\x80")
+    plain = _sei(recovery, user_data)
+    assert head.rewriter.rewrite(plain) == plain
+    for kind in (0, 129):
+        with pytest.raises(HevcUnsupported, match="names a set id"):
+            head.rewriter.rewrite(_sei(user_data, (kind, b"\x88\x80")))
+    with pytest.raises(HevcUnsupported):
+        head.rewriter.rewrite(_sei((5, bytes(8)))[:-3])  # payload cut short
+
+
 # -- hvcC and ids ----------------------------------------------------------------------
 
 

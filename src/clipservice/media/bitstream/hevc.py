@@ -1031,9 +1031,8 @@ def hvcc_from_parameter_sets(nals: Iterable[bytes], length_size: int) -> HvcConf
     )
 
 
-def _set_id(nal: bytes) -> int:
-    """The own id of a VPS, SPS or PPS NAL unit."""
-    kind = nal_type(nal)
+def _set_id(nal: bytes, kind: int) -> int:
+    """The own id of a VPS, SPS or PPS NAL unit (of type ``kind``, else raise)."""
     if kind == VPS_NUT:
         return parse_vps(nal).vps_id
     if kind == SPS_NUT:
@@ -1079,7 +1078,7 @@ def merge_hvcc(base: HvcConfig | bytes, *others: HvcConfig | bytes) -> bytes:
             for unit in config.units(kind):
                 if unit in units:
                     continue
-                set_id = _set_id(unit)
+                set_id = _set_id(unit, kind)
                 if set_id in ids:
                     raise HevcUnsupported(f"two parameter sets of type {kind} use id {set_id}")
                 ids[set_id] = unit
@@ -1131,7 +1130,7 @@ def free_ids(hvcc: HvcConfig | bytes) -> ParamIds:
     cfg = _as_config(hvcc)
     free = []
     for kind in _PARAMETER_SETS:
-        used = {_set_id(unit) for unit in cfg.units(kind)}
+        used = {_set_id(unit, kind) for unit in cfg.units(kind)}
         first = next((i for i in range(_MAX_IDS[kind]) if i not in used), None)
         if first is None:
             raise HevcUnsupported(f"no free id for NAL unit type {kind}")
