@@ -256,8 +256,7 @@ def test_join_frames_are_the_parts_frames(
 
 
 def test_join_hvcc_lists_both_parts(joined: Path, source: Path, depth: int) -> None:
-    """The output's hvcC lists two VPS, SPS and PPS with distinct ids, all at the source's
-    profile, tier and level, every parameter-set array complete."""
+    """The output's hvcC lists 2 VPS/SPS/PPS with distinct ids, all at the source's level."""
     cfg = _source_config(joined)
     src = _source_config(source)
     assert (cfg.profile_idc, cfg.level_idc) == (src.profile_idc, SOURCE_LEVEL)
@@ -342,8 +341,7 @@ def test_rewrite_to_same_ids_is_identity(encoded: Encoded) -> None:
 
 
 def test_rewrite_round_trip_and_decode(encoded: Encoded) -> None:
-    """Rewritten to far ids (longer codes) the stream decodes to the same pictures, and
-    rewritten back it is byte-identical to x265's."""
+    """With far ids the stream decodes the same; rewritten back it is x265's, byte for byte."""
     sets, packets = encoded.sets, encoded.packets
     far = hevc.rewrite_ids(sets, ParamIds(9, 14, 61))
     back = hevc.rewrite_ids(far.parameter_sets, ParamIds(0, 0, 0))
@@ -373,7 +371,7 @@ def test_settings_exercise_the_syntax(encoded: Encoded) -> None:
     if encoded.settings == "features":
         assert kinds == {hevc.SLICE_I, hevc.SLICE_P, hevc.SLICE_B}
         assert pps.weighted_pred and pps.weighted_bipred and sps.sample_adaptive_offset
-        assert pps.entropy_coding_sync and pps.deblocking_override_enabled is not None
+        assert pps.entropy_coding_sync and sps.temporal_mvp and pps.num_ref_idx_default == (0, 0)
         assert any(not h.first_slice_segment_in_pic for h in headers)
         assert any(h.nal_type == hevc.CRA_NUT for h in headers)
         assert any(hevc.RASL_N <= h.nal_type <= hevc.RASL_R for h in headers)
@@ -435,8 +433,7 @@ def _sps_rbsp(
 
 
 def test_rewrite_inserts_emulation_prevention(head: Head) -> None:
-    """A new id that shifts zero runs onto byte boundaries gets 0x03 inserted (and
-    one that shifts them off loses it), and rewriting back restores every byte."""
+    """An id shifting zero runs onto byte boundaries gets 0x03 inserted; back, it is undone."""
     vps_nal, sps_nal, pps_nal = head.parameter_sets
     ptl_bytes = 1 + 12  # vps id, max sub layers, nesting; profile_tier_level
     rbsp = _sps_rbsp(hevc.unescape(sps_nal[2:])[:ptl_bytes], 4095, 4095)
@@ -463,9 +460,9 @@ def test_rewrite_inserts_emulation_prevention(head: Head) -> None:
 
 
 def test_sps_inter_rps_prediction(head: Head) -> None:
-    """RPSs predicted from the one before (inter_ref_pic_set_prediction_flag) list the
-    pictures 7.4.8 derives: the reference RPS's shifted by deltaRps, plus the reference
-    picture itself, in order, each with its used_by_curr_pic flag."""
+    """Inter-predicted RPSs list the pictures (and used flags) that H.265 7.4.8 derives."""
+    # The reference RPS's pictures shifted by deltaRps, plus the reference
+    # picture itself, each kept or dropped by use_delta_flag.
 
     def rps(w: hevc.BitWriter) -> None:
         w.ue(3)  # num_short_term_ref_pic_sets
@@ -497,8 +494,7 @@ def _sei(*messages: tuple[int, bytes]) -> bytes:
 
 
 def test_sei_naming_a_parameter_set_raises(head: Head) -> None:
-    """SEI messages that name a set id (buffering period, active parameter sets) are refused;
-    others (user data, after a message that is skipped) pass unchanged."""
+    """SEI messages naming a set id (buffering period...) are refused; others pass unchanged."""
     user_data = (5, bytes(16) + b"x265 settings")
     recovery = (6, b"\x80")
     plain = _sei(recovery, user_data)
@@ -522,8 +518,7 @@ def test_hvcc_parse_build_round_trip(source: Path, joined: Path) -> None:
 
 
 def test_merge_refuses_colliding_ids(source: Path, head: Head) -> None:
-    """Two different sets with one id (x265's head without rewriting) cannot be merged;
-    equal sets are listed once; free ids move past the merged ones."""
+    """Different sets with one id do not merge, equal ones are listed once; free ids move on."""
     cfg = _source_config(source)
     unrewritten = hevc.hvcc_from_parameter_sets(head.parameter_sets, cfg.length_size)
     with pytest.raises(HevcUnsupported, match="use id 0"):
@@ -600,9 +595,9 @@ def _rasl_count(path: Path) -> int:
 
 
 def test_eos_before_cra_drops_its_rasl(open_gop: Path, head: Head, tmp_path: Path) -> None:
-    """After an end-of-sequence NAL the decoder starts anew at the CRA and skips its RASL
-    pictures (they refer to frames before the cut): the join decodes cleanly. Without
-    it, the decoder tries them and fails to find their references."""
+    """An EOS NAL before an open-GOP CRA makes the decoder skip its RASL frames: a clean join."""
+    # Without it, the decoder tries them and misses their references (frames
+    # before the cut).
     assert _rasl_count(open_gop) > 0  # the copied GOP holds RASL samples
     runs = {}
     for eos in (False, True):
@@ -634,8 +629,7 @@ def test_truncated_records_raise(joined: Path) -> None:
 
 
 def test_truncated_nals_raise(encoded: Encoded) -> None:
-    """Truncated parameter sets and slices raise HevcUnsupported (or parse, where the cut
-    falls past what is read), never another error."""
+    """Truncated parameter sets and slices raise HevcUnsupported (or parse), nothing else."""
     sets, packets = encoded.sets, encoded.packets
     rewriter = hevc.rewrite_ids(sets, ParamIds(2, 3, 4))
     parsers = {32: hevc.parse_vps, 33: hevc.parse_sps, 34: hevc.parse_pps}
@@ -663,8 +657,7 @@ def test_truncated_nals_raise(encoded: Encoded) -> None:
 
 
 def test_random_bytes_raise_cleanly(head: Head) -> None:
-    """Random NAL payloads behind real NAL headers raise HevcUnsupported or parse; nothing
-    else (no IndexError, no hang on long Exp-Golomb runs)."""
+    """Random payloads behind real NAL headers raise HevcUnsupported or parse: no IndexError."""
     rng = random.Random(2024)
     rewriter = head.rewriter
     headers = [bytes([kind << 1, 1]) for kind in (0, 1, 19, 20, 21, 32, 33, 34, 39)]
