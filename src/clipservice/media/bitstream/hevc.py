@@ -43,6 +43,7 @@ __all__ = [
     "ParamIds",
     "Pps",
     "ProfileTierLevel",
+    "ShortTermRps",
     "SliceHeader",
     "Sps",
     "Vps",
