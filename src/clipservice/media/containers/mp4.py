@@ -48,9 +48,9 @@ MAX_MOOF_BYTES = 16 * 1024 * 1024
 MAX_SIDX_BYTES = 16 * 1024 * 1024
 MAX_MFRA_BYTES = 16 * 1024 * 1024
 MAX_SAMPLES_PER_TRACK = 1 << 24
-MAX_SAMPLES_PER_TRUN = 1 << 20
+MAX_SAMPLES_PER_MOOF = 1 << 18  # over an hour at 60 fps
 MAX_TOP_LEVEL_BOXES = 100_000
-MAX_UNCACHED_TOP_LEVEL_READS = 16
+MAX_TOP_LEVEL_READS = 16  # box headers read one by one (jumping over mdat) to find moov
 MAX_SIDX_BOXES = 1024
 MAX_SIDX_DEPTH = 8
 MAX_SEARCH_PROBES = 64
@@ -58,12 +58,10 @@ MAX_STEPS_TO_SYNC = 16
 SAP_FLAG = 0x8000_0000
 SAMPLE_IS_NON_SYNC = 0x0001_0000
 
-_U8 = struct.Struct(">B")
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 _I32 = struct.Struct(">i")
 _U64 = struct.Struct(">Q")
-_I64 = struct.Struct(">q")
 _HEADER = struct.Struct(">I4s")
 _LITTLE = sys.byteorder == "little"
 
@@ -86,20 +84,8 @@ _ESDS_CODECS = {
 }  # fmt: skip
 _CONFIG_BOXES = {b"avcC", b"hvcC", b"av1C", b"vpcC", b"dOps", b"dfLa", b"dac3", b"dec3", b"vvcC"}
 _AAC_RATES = (
-    96000,
-    88200,
-    64000,
-    48000,
-    44100,
-    32000,
-    24000,
-    22050,
-    16000,
-    12000,
-    11025,
-    8000,
-    7350,
-)
+    96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000, 7350,
+)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- boxes
@@ -188,6 +174,7 @@ class _Source:
     def __init__(self, read: Read, size_bytes: int) -> None:
         self.read = read
         self.size = size_bytes
+        self.reads = 0
         # (offset, bytes), replaced in one assignment: windows may be asked
         # for from several threads.
         self._cached: tuple[int, bytes] = (0, b"")
@@ -212,6 +199,7 @@ class _Source:
             return cached[rel : rel + length]
         want = max(length, min(chunk_bytes, self.size - offset))
         data = self.read(offset, want)
+        self.reads += 1
         if len(data) < want:
             raise ContainerError(f"short read: {len(data)} of {want} bytes at {offset}")
         data = bytes(data[:want])
@@ -359,10 +347,7 @@ def _parse_trak(
     stbl = _children(buf, minf[b"stbl"])
     if b"stsd" not in stbl:
         raise ContainerError(f"track {track_id}: stbl without stsd")
-    entry = _parse_stsd(buf, stbl[b"stsd"], kind)
-    if entry is None:
-        return None
-    codec, config, width, height, sample_rate, channels = entry
+    codec, config, width, height, sample_rate, channels = _parse_stsd(buf, stbl[b"stsd"], kind)
 
     shift = 0
     if b"edts" in kids:
@@ -419,7 +404,7 @@ def _edit_shift(buf: bytes, elst: _Box, movie_timescale: int, timescale: int) ->
 
 def _parse_stsd(
     buf: bytes, stsd: _Box, kind: Literal["video", "audio"]
-) -> tuple[str, bytes, int, int, int, int] | None:
+) -> tuple[str, bytes, int, int, int, int]:
     """(codec, config, width, height, sample_rate, channels) of the first entry."""
     _need(stsd, 8)
     if _U32.unpack_from(buf, stsd.body + 4)[0] == 0:
@@ -514,8 +499,11 @@ def _parse_esds(buf: bytes, esds: _Box) -> tuple[int, bytes]:
 
 
 def _aac_rate_channels(asc: bytes, rate: int, channels: int) -> tuple[int, int]:
-    bits = int.from_bytes(asc[:5].ljust(5, b"\0"), "big")
-    nbits = 40
+    """Sample rate and channels from an AudioSpecificConfig (ISO/IEC 14496-3
+    §1.6.2.1), where the sample entry's fields may be stale; a channel
+    configuration of 0 (a program config element) keeps the entry's."""
+    nbits = 64
+    bits = int.from_bytes(asc[:8].ljust(8, b"\0"), "big")
     obj = bits >> (nbits - 5)
     used = 5
     if obj == 31:
@@ -523,8 +511,6 @@ def _aac_rate_channels(asc: bytes, rate: int, channels: int) -> tuple[int, int]:
     index = (bits >> (nbits - used - 4)) & 0xF
     used += 4
     if index == 0xF:
-        if len(asc) < 5:
-            return rate, channels
         rate = (bits >> (nbits - used - 24)) & 0xFF_FFFF
         used += 24
     elif index < len(_AAC_RATES):
@@ -711,7 +697,7 @@ def _traf_samples(
             _need(tfhd, pos - tfhd.body + 8)
             base = _U64.unpack_from(buf, pos)[0]
             pos += 8
-        elif flags & 0x020000:
+        elif flags & 0x02_0000:
             base = moof_offset
         default_duration, default_size, default_flags = trex.duration, trex.size, trex.flags
         if flags & 0x02:
@@ -766,7 +752,7 @@ def _trun_header(buf: bytes, trun: _Box) -> tuple[int, int, int, int | None, int
     version, flags = _full_box(buf, trun)
     _need(trun, 8)
     count = _U32.unpack_from(buf, trun.body + 4)[0]
-    if count > MAX_SAMPLES_PER_TRUN:
+    if count > MAX_SAMPLES_PER_MOOF:
         raise ContainerError(f"trun of {count} samples")
     pos = trun.body + 8
     data_offset = first_flags = None
@@ -806,6 +792,8 @@ def _trun_samples(
 ) -> tuple[int, int]:
     """Append one trun's samples to ``out``; returns (next dts, data end)."""
     version, flags, count, data_offset, first_flags, pos = _trun_header(buf, trun)
+    if len(out) + count > MAX_SAMPLES_PER_MOOF:
+        raise ContainerError(f"more than {MAX_SAMPLES_PER_MOOF} samples in one moof")
     offset = base + data_offset if data_offset is not None else data
     present = [bit for bit in (0x100, 0x200, 0x400, 0x800) if flags & bit]
     width = len(present)
@@ -877,7 +865,7 @@ class FragmentReader:
                     continue
                 parsed = _traf_samples(
                     run, box, run_offset + box.start, self.track_id, self.trex, self.shift,
-                    None if next_dts is None else next_dts,
+                    next_dts,
                 )  # fmt: skip
                 if parsed is not None:
                     samples, next_dts = parsed
@@ -1438,15 +1426,17 @@ def _scan_top_level(src: _Source) -> _TopLevel:
         header_bytes = min(16, src.size - pos)
         if header_bytes < 8:
             raise ContainerError(f"trailing bytes at {pos}")
+        if src.reads > MAX_TOP_LEVEL_READS:
+            raise ContainerError(f"no moov within {MAX_TOP_LEVEL_READS} reads")
         header = src.get(pos, header_bytes, FIRST_CHUNK_BYTES)
-        box = _box_at(header.ljust(16, b"\0"), 0, 16) if header_bytes < 16 else None
-        del box
         size = _box_size(header, src.size - pos)
         kind = header[4:8]
         end = pos + size
         if end > src.size:
             raise ContainerError(f"{kind!r} box at {pos} runs past the end of the resource")
         if kind == b"moov":
+            if moov:
+                raise ContainerError("two moov boxes")
             if size > MAX_MOOV_BYTES:
                 raise ContainerError(f"moov of {size} bytes")
             moov, moov_offset = src.get(pos, size, FIRST_CHUNK_BYTES), pos
@@ -1504,14 +1494,7 @@ def _open(src: _Source) -> Mp4Index:
     init = src.get(0, top.moov_offset + len(top.moov))
     if top.first_moof is None:
         raise ContainerError("fragmented MP4 without fragments")
-    # The first fragments, from the chunk already read most of the time.
-    head = src.cached_from(top.first_moof, 4096)
-    firsts: dict[int, _Frag] = {}
-    for info in infos:
-        frags, _ = _walk(head, 0, top.first_moof, src, src.size, info)
-        if not frags:
-            raise ContainerError(f"track {info.track.track_id}: no fragment in the first chunk")
-        firsts[info.track.track_id] = frags[0]
+    firsts = {info.track.track_id: _first_fragment(src, top.first_moof, info) for info in infos}
 
     raw: list[_RawSegment] = []
     if top.sidx_offsets:
@@ -1521,11 +1504,21 @@ def _open(src: _Source) -> Mp4Index:
             raw.extend(_parse_sidx(src, offset, 0, seen))
         if not _covers_fragments(src, raw):
             raw = []  # one sidx per segment (DASH-style): search instead
+    found: dict[int, tuple[list[_Segment], int]] = {}
+    for info in infos:
+        tid = info.track.track_id
+        mine = [s for s in raw if s.reference_id == tid] or [
+            s for s in raw if s.reference_id == raw[0].reference_id
+        ]
+        from_sidx = _sidx_segments(mine, info.track.timescale, firsts[tid]) if mine else None
+        if from_sidx is not None:
+            found[tid] = from_sidx
+
     fragments_end = src.size
     tfra: list[_TfraEntry] = []
-    tail = b""
-    tail_offset = src.size
-    if not raw:
+    tail, tail_offset = b"", src.size
+    if len(found) < len(infos):
+        # The fragments' extent, an mfra, and the track's end are at the tail.
         fragment_bytes = max(f.next_offset - f.offset for f in firsts.values())
         tail_bytes = max(MIN_PROBE_BYTES, min(MAX_PROBE_BYTES, 3 * fragment_bytes))
         tail_offset = max(top.first_moof, src.size - tail_bytes)
@@ -1542,15 +1535,12 @@ def _open(src: _Source) -> Mp4Index:
         duration_s = track.duration_s or mehd_s
         segments: list[_Segment] | None = None
         end_pts: int | None = None
-        mine = [s for s in raw if s.reference_id == tid] or [
-            s for s in raw if s.reference_id == raw[0].reference_id
-        ]
-        if mine:
-            segments, end_pts = _sidx_segments(mine, track.timescale, first)
+        if tid in found:
+            segments, end_pts = found[tid]
         else:
             entries = [e for e in tfra if e.track_id == tid]
             if entries:
-                segments = _tfra_segments(entries, track.timescale, first, fragments_end)
+                segments = _tfra_segments(entries, first, fragments_end)
             last = _last_fragment(src, tail, tail_offset, fragments_end, info)
             if last is not None:
                 end_pts = last.end_pts
@@ -1558,17 +1548,34 @@ def _open(src: _Source) -> Mp4Index:
                 end_pts = first.min_pts + round(mehd_s * track.timescale)
         if duration_s is None and end_pts is not None:
             duration_s = (end_pts - first.min_pts) / track.timescale
-        fps = track.timescale / first.sample_ticks if first.sample_ticks else None
+        video = track.kind == "video" and first.sample_ticks > 0
         track = dataclasses.replace(
             track,
             duration_s=duration_s,
             first_pts=first.min_pts,
-            fps=fps if track.kind == "video" else None,
+            fps=track.timescale / first.sample_ticks if video else None,
         )
         info = _TrakInfo(track, info.shift, None, info.trex)
         updated.append(info)
         frag_tracks[tid] = _FragTrack(info, first, segments, end_pts)
     return Mp4Index(src, updated, init, frag_tracks, fragments_end)
+
+
+def _first_fragment(src: _Source, first_moof: int, info: _TrakInfo) -> _Frag:
+    """The track's first fragment, walking from the first moof (in the chunk
+    already read, most of the time)."""
+    pos = first_moof
+    for _ in range(MAX_SEARCH_PROBES):
+        if pos >= src.size:
+            break
+        buf = src.cached_from(pos, 4096)
+        frags, resume = _walk(buf, 0, pos, src, src.size, info)
+        if frags:
+            return frags[0]
+        if resume <= pos:
+            break
+        pos = resume
+    raise ContainerError(f"track {info.track.track_id}: no fragment found")
 
 
 def _covers_fragments(src: _Source, raw: list[_RawSegment]) -> bool:
@@ -1584,8 +1591,9 @@ def _covers_fragments(src: _Source, raw: list[_RawSegment]) -> bool:
 
 def _sidx_segments(
     raw: list[_RawSegment], timescale: int, first: _Frag
-) -> tuple[list[_Segment], int]:
-    """Segments on the presentation timeline, and the track's end.
+) -> tuple[list[_Segment], int] | None:
+    """Segments on the presentation timeline, and the track's end; None when
+    the sidx does not start with the track's first fragment.
 
     Writers disagree on whether sidx times come before or after the edit
     list (FFmpeg's dash muxer: after; its global_sidx: before). The first
@@ -1593,6 +1601,8 @@ def _sidx_segments(
     reference says.
     """
     raw = sorted(raw, key=lambda s: s.offset)
+    if not raw[0].offset <= first.offset < raw[0].offset + raw[0].size:
+        return None
     delta = raw[0].ept * timescale // raw[0].timescale - first.min_pts
     segments = [
         _Segment(s.offset, s.size, s.ept * timescale // s.timescale - delta, s.sap) for s in raw
@@ -1610,7 +1620,7 @@ class _TfraEntry(NamedTuple):
 
 
 def _tfra_segments(
-    entries: list[_TfraEntry], timescale: int, first: _Frag, fragments_end: int
+    entries: list[_TfraEntry], first: _Frag, fragments_end: int
 ) -> list[_Segment] | None:
     """Segments from tfra entries, calibrated on the first fragment like
     sidx times; None when the entries do not start at the first fragment."""
