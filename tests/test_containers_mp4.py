@@ -33,14 +33,19 @@ X264 = [
 FRAG = "frag_keyframe+empty_moov+default_base_moof"
 PROGRESSIVE = ["faststart", "moov-end", "delay", "aac", "muxed"]
 FRAGMENTED = [
-    "frag-sidx", "frag-mfra", "frag-plain", "dash", "aac-frag", "hevc", "av1", "muxed-frag",
+    "frag-sidx", "frag-mfra", "frag-plain", "frag-nonkey", "dash", "aac-frag", "hevc", "av1",
+    "muxed-frag", "muxed-frag-abs",
 ]  # fmt: skip
 ALL = PROGRESSIVE + FRAGMENTED
+# Fragments that do not open with a sync sample, behind a sidx that says they all
+# do (FFmpeg's global_sidx always sets starts_with_SAP): caught at open, searched.
+LYING_SIDX = "sidx-nonkey"
 CODECS = {
     "faststart": ["h264"], "moov-end": ["h264"], "delay": ["h264"], "aac": ["aac"],
     "muxed": ["h264", "aac"], "frag-sidx": ["h264"], "frag-mfra": ["h264"],
     "frag-plain": ["h264"], "dash": ["h264"], "aac-frag": ["aac"], "hevc": ["hevc"],
-    "av1": ["av1"], "muxed-frag": ["h264", "aac"],
+    "av1": ["av1"], "muxed-frag": ["h264", "aac"], "muxed-frag-abs": ["h264", "aac"],
+    "frag-nonkey": ["h264"], LYING_SIDX: ["h264"],
 }  # fmt: skip
 
 
@@ -57,7 +62,7 @@ def _ffmpeg(*args: str) -> None:
 @pytest.fixture(scope="session")
 def mp4(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("mp4")
-    f = {name: folder / f"{name}.mp4" for name in ALL}
+    f = {name: folder / f"{name}.mp4" for name in [*ALL, LYING_SIDX]}
     f["aac"] = folder / "aac.m4a"
     f["aac-frag"] = folder / "aac-frag.m4a"
     f["long"] = folder / "long.mp4"
@@ -75,6 +80,10 @@ def mp4(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     _ffmpeg("-i", src, "-c", "copy", "-movflags", f"{FRAG}+global_sidx", str(f["frag-sidx"]))
     _ffmpeg("-i", src, "-c", "copy", "-movflags", FRAG, str(f["frag-mfra"]))
     _ffmpeg("-i", src, "-c", "copy", "-movflags", f"{FRAG}+skip_trailer", str(f["frag-plain"]))
+    # 0.7 s fragments, 2 s GOPs: most fragments open with a non-sync sample.
+    nonkey = ["-c", "copy", "-frag_duration", "700000", "-movflags"]
+    _ffmpeg("-i", src, *nonkey, "empty_moov+default_base_moof+skip_trailer", str(f["frag-nonkey"]))
+    _ffmpeg("-i", src, *nonkey, "empty_moov+default_base_moof+global_sidx", str(f[LYING_SIDX]))
     # FFmpeg's DASH muxer in one file: a sidx before each fragment, an edit list.
     _ffmpeg(
         "-i", src, "-c", "copy", "-f", "dash", "-single_file", "1", "-seg_duration", "2",
@@ -98,6 +107,11 @@ def mp4(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     _ffmpeg(
         "-i", src, "-i", str(f["aac"]), "-map", "0:v", "-map", "1:a", "-c", "copy",
         "-movflags", f"{FRAG}+global_sidx", str(f["muxed-frag"]),
+    )  # fmt: skip
+    # Without default_base_moof: each traf names an absolute base-data-offset.
+    _ffmpeg(
+        "-i", src, "-i", str(f["aac"]), "-map", "0:v", "-map", "1:a", "-c", "copy",
+        "-movflags", "frag_keyframe+empty_moov", str(f["muxed-frag-abs"]),
     )  # fmt: skip
     # Ten minutes at 64x64 with 1 s fragments, neither sidx nor mfra: searched.
     _ffmpeg(
@@ -198,13 +212,16 @@ def _check_window(
     i1 = i0 + len(samples)
     _same(samples, packets[i0:i1], data)
     assert packets[i0].key and window.starts_on_key
+    assert window.start_pts == packets[i0].pts
     assert i0 <= k0 and i1 >= k1
     if exact:
         assert (i0, i1) == (k0, k1)
-    assert i1 == len(packets) or packets[i1].key
-    assert window.following_key_pts == (packets[i1].pts if i1 < len(packets) else None)
     assert window.at_track_end == (i1 == len(packets))
-    assert window.start_pts == packets[i0].pts
+    if window.following_key_pts is not None:
+        assert packets[i1].key and window.following_key_pts == packets[i1].pts
+    elif not window.at_track_end:
+        # Unknown (a sync sample inside the last fragment): the GOP ends inside.
+        assert not exact and i1 > k1
     spans = window.spans
     assert all(a + n <= b for (a, n), (b, _) in itertools.pairwise(spans))
 
@@ -212,13 +229,13 @@ def _check_window(
 # --------------------------------------------------------------------------- samples
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", [*ALL, LYING_SIDX])
 def test_every_sample_matches_pyav(mp4: dict[str, Path], name: str) -> None:
     """For every track, the index's samples (pts, dts, size, offset, sync, bytes)
     are PyAV's packets, one for one."""
     index, read = _open(mp4[name])
     assert [t.codec for t in index.tracks] == CODECS[name]
-    assert index.fragmented == (name in FRAGMENTED)
+    assert index.fragmented == (name in FRAGMENTED or name == LYING_SIDX)
     for track in index.tracks:
         window = index.window(track.track_id, -1.0, 1e9)
         assert window.at_track_end and window.following_key_pts is None
@@ -248,7 +265,7 @@ def test_timeline_follows_the_edit_list(mp4: dict[str, Path]) -> None:
     assert aac.tracks[0].first_pts == -1024  # the encoder's priming, cut by the edit
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", [*ALL, LYING_SIDX])
 def test_track_description(mp4: dict[str, Path], name: str) -> None:
     """Track fields agree with PyAV: codec, size, rate, channels, time base,
     codec configuration (the stream's extradata), first pts, duration."""
@@ -287,7 +304,7 @@ def test_unknown_track_is_a_key_error(mp4: dict[str, Path]) -> None:
 # --------------------------------------------------------------------------- windows
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", [*ALL, LYING_SIDX])
 def test_windows_start_on_a_key_and_end_with_the_gop(mp4: dict[str, Path], name: str) -> None:
     """Random windows start at the last sync sample at or before the start and
     end right before the first sync sample after the end, with the oracle's
@@ -298,7 +315,9 @@ def test_windows_start_on_a_key_and_end_with_the_gop(mp4: dict[str, Path], name:
         packets = _packets(mp4[name], track.track_id)
         assert track.duration_s is not None
         # One GOP per fragment for fragmented video: exact there too.
-        exact = name in PROGRESSIVE or track.kind == "video"
+        exact = name in PROGRESSIVE or (
+            track.kind == "video" and name not in ("frag-nonkey", LYING_SIDX)
+        )
         edges = [(0.0, 0.0), (-5.0, 0.5), (2.0, 2.0), (track.duration_s - 0.1, 1e6)]
         for start, end in edges + [
             (a, a + rnd.uniform(0, 4)) for a in (rnd.uniform(0, 9) for _ in range(12))

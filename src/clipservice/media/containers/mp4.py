@@ -849,6 +849,9 @@ class FragmentReader:
     trex: _Trex
     # Media decode time of the window's first fragment when it has no tfdt.
     start_dts: int | None = None
+    # Drop the samples before the first sync sample (a window that starts
+    # inside a fragment, at a sync sample that does not open it).
+    from_key: bool = False
 
     def samples(self, window: Window, data: dict[int, bytes]) -> list[Sample]:
         try:
@@ -874,6 +877,8 @@ class FragmentReader:
         for sample in out:
             if sample.offset < window.spans[0][0] or sample.offset + sample.size > end:
                 raise ContainerError("a fragment's sample lies outside the window's bytes")
+        if self.from_key:
+            out = out[next((i for i, s in enumerate(out) if s.key), len(out)) :]
         return out
 
 
@@ -986,6 +991,7 @@ class _Frag:
     first_pts: int  # the track's first sample in decode order
     first_sync: bool
     min_pts: int  # the earliest pts in the fragment
+    keys: tuple[int, ...]  # the pts of its sync samples, in decode order
     end_pts: int  # the end of its last sample in presentation
     sample_ticks: int  # its most common sample duration
 
@@ -1136,28 +1142,39 @@ class _Search:
         self.fragment_bytes = track.first.next_offset - track.first.offset
 
     def window(self, start: float, end: float) -> Window:
+        # The start: the fragment holding ``start``, or an earlier one, that
+        # opens with a sync sample or holds one at or before ``start`` (then
+        # the reader drops what comes before that sample).
         first = self.track.first
         lo, _ = self._locate(start)
         for _ in range(MAX_STEPS_TO_SYNC):
-            if lo.first_sync or lo.offset == first.offset:
+            if lo.first_sync or (lo.keys and lo.keys[0] <= start) or lo.offset == first.offset:
                 break
             lo, _ = self._locate(lo.first_pts - 1, before=lo.offset)
+        from_key = not lo.first_sync and bool(lo.keys)
+        start_pts = lo.keys[0] if from_key else lo.first_pts
+        # The end: through the fragment holding the next sync sample after
+        # ``end``; when that sample opens a fragment, up to that fragment.
         last, after = self._locate(end)
         if last.offset < lo.offset:
-            after = self._next(lo)
+            last, after = lo, self._next(lo)
+        complete = any(k > max(end, start_pts) for k in last.keys)
         for _ in range(MAX_STEPS_TO_SYNC):
-            if after is None or after.first_sync:
+            if complete or after is None or after.first_sync:
                 break
+            complete = bool(after.keys)
             after = self._next(after)
         stop = after.offset if after is not None else self.end
         return Window(
             track_id=self.info.track.track_id,
             spans=((lo.offset, stop - lo.offset),),
-            reader=FragmentReader(self.info.track.track_id, self.info.shift, self.info.trex),
-            starts_on_key=lo.first_sync,
+            reader=FragmentReader(
+                self.info.track.track_id, self.info.shift, self.info.trex, from_key=from_key
+            ),
+            starts_on_key=lo.first_sync or from_key,
             following_key_pts=after.first_pts if after is not None and after.first_sync else None,
             at_track_end=after is None,
-            start_pts=lo.first_pts,
+            start_pts=start_pts,
         )
 
     def _neighbours(self, target: float, before: int | None) -> tuple[_Frag, _Frag | None]:
@@ -1346,6 +1363,7 @@ def _fragment(
         first_pts=samples[0].pts,
         first_sync=samples[0].key,
         min_pts=min(s.pts for s in samples),
+        keys=tuple(s.pts for s in samples if s.key),
         end_pts=max(s.pts + s.duration for s in samples),
         sample_ticks=max(durations, key=lambda d: durations[d]),
     )
@@ -1494,7 +1512,8 @@ def _open(src: _Source) -> Mp4Index:
     init = src.get(0, top.moov_offset + len(top.moov))
     if top.first_moof is None:
         raise ContainerError("fragmented MP4 without fragments")
-    firsts = {info.track.track_id: _first_fragment(src, top.first_moof, info) for info in infos}
+    heads = {info.track.track_id: _first_fragments(src, top.first_moof, info) for info in infos}
+    firsts = {tid: frags[0] for tid, frags in heads.items()}
 
     raw: list[_RawSegment] = []
     if top.sidx_offsets:
@@ -1511,7 +1530,7 @@ def _open(src: _Source) -> Mp4Index:
             s for s in raw if s.reference_id == raw[0].reference_id
         ]
         from_sidx = _sidx_segments(mine, info.track.timescale, firsts[tid]) if mine else None
-        if from_sidx is not None:
+        if from_sidx is not None and _agrees(from_sidx[0], heads[tid]):
             found[tid] = from_sidx
 
     fragments_end = src.size
@@ -1541,6 +1560,8 @@ def _open(src: _Source) -> Mp4Index:
             entries = [e for e in tfra if e.track_id == tid]
             if entries:
                 segments = _tfra_segments(entries, first, fragments_end)
+                if segments is not None and not _agrees(segments, heads[tid]):
+                    segments = None
             last = _last_fragment(src, tail, tail_offset, fragments_end, info)
             if last is not None:
                 end_pts = last.end_pts
@@ -1561,9 +1582,9 @@ def _open(src: _Source) -> Mp4Index:
     return Mp4Index(src, updated, init, frag_tracks, fragments_end)
 
 
-def _first_fragment(src: _Source, first_moof: int, info: _TrakInfo) -> _Frag:
-    """The track's first fragment, walking from the first moof (in the chunk
-    already read, most of the time)."""
+def _first_fragments(src: _Source, first_moof: int, info: _TrakInfo) -> list[_Frag]:
+    """The track's first fragments (at least one), walking from the first
+    moof (in the chunk already read, most of the time)."""
     pos = first_moof
     for _ in range(MAX_SEARCH_PROBES):
         if pos >= src.size:
@@ -1571,11 +1592,27 @@ def _first_fragment(src: _Source, first_moof: int, info: _TrakInfo) -> _Frag:
         buf = src.cached_from(pos, 4096)
         frags, resume = _walk(buf, 0, pos, src, src.size, info)
         if frags:
-            return frags[0]
+            return frags
         if resume <= pos:
             break
         pos = resume
     raise ContainerError(f"track {info.track.track_id}: no fragment found")
+
+
+def _agrees(segments: list[_Segment], frags: list[_Frag]) -> bool:
+    """Whether an index's sync flags hold for the fragments already parsed.
+
+    FFmpeg's global_sidx says every fragment starts with a SAP, and its tfra
+    lists every fragment's first sample, even when fragments are cut by
+    duration and open with a non-sync sample. Such an index is not trusted
+    (the search finds sync samples wherever they are); a lie past the
+    fragments seen at open goes unnoticed.
+    """
+    for seg in segments:
+        inside = [f for f in frags if seg.offset <= f.offset < seg.offset + seg.size]
+        if inside and inside[0].first_sync != seg.sap:
+            return False
+    return True
 
 
 def _covers_fragments(src: _Source, raw: list[_RawSegment]) -> bool:
