@@ -359,6 +359,10 @@ def _parse_trak(
     if fragmented and len(table):
         raise ContainerError(f"track {track_id}: fragmented MP4 with samples in moov")
     duration_s = duration / timescale if duration else None
+    codec_delay = 0
+    if codec == "opus" and len(config) >= 4:
+        # dOps PreSkip, at 48 kHz (the edit list usually cuts as much).
+        codec_delay = _U16.unpack_from(config, 2)[0] * timescale // 48000
     first_pts: int | None = None
     fps: float | None = None
     if len(table):
@@ -376,6 +380,7 @@ def _parse_trak(
         height=height,
         sample_rate=sample_rate,
         channels=channels,
+        codec_delay=codec_delay,
         first_pts=first_pts,
         fps=fps,
     )
