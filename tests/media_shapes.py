@@ -19,6 +19,7 @@ import json
 import os
 import struct
 import subprocess
+import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -68,14 +69,46 @@ _FMP4_AUDIO_NOSIDX = "empty_moov+default_base_moof+skip_trailer"
 _FRAG_2S = ["-frag_duration", "2000000"]
 
 
-def _ffmpeg(args: list[str]) -> None:
-    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-y"]
-    cmd += ["-loglevel", "error", *args]
-    # SVT-AV1 prints its banner through its own logger, not FFmpeg's.
-    env = {**os.environ, "SVT_LOG": "1"}
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
-    if done.returncode != 0:
-        raise RuntimeError(f"ffmpeg failed ({done.returncode}): {' '.join(cmd)}\n{done.stderr}")
+class _Run:
+    """One FFmpeg process writing ``part``, renamed to ``path`` once it exits cleanly."""
+
+    def __init__(self, args: list[str], part: Path | None = None, path: Path | None = None):
+        self.cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-y"]
+        self.cmd += ["-loglevel", "error", *args]
+        if part is not None:
+            self.cmd.append(str(part))
+        self.part, self.path = part, path
+        # A file, not a pipe: two processes at once cannot block on a full pipe.
+        self.stderr = tempfile.TemporaryFile()  # noqa: SIM115 (closed in wait or kill)
+        # SVT-AV1 prints its banner through its own logger, not FFmpeg's.
+        env = {**os.environ, "SVT_LOG": "1"}
+        self.proc = subprocess.Popen(
+            self.cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self.stderr,
+            env=env,
+        )  # fmt: skip
+
+    def wait(self, timeout_s: float = 1800) -> None:
+        try:
+            code = self.proc.wait(timeout_s)
+        except BaseException:
+            self.kill()
+            raise
+        with self.stderr:
+            self.stderr.seek(0)
+            errors = self.stderr.read().decode(errors="replace")
+        if code != 0:
+            if self.part is not None:
+                self.part.unlink(missing_ok=True)
+            raise RuntimeError(f"ffmpeg failed ({code}): {' '.join(self.cmd)}\n{errors}")
+        if self.part is not None and self.path is not None:
+            self.part.replace(self.path)
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        self.stderr.close()
+        if self.part is not None:
+            self.part.unlink(missing_ok=True)
 
 
 def _testsrc(size: str, fps: float, seconds: float) -> list[str]:
@@ -128,7 +161,8 @@ def _av1(gop_frames: int) -> list[str]:
     ]  # fmt: skip
 
 
-_AAC = ["-c:a", "aac", "-b:a", "64k", "-ac", "2"]
+# The fast coder: FFmpeg's default (twoloop) costs more than the video at 160x90.
+_AAC = ["-c:a", "aac", "-aac_coder", "fast", "-b:a", "64k", "-ac", "2"]
 _OPUS = ["-c:a", "libopus", "-b:a", "48k", "-ac", "2"]
 _FASTSTART = ["-movflags", "+faststart"]
 # WebM as YouTube serves it: Cues before the first Cluster (its DASH index
@@ -137,39 +171,56 @@ _WEBM = ["-f", "webm", "-dash", "1", "-cues_to_front", "1"]
 
 
 class _Builder:
-    """Collects the files and commands of one shape while they are made."""
+    """Runs the FFmpeg commands of one shape and collects its files and commands.
+
+    A separate audio file is encoded in the background while the video
+    encodes (the machine has two cores; audio costs as much as the video at
+    160x90): :meth:`finish` waits for it.
+    """
 
     def __init__(self, out_dir: Path, name: str) -> None:
         self.out_dir = out_dir
         self.name = name
         self.files: dict[str, Path] = {}
         self.commands: dict[str, list[str]] = {}
+        self._background: list[_Run] = []
         out_dir.mkdir(parents=True, exist_ok=True)
 
-    def run(self, key: str, suffix: str, args: list[str]) -> Path:
+    def run(self, key: str, suffix: str, args: list[str], *, background: bool = False) -> Path:
         path = self.out_dir / f"{self.name}.{key}{suffix}"
-        part = path.with_name(path.name + ".part" + suffix)
-        # Written under a temporary name: a killed run never leaves a file
-        # that looks complete.
-        _ffmpeg([*args, str(part)])
-        part.replace(path)
+        # Written under a temporary name: a failed or killed run never leaves
+        # a file that looks complete.
+        run = _Run(args, path.with_name(path.name + ".part" + suffix), path)
         self.files[key] = path
         self.commands[key] = args
+        if background:
+            self._background.append(run)
+        else:
+            run.wait()
         return path
 
     def run_two_pass(self, key: str, suffix: str, codec_args: list[str], mux: list[str]) -> Path:
         """A two-pass encode: the first pass writes only its statistics."""
         log = self.out_dir / f"{self.name}.{key}.passlog"
         stats = ["-passlogfile", str(log)]
-        first = [*codec_args, "-pass", "1", *stats, "-f", "null"]
-        _ffmpeg([*first, os.devnull])
+        first = [*codec_args, "-pass", "1", *stats, "-f", "null", os.devnull]
         try:
+            _Run(first).wait()
             path = self.run(key, suffix, [*codec_args, "-pass", "2", *stats, *mux])
         finally:
             for leftover in self.out_dir.glob(f"{log.name}*"):
                 leftover.unlink()
-        self.commands[f"{key} (pass 1)"] = [*first, os.devnull]
+        self.commands[f"{key} (pass 1)"] = first
         return path
+
+    def finish(self) -> None:
+        """Wait for the background runs (every file is complete after this)."""
+        while self._background:
+            self._background.pop(0).wait()
+
+    def abort(self) -> None:
+        while self._background:
+            self._background.pop().kill()
 
 
 def make_shape(name: str, out_dir: Path, *, seconds: float = 12.0, size: str = "320x180") -> Shape:
@@ -177,11 +228,16 @@ def make_shape(name: str, out_dir: Path, *, seconds: float = 12.0, size: str = "
     maker = _MAKERS.get(name)
     if maker is None:
         raise ValueError(f"unknown shape {name!r}; one of {', '.join(SHAPE_NAMES)}")
-    return maker(_Builder(out_dir, name), seconds, size)
+    b = _Builder(out_dir, name)
+    try:
+        return maker(b, seconds, size)
+    finally:
+        b.abort()  # after a failure: no encode left running
 
 
 def _shape(b: _Builder, seconds: float, **fields: Any) -> Shape:
     """The Shape of what ``b`` made: H.264 High with B-frames + AAC, 30 fps, unless told."""
+    b.finish()
     promised: dict[str, Any] = {
         "video_codec": "h264", "audio_codec": "aac", "fps": 30.0, "gop_s": GOP_S,
         "duration_s": seconds, "audio_duration_s": seconds, "b_frames": True,
@@ -192,18 +248,20 @@ def _shape(b: _Builder, seconds: float, **fields: Any) -> Shape:
 
 
 def _aac_m4a(b: _Builder, s: float, *, faststart: bool = True) -> None:
-    b.run("audio", ".m4a", [*_tone(AAC_RATE, s), *_AAC, "-vn", *(_FASTSTART if faststart else [])])
+    """Start the separate AAC audio (in the background: call it before the video)."""
+    args = [*_tone(AAC_RATE, s), *_AAC, "-vn", *(_FASTSTART if faststart else [])]
+    b.run("audio", ".m4a", args, background=True)
 
 
 def _progressive(b: _Builder, s: float, size: str) -> Shape:
-    b.run("video", ".mp4", [*_testsrc(size, 30, s), *_x264(60), "-an", *_FASTSTART])
     _aac_m4a(b, s)
+    b.run("video", ".mp4", [*_testsrc(size, 30, s), *_x264(60), "-an", *_FASTSTART])
     return _shape(b, s)
 
 
 def _progressive_moov_end(b: _Builder, s: float, size: str) -> Shape:
-    b.run("video", ".mp4", [*_testsrc(size, 30, s), *_x264(60), "-an"])
     _aac_m4a(b, s, faststart=False)
+    b.run("video", ".mp4", [*_testsrc(size, 30, s), *_x264(60), "-an"])
     return _shape(b, s, notes="moov after mdat in both files")
 
 
@@ -212,9 +270,9 @@ def _fmp4(b: _Builder, s: float, size: str, video: list[str], *, sidx: bool) -> 
     aflags = _FMP4_AUDIO_SIDX if sidx else _FMP4_AUDIO_NOSIDX
     # "dash" is the major brand of YouTube's adaptive MP4s.
     brand = ["-brand", "dash"]
-    b.run("video", ".mp4", [*_testsrc(size, 30, s), *video, "-an", "-movflags", vflags, *brand])
     audio = [*_tone(AAC_RATE, s), *_AAC, "-vn", "-movflags", aflags, *_FRAG_2S, *brand]
-    b.run("audio", ".m4a", audio)
+    b.run("audio", ".m4a", audio, background=True)
+    b.run("video", ".mp4", [*_testsrc(size, 30, s), *video, "-an", "-movflags", vflags, *brand])
 
 
 def _dash_fmp4(b: _Builder, s: float, size: str) -> Shape:
@@ -236,8 +294,8 @@ def _av1_fmp4(b: _Builder, s: float, size: str) -> Shape:
 
 
 def _webm_vp9(b: _Builder, s: float, size: str) -> Shape:
+    b.run("audio", ".webm", [*_tone(OPUS_RATE, s), *_OPUS, "-vn", *_WEBM], background=True)
     b.run_two_pass("video", ".webm", [*_testsrc(size, 30, s), *_vp9(60), "-an"], _WEBM)
-    b.run("audio", ".webm", [*_tone(OPUS_RATE, s), *_OPUS, "-vn", *_WEBM])
     notes = "alt-ref (hidden) frames packed in superframes; Cues before the Clusters"
     return _shape(
         b, s, video_codec="vp9", audio_codec="opus", b_frames=False, container="webm", notes=notes
@@ -246,8 +304,8 @@ def _webm_vp9(b: _Builder, s: float, size: str) -> Shape:
 
 def _hevc(b: _Builder, s: float, size: str, *, open_gop: bool) -> Shape:
     video = [*_testsrc(size, 30, s), *_x265(60, open_gop=open_gop), "-an", *_FASTSTART]
-    b.run("video", ".mp4", video)
     _aac_m4a(b, s)
+    b.run("video", ".mp4", video)
     notes = "CRA keyframes with leading (RASL) pictures" if open_gop else "hvc1, closed GOP"
     return _shape(b, s, video_codec="hevc", open_gop=open_gop, notes=notes)
 
@@ -262,15 +320,15 @@ def _hevc_open_gop(b: _Builder, s: float, size: str) -> Shape:
 
 def _h264_open_gop(b: _Builder, s: float, size: str) -> Shape:
     video = [*_testsrc(size, 30, s), *_x264(60, open_gop=True), "-an", *_FASTSTART]
-    b.run("video", ".mp4", video)
     _aac_m4a(b, s)
+    b.run("video", ".mp4", video)
     notes = "keyframes after the first are non-IDR I frames with leading B frames"
     return _shape(b, s, open_gop=True, notes=notes)
 
 
 def _h264_60fps(b: _Builder, s: float, size: str) -> Shape:
-    b.run("video", ".mp4", [*_testsrc(size, 60, s), *_x264(120), "-an", *_FASTSTART])
     _aac_m4a(b, s)
+    b.run("video", ".mp4", [*_testsrc(size, 60, s), *_x264(120), "-an", *_FASTSTART])
     return _shape(b, s, fps=60.0)
 
 
@@ -286,15 +344,16 @@ def _h264_vfr(b: _Builder, s: float, size: str) -> Shape:
         *_x264(600), "-force_key_frames", f"expr:gte(t,n_forced*{GOP_S:g})",
         "-an", *_FASTSTART,
     ]  # fmt: skip
-    b.run("video", ".mp4", args)
     _aac_m4a(b, s)
+    b.run("video", ".mp4", args)
     notes = "30 fps, then 15 fps from 1/3 to 2/3 of the duration, then 30 fps again"
     return _shape(b, s, fps=None, notes=notes)
 
 
 def _av_mismatch(b: _Builder, s: float, size: str) -> Shape:
-    video = b.run("video", ".mp4", [*_testsrc(size, 30, s), *_x264(60), "-an", *_FASTSTART])
     _aac_m4a(b, s - 2)
+    video = b.run("video", ".mp4", [*_testsrc(size, 30, s), *_x264(60), "-an", *_FASTSTART])
+    b.finish()
     # -itsoffset delays the audio input: the MP4 muxer writes an empty edit
     # at the start of the audio track.
     args = [
@@ -378,7 +437,7 @@ def make_long_source(out_dir: Path, name: str, minutes: float, *, size: str = "1
     return shape
 
 
-_LONG_VERSION = 1  # bump when a shape's FFmpeg options change: cached sources are remade
+_LONG_VERSION = 1  # bump when a shape's promised structure changes: cached sources are remade
 
 
 # --- Structure helpers: the tests' oracle --------------------------------

@@ -336,6 +336,14 @@ def test_unknown_shape_is_refused(tmp_path: Path) -> None:
         make_long_source(tmp_path, "h264_vfr", 0.1)
 
 
+def test_failed_encode_raises_with_ffmpeg_message_and_leaves_no_file(tmp_path: Path) -> None:
+    """A failing FFmpeg run raises with FFmpeg's error, and neither it nor the audio encode
+    running beside it leaves a file (complete-looking or partial) behind."""
+    with pytest.raises(RuntimeError, match="Unable to parse"):
+        make_shape("progressive", tmp_path, size="abc")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_long_source_is_made_once_and_reused(tmp_path: Path) -> None:
     """make_long_source writes the shape at the asked length and reuses it on a second call."""
     assert {"progressive", "dash_fmp4", "webm_vp9", "hevc_mp4", "av1_fmp4"} <= set(LONG_SHAPES)
