@@ -198,6 +198,8 @@ class _Source:
         if rel >= 0 and rel + length <= len(cached):
             return cached[rel : rel + length]
         want = max(length, min(chunk_bytes, self.size - offset))
+        if want == 0:
+            return b""
         data = self.read(offset, want)
         self.reads += 1
         if len(data) < want:
@@ -1725,14 +1727,15 @@ def _last_fragment(
 ) -> _Frag | None:
     """The track's last fragment, from the tail (read further back, a few
     times at most, while no moof of the track shows)."""
-    buf, base = tail[: max(0, fragments_end - tail_offset)], tail_offset
-    for _ in range(3):
+    buf = tail[: max(0, fragments_end - tail_offset)]
+    base = tail_offset if buf else fragments_end
+    for _ in range(4):
         frags = _scan(buf, base, src, fragments_end, info)
         if frags:
             return frags[-1]
-        if base == 0 or not buf:
+        if base == 0:
             return None
-        start = max(0, base - min(MAX_PROBE_BYTES, 4 * len(buf)))
+        start = max(0, base - min(MAX_PROBE_BYTES, max(MIN_PROBE_BYTES, 4 * len(buf))))
         buf, base = src.get(start, base - start) + buf, start
     return None
 
