@@ -1230,7 +1230,9 @@ class _Search:
                     start, chain = floor, True
             stop = min(hi_offset, start + size)
             frags, resume = self._learn(start, stop, chain)
-            if chain and not frags and resume > floor:
+            if chain and not frags:
+                if resume <= floor:
+                    raise ContainerError(f"no box boundary found at {floor}")
                 # Nothing of the track there: the fragment's bytes reach further.
                 self.known[lo.offset] = dataclasses.replace(lo, next_offset=resume)
             elif not chain and not frags:
@@ -1278,7 +1280,9 @@ class _Search:
                 later[0].offset if later else self.end, frag.next_offset + self._probe_bytes()
             )
             frags, resume = self._learn(frag.next_offset, stop, chain=True)
-            if not frags and resume > frag.next_offset:
+            if not frags:
+                if resume <= frag.next_offset:
+                    return None  # a few trailing bytes that are no box
                 self.known[frag.offset] = dataclasses.replace(frag, next_offset=resume)
         raise ContainerError("fragment walk did not converge")
 
