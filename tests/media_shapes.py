@@ -9,8 +9,9 @@ writes an hour-long one for benchmarks.
 Every video is ``testsrc2`` (every frame differs) and every audio a beeping
 sine, so a cut can be checked frame by frame. The structure helpers at the
 bottom (:func:`mp4_boxes`, :func:`mp4_box_paths`, :func:`mp4_sidx`,
-:func:`webm_top_level`, :func:`webm_has_cues`, :func:`vp9_frames`) are the
-tests' oracle: pure Python, written without looking at ``src/``.
+:func:`webm_top_level`, :func:`webm_has_cues`, :func:`vp9_frames`,
+:func:`vp9_shown`, :func:`nal_types`) are the tests' oracle: pure Python,
+written without looking at ``src/``.
 """
 
 from __future__ import annotations
@@ -116,6 +117,8 @@ def _testsrc(size: str, fps: float, seconds: float) -> list[str]:
 
 
 def _tone(rate: int, seconds: float) -> list[str]:
+    if seconds <= 0:  # lavfi's sine runs forever at duration=0
+        raise ValueError(f"a tone of {seconds} s")
     # A beep every half second over a steady tone: the audio has a time structure too.
     spec = f"sine=frequency=440:beep_factor=2:sample_rate={rate}:duration={seconds:g}"
     return ["-f", "lavfi", "-i", spec]
@@ -228,6 +231,8 @@ def make_shape(name: str, out_dir: Path, *, seconds: float = 12.0, size: str = "
     maker = _MAKERS.get(name)
     if maker is None:
         raise ValueError(f"unknown shape {name!r}; one of {', '.join(SHAPE_NAMES)}")
+    if seconds <= 0:
+        raise ValueError(f"seconds must be positive, not {seconds}")
     b = _Builder(out_dir, name)
     try:
         return maker(b, seconds, size)
@@ -275,15 +280,22 @@ def _fmp4(b: _Builder, s: float, size: str, video: list[str], *, sidx: bool) -> 
     b.run("video", ".mp4", [*_testsrc(size, 30, s), *video, "-an", "-movflags", vflags, *brand])
 
 
+# What FFmpeg's fragmented output lacks (the moov is written before any sample).
+_NO_EDITS = (
+    "No edit lists: the H.264 video's first pts is its B-frame delay (2 frames), and the"
+    " AAC audio starts with its 1024 priming samples at pts 0."
+)
+
+
 def _dash_fmp4(b: _Builder, s: float, size: str) -> Shape:
     _fmp4(b, s, size, _x264(60), sidx=True)
-    notes = "ftyp, moov(mvex), sidx, one moof/mdat per GOP; audio fragments of 2 s"
+    notes = "ftyp, moov(mvex), sidx, one moof/mdat per GOP; audio fragments of 2 s. " + _NO_EDITS
     return _shape(b, s, container="fmp4", notes=notes)
 
 
 def _fmp4_nosidx(b: _Builder, s: float, size: str) -> Shape:
     _fmp4(b, s, size, _x264(60), sidx=False)
-    notes = "ftyp, moov(mvex), one moof/mdat per GOP; no sidx, no mfra"
+    notes = "ftyp, moov(mvex), one moof/mdat per GOP; no sidx, no mfra. " + _NO_EDITS
     return _shape(b, s, container="fmp4", notes=notes)
 
 
@@ -351,6 +363,8 @@ def _h264_vfr(b: _Builder, s: float, size: str) -> Shape:
 
 
 def _av_mismatch(b: _Builder, s: float, size: str) -> Shape:
+    if s <= 3:
+        raise ValueError("av_mismatch needs more than 3 s: audio 2 s shorter, muxed 1 s late")
     _aac_m4a(b, s - 2)
     video = b.run("video", ".mp4", [*_testsrc(size, 30, s), *_x264(60), "-an", *_FASTSTART])
     b.finish()

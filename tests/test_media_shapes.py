@@ -206,6 +206,19 @@ def test_dash_audio_is_fragmented_by_two_seconds_with_a_sidx(shapes: Shapes, nam
         assert ref.duration / timescale == pytest.approx(2.0, abs=0.05)
 
 
+@pytest.mark.parametrize("name", ["dash_fmp4", "fmp4_nosidx", "progressive"])
+def test_edit_lists_only_in_progressive_mp4(shapes: Shapes, name: str) -> None:
+    """The fMP4 shapes have no edit list (video starts at its B-frame delay, audio with its
+    priming at 0); progressive MP4 has them (video at 0, priming before 0)."""
+    shape = shapes.get(name)
+    fragmented = shape.container == "fmp4"
+    for path in shape.files.values():
+        assert ("moov/trak/edts/elst" in mp4_box_paths(path)) != fragmented
+    video, audio = video_of(shape), audio_of(shape)
+    assert video.start_s == pytest.approx(2 / 30 if fragmented else 0.0, abs=1e-6)
+    assert audio.start_s == pytest.approx(0.0 if fragmented else -1024 / 44100, abs=1e-6)
+
+
 def test_fmp4_nosidx_has_neither_sidx_nor_mfra(shapes: Shapes) -> None:
     """fmp4_nosidx: ftyp, moov(mvex), moof/mdat pairs (one per GOP for video), no sidx, no mfra."""
     shape = shapes.get("fmp4_nosidx")
@@ -328,12 +341,19 @@ def test_muxed_interleaves_video_and_audio(shapes: Shapes) -> None:
     assert switches >= 2 * shape.duration_s  # at least one chunk of each per second
 
 
-def test_unknown_shape_is_refused(tmp_path: Path) -> None:
-    """make_shape and make_long_source name what they can make when asked for something else."""
+def test_unknown_shape_or_length_is_refused(tmp_path: Path) -> None:
+    """make_shape and make_long_source refuse unknown shapes (naming the known ones) and
+    lengths they cannot make, before running anything."""
     with pytest.raises(ValueError, match="progressive"):
         make_shape("flv", tmp_path)
     with pytest.raises(ValueError, match="webm_vp9"):
         make_long_source(tmp_path, "h264_vfr", 0.1)
+    with pytest.raises(ValueError, match="positive"):
+        make_shape("progressive", tmp_path, seconds=0)
+    # Its audio would last 0 s, which lavfi's sine takes as "forever".
+    with pytest.raises(ValueError, match="more than 3 s"):
+        make_shape("av_mismatch", tmp_path, seconds=2)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_failed_encode_raises_with_ffmpeg_message_and_leaves_no_file(tmp_path: Path) -> None:
