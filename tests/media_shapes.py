@@ -420,9 +420,19 @@ LONG_SHAPES: tuple[str, ...] = (
 def make_long_source(out_dir: Path, name: str, minutes: float, *, size: str = "160x90") -> Shape:
     """An hour-scale source of shape ``name`` (one of LONG_SHAPES) for benchmarks.
 
-    Cached: a second call with the same arguments reuses the files (a
-    sidecar JSON, written last, says they are complete). Cost of 60 minutes
-    at 160x90 on this 2-core machine: see the table in the report / README.
+    The same FFmpeg options as :func:`make_shape`, so the same structure,
+    at ``size``. Cached: a second call with the same arguments reuses the
+    files (``<stem>.json`` beside them, written last, says they are
+    complete; the Shape it returns has no ``commands``).
+
+    Cost of 60 minutes at 160x90 on the 2-core machine (CPU time; the
+    audio encodes beside the video, so on an idle machine the wall time is
+    a little more than the video's): progressive / dash_fmp4 / fmp4_nosidx
+    ~45 s video + ~40 s AAC (about 1-1.5 min wall); hevc_mp4 ~2.5 min;
+    av1_fmp4 ~2.5 min (SVT-AV1 uses both cores); webm_vp9 ~6 min (libvpx
+    two-pass, single-threaded at this size, ~3 ms a frame: the price of real
+    alt-ref frames) + 0.5 min Opus. Files: H.264 ~77 MB, HEVC ~51 MB, AV1
+    ~54 MB, VP9 ~30 MB video; AAC ~30 MB, Opus ~38 MB.
     """
     if name not in LONG_SHAPES:
         raise ValueError(f"make_long_source supports {', '.join(LONG_SHAPES)}, not {name!r}")

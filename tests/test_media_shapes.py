@@ -86,6 +86,11 @@ def leading_pictures(stream: Stream, key: int) -> list[int]:
     return [j for j in range(key + 1, len(packets)) if packets[j].pts_s < packets[key].pts_s]
 
 
+def _by_pts_pairs(stream: Stream) -> list[tuple[Packet, Packet]]:
+    ordered = sorted(stream.packets, key=lambda p: p.pts_s)
+    return list(itertools.pairwise(ordered))
+
+
 def video_of(shape: Shape) -> Stream:
     return demux(shape.files["video"], "video")
 
@@ -116,11 +121,6 @@ def test_video_fields_match_the_stream(shapes: Shapes, name: str) -> None:
     assert reordered == shape.b_frames
     leading = [j for k in video.keys[1:] for j in leading_pictures(video, k)]
     assert bool(leading) == shape.open_gop
-
-
-def _by_pts_pairs(stream: Stream) -> list[tuple[Packet, Packet]]:
-    ordered = sorted(stream.packets, key=lambda p: p.pts_s)
-    return list(itertools.pairwise(ordered))
 
 
 @pytest.mark.parametrize("name", SHAPE_NAMES)
@@ -233,7 +233,8 @@ def test_fmp4_nosidx_has_neither_sidx_nor_mfra(shapes: Shapes) -> None:
 
 
 def test_webm_vp9_has_cues_before_clusters(shapes: Shapes) -> None:
-    """webm_vp9: both files have Cues with CuePoints, placed before the first Cluster."""
+    """webm_vp9: both files have Cues with CuePoints, placed before the first Cluster; the
+    video has one Cluster per GOP."""
     shape = shapes.get("webm_vp9")
     for path in shape.files.values():
         names = webm_top_level(path)
@@ -241,6 +242,8 @@ def test_webm_vp9_has_cues_before_clusters(shapes: Shapes) -> None:
         assert {"SeekHead", "Info", "Tracks"} <= set(names)
         assert names.index("Cues") < names.index("Cluster"), names
         assert webm_has_cues(path)
+    clusters = webm_top_level(shape.files["video"]).count("Cluster")
+    assert clusters == len(video_of(shape).keys) == math.ceil(shape.duration_s / shape.gop_s)
 
 
 def test_webm_vp9_has_hidden_alt_ref_frames(shapes: Shapes) -> None:
