@@ -55,7 +55,9 @@ from bench.sources import (
     TABLE_SHAPES,
     Source,
     legacy_source,
+    long_label,
     long_source,
+    table_label,
     table_source,
 )
 from clipservice.config import CutMode
@@ -67,9 +69,10 @@ from clipservice.media.source import SourceIndex
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
-CLIP = (90.5, 100.5)  # mid-GOP (2 s GOPs) on purpose
+CLIP_S = 10.0
 POSITION_CLIPS = {"@1:00": (60.5, 70.5), "@58:00": (3480.5, 3490.5)}
 LEGACY_CLIP = (300.5, 310.5)
+LEGACY_LABEL = "legacy h264 720p 10min"
 LOOPBACK = "loopback"
 FLOOR = "floor: ffmpeg -ss … -c copy"
 YTDLP_FORCED = "yt-dlp --force-keyframes-at-cuts"
@@ -367,7 +370,7 @@ def _ytdlp_installed() -> bool:
 def shape_cases(b: Cases, src: Source, net: str, throttled: bool, runs: int) -> list[Case]:
     """Floor, fast, accurate, (reencode: loopback only), yt-dlp forced: one shape, one net."""
     video, audio = b.urls(src.video, src.audio, throttled=throttled)
-    start, end = CLIP
+    start, end = table_clip(src)
     cases = [
         Case(src.label, net, FLOOR, b.floor(video, audio, start, end), runs),
         Case(src.label, net, "clipservice fast", b.service(video, audio, start, end, "fast"), runs),
@@ -391,6 +394,13 @@ def shape_cases(b: Cases, src: Source, net: str, throttled: bool, runs: int) -> 
     return cases
 
 
+def table_clip(src: Source) -> tuple[float, float]:
+    """10 s from the middle of the source, starting mid-GOP (2 s GOPs) on
+    purpose: 90.5-100.5 s of a 3-minute source."""
+    start = src.shape.duration_s / 2 + 0.5
+    return start, start + CLIP_S
+
+
 def position_cases(b: Cases, src: Source, net: str, throttled: bool, runs: int) -> list[Case]:
     """An early and a late accurate clip of an hour-long source."""
     video, audio = b.urls(src.video, src.audio, throttled=throttled)
@@ -404,7 +414,7 @@ def position_cases(b: Cases, src: Source, net: str, throttled: bool, runs: int) 
 def legacy_cases(b: Cases, runs: int, skip_naive: bool) -> list[Case]:
     """The old H.264 table: one 10-minute source, loopback, every way of cutting."""
     files = legacy_source()
-    label = "legacy h264 720p 10min"
+    label = LEGACY_LABEL
     video, audio = b.urls(files["video"], files["audio"], throttled=False)
     muxed = b.server.url(files["muxed"], throttled=False)
     start, end = LEGACY_CLIP
@@ -498,37 +508,18 @@ def main() -> None:
     try:
         with MediaServer(CACHE, throttle_mb_s=args.throttle_mbps) as server:
             b = Cases(server, work, _ytdlp_installed())
-            # The per-job index and probe need the source's labels before its
-            # files exist: build the cases lazily, per source, so a filter
-            # that selects nothing of a source never generates it.
-            plans: list[tuple[str, Callable[[], list[Case]]]] = []
-            for name in TABLE_SHAPES:
-                for net, throttled in nets:
-                    plans.append(
-                        (
-                            f"{name} 720p 3min | {net}",
-                            _shape_plan(b, name, net, throttled, args.runs, sources),
-                        )
-                    )
-            for name in LONG_SHAPES:
-                for net, throttled in nets:
-                    plans.append(
-                        (
-                            f"{name} 90p 60min | {net}",
-                            _position_plan(b, name, net, throttled, args.runs, sources),
-                        )
-                    )
-            if args.only:
-                plans.append(
-                    (
-                        "legacy h264 720p 10min | loopback",
-                        lambda: legacy_cases(b, args.runs, args.skip_naive),
-                    )
-                )
-            for prefix, make in plans:
+            for prefix, make in plans(b, args, nets, sources):
                 if args.only and not _may_match(prefix, args.only):
                     continue
-                cases = select(make(), args.only)
+                try:
+                    cases = select(make(), args.only)
+                except Exception as exc:  # e.g. a source that could not be generated
+                    source, net = prefix.split(" | ")
+                    failed = Case(source, net, "(making the cases)", lambda: None, 0)
+                    outcomes[failed.name] = Outcome(error=_error_text(exc))
+                    ran.append(failed)
+                    print(f"  {prefix}: FAILED {exc}", file=sys.stderr, flush=True)
+                    continue
                 joinproc.POOL.warm(1)
                 for case in cases:
                     print(f"  {case.name} …", end="", file=sys.stderr, flush=True)
@@ -566,26 +557,45 @@ _ALL_CASES = (
 )
 
 
-def _shape_plan(
-    b: Cases, name: str, net: str, throttled: bool, runs: int, sources: dict[str, Source]
-) -> Callable[[], list[Case]]:
-    def make() -> list[Case]:
-        src = table_source(name)
-        sources[src.label] = src
-        return shape_cases(b, src, net, throttled, runs)
+def plans(
+    b: Cases, args: argparse.Namespace, nets: list[tuple[str, bool]], sources: dict[str, Source]
+) -> list[tuple[str, Callable[[], list[Case]]]]:
+    """("<source> | <network>", a maker of its cases) for every group of the run.
 
-    return make
+    The makers generate their source on first use: a filter that selects
+    none of a source's cases never makes it.
+    """
 
+    def shape(name: str, net: str, throttled: bool) -> Callable[[], list[Case]]:
+        def make() -> list[Case]:
+            src = table_source(name)
+            sources[src.label] = src
+            return shape_cases(b, src, net, throttled, args.runs)
 
-def _position_plan(
-    b: Cases, name: str, net: str, throttled: bool, runs: int, sources: dict[str, Source]
-) -> Callable[[], list[Case]]:
-    def make() -> list[Case]:
-        src = long_source(name)
-        sources[src.label] = src
-        return position_cases(b, src, net, throttled, runs)
+        return make
 
-    return make
+    def position(name: str, net: str, throttled: bool) -> Callable[[], list[Case]]:
+        def make() -> list[Case]:
+            src = long_source(name)
+            sources[src.label] = src
+            return position_cases(b, src, net, throttled, args.runs)
+
+        return make
+
+    out = [
+        (f"{table_label(name)} | {net}", shape(name, net, throttled))
+        for name in TABLE_SHAPES
+        for net, throttled in nets
+    ]
+    out += [
+        (f"{long_label(name)} | {net}", position(name, net, throttled))
+        for name in LONG_SHAPES
+        for net, throttled in nets
+    ]
+    if args.only:  # the legacy table runs only when asked for
+        legacy = f"{LEGACY_LABEL} | {LOOPBACK}"
+        out.append((legacy, lambda: legacy_cases(b, args.runs, args.skip_naive)))
+    return out
 
 
 # -- the report ------------------------------------------------------------------
@@ -619,7 +629,7 @@ def _ratio(
 def targets(outcomes: dict[str, Outcome], throttled_net: str) -> list[Target]:
     out = []
     for shape in ("dash_fmp4", "progressive"):
-        label = f"{shape} 720p 3min | {throttled_net}"
+        label = f"{table_label(shape)} | {throttled_net}"
         floor = f"{label} | {FLOOR}"
         out.append(
             Target(
@@ -635,7 +645,7 @@ def targets(outcomes: dict[str, Outcome], throttled_net: str) -> list[Target]:
                 1.0,
             )
         )
-    label = f"hevc_mp4 720p 3min | {throttled_net}"
+    label = f"{table_label('hevc_mp4')} | {throttled_net}"
     out.append(
         Target(
             f"{label}: accurate / floor",
@@ -645,7 +655,7 @@ def targets(outcomes: dict[str, Outcome], throttled_net: str) -> list[Target]:
     )
     for shape in LONG_SHAPES:
         for net in (throttled_net, LOOPBACK):
-            label = f"{shape} 90p 60min | {net}"
+            label = f"{long_label(shape)} | {net}"
             out.append(
                 Target(
                     f"{label}: clip @58:00 / clip @1:00",
@@ -658,10 +668,10 @@ def targets(outcomes: dict[str, Outcome], throttled_net: str) -> list[Target]:
                 )
             )
     for shape in TABLE_SHAPES:
-        name = f"{shape} 720p 3min | {LOOPBACK} | clipservice accurate"
+        name = f"{table_label(shape)} | {LOOPBACK} | clipservice accurate"
         out.append(
             Target(
-                f"{shape} 720p 3min | {LOOPBACK}: accurate / its CPU bound",
+                f"{table_label(shape)} | {LOOPBACK}: accurate / its CPU bound",
                 _ratio(outcomes, name, name, cpu_bound=True),
                 1.3,
             )
@@ -679,19 +689,19 @@ def report(
 ) -> None:
     """The table (per source and network, the floor first), the targets, and
     a JSON copy under bench/results/."""
-    start, end = CLIP
     print(
-        f"\n10 s clips (table: {start}-{end} s, mid-GOP), median of {args.runs} runs "
+        f"\n10 s clips starting mid-GOP, median of {args.runs} runs "
         f"(yt-dlp forced: ≤ 2, reencode: 1), {CORES} cores, throttled = "
         f"{args.throttle_mbps:g} MB/s per connection; CPU bound = CPU s / {CORES} cores; "
         f"1-min load average {load[0]:.1f} at the start, {load[1]:.1f} at the end"
     )
-    for src in sources.values():
+    clips = {label: _clips_text(src) for label, src in sources.items()}
+    for label, src in sources.items():
         cost = f"{src.generate_s:.0f} s" if src.generate_s is not None else "not recorded"
         audio = src.shape.audio_codec or "none"
         print(
-            f"  {src.label}: {src.shape.video_codec} {src.video_mbit_s:.2f} Mbit/s + "
-            f"{audio} ({src.shape.container}, separate files); generated in {cost}"
+            f"  {label}: {src.shape.video_codec} {src.video_mbit_s:.2f} Mbit/s + {audio} "
+            f"({src.shape.container}, separate files), clip {clips[label]}; generated in {cost}"
         )
     print("  yt-dlp is given the pair as a DASH manifest (BaseURL per file): it runs FFmpeg on")
     print("  the same two URLs, re-encoding with FFmpeg's defaults (libx264 medium, AAC) to mp4.")
@@ -721,8 +731,8 @@ def report(
             f"| {statistics.median(r.bytes) / 1e6:10.1f} | {r.note or ''} |"
         )
     summary: dict[str, Any] = {}
-    one = outcomes.get("legacy h264 720p 10min | loopback | job: 1 accurate clip")
-    ten = outcomes.get("legacy h264 720p 10min | loopback | job: 10 accurate clips")
+    one = outcomes.get(f"{LEGACY_LABEL} | {LOOPBACK} | job: 1 accurate clip")
+    ten = outcomes.get(f"{LEGACY_LABEL} | {LOOPBACK} | job: 10 accurate clips")
     if one and ten and one.ok and ten.ok:
         summary["ten_vs_one"] = ten.median_s / one.median_s
         print(f"\njob of 10 clips / job of 1 clip: {summary['ten_vs_one']:.2f}× (target ≤ 4×)")
@@ -734,8 +744,6 @@ def report(
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"bench_cut-{time.strftime('%Y%m%dT%H%M%S')}.json"
     document = {
-        "clip": CLIP,
-        "position_clips": POSITION_CLIPS,
         "runs": args.runs,
         "cores": CORES,
         "throttle_mb_s_per_connection": args.throttle_mbps,
@@ -750,6 +758,7 @@ def report(
                 "duration_s": src.shape.duration_s,
                 "video_mbit_s": src.video_mbit_s,
                 "generate_s": src.generate_s,
+                "clip": clips[label],
             }
             for label, src in sources.items()
         },
@@ -762,6 +771,12 @@ def report(
     }
     out.write_text(json.dumps(document, indent=2))
     print(f"\nwritten {out}")
+
+
+def _clips_text(src: Source) -> str:
+    if src.label in {long_label(n) for n in LONG_SHAPES}:
+        return ", ".join(f"{a:g}-{b:g} s" for a, b in POSITION_CLIPS.values())
+    return "{:g}-{:g} s".format(*table_clip(src))
 
 
 def _fmt(value: float | None, width: int) -> str:

@@ -35,7 +35,9 @@ COSTS = CACHE / "generation-costs.json"
 # The per-shape table: the shapes YouTube's 720p formats come in.
 TABLE_SHAPES = ("progressive", "dash_fmp4", "webm_vp9", "hevc_mp4", "av1_fmp4")
 TABLE_SIZE = "1280x720"
-TABLE_MINUTES = 3.0
+# Generation cost (wall, nice 10, 2 shared cores; bench/.cache/generation-costs.json):
+# progressive and dash_fmp4 ~100 s each, HEVC ~240 s, AV1 ~60 s, VP9 ~270 s (two passes).
+TABLE_MINUTES = {name: 3.0 for name in TABLE_SHAPES}
 # The clip-position case: an hour-long source, small frames (its index is what matters).
 LONG_SHAPES = ("progressive", "dash_fmp4")
 LONG_SIZE = "160x90"
@@ -112,15 +114,27 @@ def _ensure(name: str, minutes: float, size: str) -> None:
 def _load(name: str, minutes: float, size: str) -> Source:
     _ensure(name, minutes, size)
     shape = make_long_source(SHAPES_DIR, name, minutes, size=size)  # cached by now
-    height = size.split("x")[1]
-    label = f"{name} {height}p {minutes:g}min"
+    label = _label(name, minutes, size)
     cost = _costs().get(f"{name}-{minutes:g}min-{size}")
     return Source(label, shape, cost, _manifest(shape))
 
 
+def _label(name: str, minutes: float, size: str) -> str:
+    return f"{name} {size.split('x')[1]}p {minutes:g}min"
+
+
+def table_label(name: str) -> str:
+    """The label of ``table_source(name)``, known without making it."""
+    return _label(name, TABLE_MINUTES[name], TABLE_SIZE)
+
+
+def long_label(name: str) -> str:
+    return _label(name, LONG_MINUTES, LONG_SIZE)
+
+
 def table_source(name: str) -> Source:
-    """The 3-minute 720p30 source of shape ``name`` (generated on first use)."""
-    return _load(name, TABLE_MINUTES, TABLE_SIZE)
+    """The 720p30 source of shape ``name`` for the per-shape table (generated on first use)."""
+    return _load(name, TABLE_MINUTES[name], TABLE_SIZE)
 
 
 def long_source(name: str) -> Source:
