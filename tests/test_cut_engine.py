@@ -1,11 +1,19 @@
-"""The cut engine on real media over a loopback Range server: frame accuracy by
-content, frame counts, A/V start, clean decoding, fallbacks and caching."""
+"""The cut engine on the media the service really gets, over a loopback Range server.
+
+Every shape of ``tests/media_shapes.py`` (progressive MP4, DASH fMP4 with and
+without sidx, WebM VP9 + Opus, AV1, HEVC, 60 fps, VFR, open GOPs, audio and
+video of different lengths, muxed) in ``fast`` and ``accurate``: the clip is
+made without a re-encode note where a smart cut is promised, its first and
+last frames are the source's by content, it holds exactly the source's
+frames of its range, audio starts with the video, FFmpeg decodes it cleanly
+with ``-xerror``, and only byte ranges are fetched. Then failures: stalls,
+time limits, cancellation, expired URLs, a dying worker process.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import os
 import signal
 import subprocess
@@ -20,63 +28,82 @@ from clipservice.config import CutMode
 from clipservice.errors import ClipFailure
 from clipservice.media import cutter as cutter_module
 from clipservice.media import joinproc, plan
+from clipservice.media.bitstream import h264, hevc
 from clipservice.media.cutter import CutOutcome, Cutter
 from clipservice.media.ffmpeg import bundled_ffmpeg
-from clipservice.media.keyframes import KeyframeIndex
 from clipservice.media.probe import probe_source
-from clipservice.media.smartcut import parse_avcc
-from tests.conftest import MediaServer
+from clipservice.media.source import SourceIndex
+from tests.conftest import MediaServer, Shapes
+from tests.media_shapes import Shape
 
-FPS = 30
+EPS = 1e-3
+# Shapes a smart cut is promised for (no note), and those that fall back.
+SMART_SHAPES = (
+    "progressive",
+    "progressive_moov_end",
+    "dash_fmp4",
+    "fmp4_nosidx",
+    "webm_vp9",
+    "av1_fmp4",
+    "hevc_mp4",
+    "h264_60fps",
+    "h264_vfr",
+    "av_mismatch",
+    "muxed",
+)
+OPEN_GOP_SHAPES = ("hevc_open_gop", "h264_open_gop")
+# Mid-GOP at both ends (2 s GOPs): a head and, with B-frames, a tail re-encoded.
+CLIP = (3.5, 8.3)
 
 
 @dataclass
-class Output:
-    """What a cut produced, decoded."""
+class Frames:
+    """A video decoded: each frame's time (s from the first frame) and luma plane."""
 
-    outcome: CutOutcome
-    frames: list[bytes]  # luma plane of every frame, in order
-    pts_s: list[float]
-    video_start_s: float
-    audio_start_s: float | None
-    sps_count: int
+    times: list[float]
+    luma: list[bytes]
+
+    def index_at(self, t: float) -> int:
+        """The frame shown at ``t``: the first one at or after it."""
+        return next(i for i, x in enumerate(self.times) if x >= t - EPS)
+
+    def between(self, a: float, b: float) -> list[int]:
+        return [i for i, x in enumerate(self.times) if a - EPS <= x < b - EPS]
 
 
 def _luma(frame: Any) -> bytes:
     plane = frame.planes[0]
-    return bytes(plane)[: plane.line_size * frame.height]
+    data = bytes(plane)
+    width = frame.width
+    return b"".join(
+        data[row * plane.line_size : row * plane.line_size + width] for row in range(frame.height)
+    )
 
 
-def _decode(path: Path) -> tuple[list[bytes], list[float], float, float | None, int]:
+def decode(path: Path) -> Frames:
     with av.open(str(path)) as c:
         v = c.streams.video[0]
-        sps = len(parse_avcc(bytes(v.codec_context.extradata)).sps)
-        a = c.streams.audio[0] if c.streams.audio else None
-        vstart = float(v.start_time * v.time_base)
-        astart = float(a.start_time * a.time_base) if a is not None else None
-        frames, pts = [], []
-        for frame in c.decode(v):
-            frames.append(_luma(frame))
-            pts.append(float(frame.pts * v.time_base))
-    return frames, pts, vstart, astart, sps
+        frames = [(float(f.pts * v.time_base), _luma(f)) for f in c.decode(v)]
+    frames.sort(key=lambda x: x[0])
+    origin = frames[0][0]
+    return Frames([t - origin for t, _ in frames], [luma for _, luma in frames])
 
 
-def _source_frame(path: Path, t_s: float) -> bytes:
-    """The source's frame shown at ``t_s``: the first one at or after it."""
-    with av.open(str(path)) as c:
-        v = c.streams.video[0]
-        for frame in c.decode(v):
-            if float(frame.pts * v.time_base) >= t_s - 1e-3:
-                return _luma(frame)
-    raise AssertionError("no frame")
+_SOURCES: dict[Path, Frames] = {}
 
 
-def _mad(a: bytes, b: bytes) -> float:
+def source_frames(path: Path) -> Frames:
+    if path not in _SOURCES:
+        _SOURCES[path] = decode(path)
+    return _SOURCES[path]
+
+
+def mad(a: bytes, b: bytes) -> float:
     """Mean absolute difference of two luma planes."""
     return sum(abs(x - y) for x, y in zip(a, b, strict=True)) / len(a)
 
 
-def _ffmpeg_decodes_cleanly(path: Path) -> str:
+def ffmpeg_errors(path: Path) -> str:
     run = subprocess.run(
         [bundled_ffmpeg(), "-v", "error", "-xerror", "-i", str(path), "-f", "null", "-"],
         capture_output=True,
@@ -86,182 +113,286 @@ def _ffmpeg_decodes_cleanly(path: Path) -> str:
     return f"rc={run.returncode} {run.stderr}" if run.returncode or run.stderr else ""
 
 
-async def _cut(
+def stream_starts(path: Path) -> tuple[float, float | None, float | None]:
+    """(video start, audio start, audio duration) in seconds."""
+    with av.open(str(path)) as c:
+        v = c.streams.video[0]
+        a = c.streams.audio[0] if c.streams.audio else None
+        vstart = float(v.start_time * v.time_base)
+        if a is None:
+            return vstart, None, None
+        astart = float(a.start_time * a.time_base)
+        adur = float(a.duration * a.time_base) if a.duration else None
+        return vstart, astart, adur
+
+
+def urls(media_server: MediaServer, shape: Shape) -> plan.Inputs:
+    video = media_server.add(shape.files["video"].name, shape.files["video"])
+    audio = shape.files.get("audio")
+    return plan.Inputs(video, media_server.add(audio.name, audio) if audio else None)
+
+
+async def cut(
     media_server: MediaServer,
-    tmp_path: Path,
-    video: str,
+    src: plan.Inputs,
     start: float,
     end: float,
     mode: CutMode,
+    out: Path,
     *,
-    keyframes: KeyframeIndex | None = None,
-    cutter: Cutter | None = None,
-) -> Output:
-    src = plan.Inputs(media_server.url(video), media_server.url("audio.m4a"))
-    info = await probe_source(src.video_url, src.audio_url)
-    out = tmp_path / f"{video}-{start}-{end}-{mode}.mp4"
-    outcome = await (cutter or Cutter()).cut(
-        src, info, start, end, mode, out, timeout_s=60, keyframes=keyframes
-    )
-    frames, pts, vstart, astart, sps = _decode(out)
-    assert not _ffmpeg_decodes_cleanly(out), _ffmpeg_decodes_cleanly(out)
-    return Output(outcome, frames, pts, vstart, astart, sps)
+    index: SourceIndex | None = None,
+    timeout_s: float = 60,
+) -> CutOutcome:
+    own = index or SourceIndex(src.video_url, src.audio_url)
+    info = await probe_source(src.video_url, src.audio_url, own)
+    return await Cutter().cut(src, info, start, end, mode, out, timeout_s=timeout_s, keyframes=own)
 
 
-def _check_accuracy(out: Output, source: Path, start: float, end: float) -> None:
-    """First frame is the source's frame at start, frames are contiguous and
-    as many as [start, end) holds, audio starts with the video."""
-    first_index = math.ceil((start - 1e-3) * FPS)
-    first_frame_s = first_index / FPS
-    expected_frames = math.ceil((end - 1e-3) * FPS) - first_index
-    assert len(out.frames) == expected_frames
-    assert out.pts_s[0] == pytest.approx(0, abs=1e-3)
-    steps = {round((b - a) * FPS, 3) for a, b in zip(out.pts_s, out.pts_s[1:], strict=False)}
-    assert steps == {1.0}
-    here = _mad(out.frames[0], _source_frame(source, first_frame_s))
-    next_frame = _mad(out.frames[0], _source_frame(source, first_frame_s + 1 / FPS))
-    assert here < 4 and here < next_frame / 2, (here, next_frame)
-    last = _mad(out.frames[-1], _source_frame(source, first_frame_s + (expected_frames - 1) / FPS))
-    assert last < 4
-    assert out.video_start_s == 0
-    assert out.audio_start_s == pytest.approx(0, abs=1e-3)
-    assert out.outcome.actual_start == pytest.approx(first_frame_s, abs=1e-3)
-    assert out.outcome.duration_s == pytest.approx(end - first_frame_s, abs=1.01 / FPS)
+def window_bytes(shape: Shape, start: float, end: float) -> int:
+    """What a clip needs, from the local files: the video from the keyframe at or
+    before ``start`` to the keyframe after ``end``, and the audio around the
+    clip (its windows hold whole 2 s fragments and half a second of pre-roll)."""
+    total = 0
+    with av.open(str(shape.files["video"])) as c:
+        v = c.streams.video[0]
+        packets = [
+            (float(p.pts * v.time_base), p.size, p.is_keyframe) for p in c.demux(v) if p.size
+        ]
+        origin = min(t for t, _, _ in packets)
+        keys = [i for i, (t, _, key) in enumerate(packets) if key]
+        first = max(i for i in keys if packets[i][0] - origin <= start + EPS)
+        last = next((i for i in keys if packets[i][0] - origin >= end - EPS), len(packets))
+        total += sum(size for _, size, _ in packets[first:last])
+    with av.open(str(shape.files.get("audio", shape.files["video"]))) as c:
+        if c.streams.audio:
+            a = c.streams.audio[0]
+            total += sum(
+                p.size
+                for p in c.demux(a)
+                if p.size and start - 2.6 <= float(p.pts * a.time_base) <= end + 2.1
+            )
+    return total
+
+
+def check_clip(
+    out: Path, shape: Shape, outcome: CutOutcome, start: float, end: float, mode: CutMode
+) -> Frames:
+    """The clip holds exactly the source's frames of its range (by count and by
+    content at both ends), decodes cleanly, and its audio starts with the video."""
+    assert not ffmpeg_errors(out), ffmpeg_errors(out)
+    clip = decode(out)
+    source = source_frames(shape.files["video"])
+    if mode == "accurate":
+        first = source.index_at(start)
+        assert outcome.actual_start == pytest.approx(source.times[first], abs=EPS)
+        expected = source.between(start, end)
+    else:  # from the keyframe at or before start, to where the copy stops
+        first = source.index_at(outcome.actual_start)
+        assert source.times[first] <= start + EPS
+        expected = source.between(outcome.actual_start, outcome.actual_end)
+    assert len(clip.luma) == len(expected), (len(clip.luma), len(expected))
+    assert expected[0] == first
+    for got, want in ((0, expected[0]), (-1, expected[-1])):
+        here = mad(clip.luma[got], source.luma[want])
+        neighbour = want + 1 if want + 1 < len(source.luma) else want - 1
+        other = mad(clip.luma[got], source.luma[neighbour])
+        assert here < 3 and here < other / 2, (got, here, other)
+    # Frame times follow the source's (VFR included).
+    offsets = [t - source.times[first] for t in (source.times[i] for i in expected)]
+    assert clip.times == pytest.approx(offsets, abs=2e-3)
+    vstart, astart, adur = stream_starts(out)
+    assert vstart == pytest.approx(0, abs=EPS)
+    if shape.audio_codec is not None:
+        frame_s = 1 / (shape.fps or 30)
+        assert astart is not None and abs(astart - vstart) <= frame_s, (astart, vstart)
+        audio_end = (shape.audio_duration_s or shape.duration_s) - outcome.actual_start
+        wanted = min(outcome.duration_s, audio_end)
+        assert adur is not None and adur == pytest.approx(wanted, abs=frame_s + 0.03)
+    return clip
+
+
+@pytest.mark.parametrize("mode", ["accurate", "fast"])
+@pytest.mark.parametrize("name", SMART_SHAPES)
+async def test_every_shape_cuts_without_reencoding(
+    media_server: MediaServer, shapes: Shapes, tmp_path: Path, name: str, mode: CutMode
+) -> None:
+    """Each shape YouTube serves is cut in fast and accurate mode with no fallback
+    note: frame-exact by content and count, A/V together, clean decode, and only
+    the clip's byte ranges fetched."""
+    shape = shapes.get(name)
+    src = urls(media_server, shape)
+    out = tmp_path / "clip.mp4"
+    index = SourceIndex(src.video_url, src.audio_url)
+    outcome = await cut(media_server, src, *CLIP, mode, out, index=index)
+    assert outcome.note is None, outcome.note
+    check_clip(out, shape, outcome, *CLIP, mode)
+    # Past the index (a few small reads), only the GOPs of the clip and the audio
+    # around it: box and cluster headers aside, nothing else.
+    fetched = media_server.bytes_served - index.bytes_read
+    assert fetched <= 1.1 * window_bytes(shape, *CLIP) + 48 * 1024, fetched
+
+
+@pytest.mark.parametrize("name", OPEN_GOP_SHAPES)
+async def test_open_gop_sources_fall_back_with_a_note(
+    media_server: MediaServer, shapes: Shapes, tmp_path: Path, name: str
+) -> None:
+    """Open-GOP sources (leading pictures refer to the GOP before) are not spliced:
+    the clip is re-encoded, frame-exact, and the note says why."""
+    shape = shapes.get(name)
+    out = tmp_path / "clip.mp4"
+    outcome = await cut(media_server, urls(media_server, shape), *CLIP, "accurate", out)
+    assert outcome.note is not None and "open GOP" in outcome.note and "re-encoded" in outcome.note
+    check_clip(out, shape, outcome, *CLIP, "accurate")
 
 
 @pytest.mark.parametrize(
-    ("start", "end", "reencoded"),
+    ("name", "start", "end"),
     [
-        (4.0, 8.0, False),  # on keyframes: pure copy
-        (3.5, 9.2, True),  # between keyframes
-        (0.0, 5.1, False),  # at 0
-        (29.0, 30.0, True),  # the last second
-        (10.3, 11.1, True),  # shorter than a GOP
-        (1.1, 25.3, True),  # many GOPs
+        ("progressive", 4.0, 8.0),  # on keyframes: nothing re-encoded
+        ("progressive", 0.0, 5.1),  # from the first frame
+        ("progressive", 11.0, 12.0),  # the last second
+        ("progressive", 6.3, 7.1),  # inside one GOP
+        ("dash_fmp4", 0.4, 11.9),  # nearly all of it
+        ("webm_vp9", 10.5, 12.0),
+        ("hevc_mp4", 6.3, 7.1),
+        ("av1_fmp4", 0.0, 2.0),
+        ("h264_60fps", 5.01, 5.2),
     ],
 )
-async def test_accurate_is_frame_exact(
-    media_server: MediaServer,
-    media: dict[str, Path],
-    tmp_path: Path,
-    start: float,
-    end: float,
-    reencoded: bool,
+async def test_accurate_edges(
+    media_server: MediaServer, shapes: Shapes, tmp_path: Path, name: str, start: float, end: float
 ) -> None:
-    """Accurate clips hold exactly the source frames of [start, end), decode cleanly."""
-    out = await _cut(media_server, tmp_path, "video.mp4", start, end, "accurate")
-    _check_accuracy(out, media["video"], start, end)
-    assert out.outcome.note is None
-    if not reencoded:
-        assert out.sps_count == 1  # nothing re-encoded: the source's parameter sets only
+    """Accurate clips at the source's edges, on keyframes and inside one GOP."""
+    shape = shapes.get(name)
+    out = tmp_path / "clip.mp4"
+    outcome = await cut(media_server, urls(media_server, shape), start, end, "accurate", out)
+    assert outcome.note is None, outcome.note
+    check_clip(out, shape, outcome, start, end, "accurate")
 
 
-async def test_smart_cut_joins_distinct_parameter_sets(
+async def test_audio_shorter_than_video(
+    media_server: MediaServer, shapes: Shapes, tmp_path: Path
+) -> None:
+    """Where the audio ends before the video, the clip keeps all the video and the
+    audio it has, starting together."""
+    shape = shapes.get("av_mismatch")
+    assert shape.audio_duration_s is not None and shape.audio_duration_s < shape.duration_s - 1
+    out = tmp_path / "clip.mp4"
+    start, end = shape.audio_duration_s - 1.5, shape.duration_s - 0.5
+    outcome = await cut(media_server, urls(media_server, shape), start, end, "accurate", out)
+    check_clip(out, shape, outcome, start, end, "accurate")
+    _, _, adur = stream_starts(out)
+    assert adur == pytest.approx(1.5, abs=0.05)
+
+
+@pytest.mark.parametrize("name", ["progressive", "hevc_mp4"])
+async def test_reencoded_parts_carry_their_own_parameter_sets(
+    media_server: MediaServer, shapes: Shapes, tmp_path: Path, name: str
+) -> None:
+    """A smart cut's output lists the source's parameter sets and the re-encoded
+    parts' side by side (distinct ids), all of the source's profile and level,
+    out of band (avc1 / hvc1): no in-band sets, no edit list hiding frames."""
+    shape = shapes.get(name)
+    out = tmp_path / "clip.mp4"
+    await cut(media_server, urls(media_server, shape), *CLIP, "accurate", out)
+    with av.open(str(shape.files["video"])) as c:
+        source_config = bytes(c.streams.video[0].codec_context.extradata)
+    with av.open(str(out)) as c:
+        config = bytes(c.streams.video[0].codec_context.extradata)
+        tag = c.streams.video[0].codec_context.codec_tag
+    if name == "progressive":
+        src, got = h264.parse_avcc(source_config), h264.parse_avcc(config)
+        assert len(got.sps) >= 2 and len({h264.sps_id(s) for s in got.sps}) == len(got.sps)
+        assert {(s[1], s[3]) for s in got.sps} == {(src.profile_idc, src.level_idc)}
+        assert tag == "avc1"
+    else:
+        src_h, got_h = hevc.parse_hvcc(source_config), hevc.parse_hvcc(config)
+        sps = [hevc.parse_sps(n) for n in got_h.units(hevc.SPS_NUT)]
+        assert len(sps) >= 2 and len({s.sps_id for s in sps}) == len(sps)
+        assert {(s.ptl.profile_idc, s.ptl.level_idc) for s in sps} == {
+            (src_h.profile_idc, src_h.level_idc)
+        }
+        assert tag == "hvc1"
+    data = out.read_bytes()
+    assert b"elst" not in data[: data.find(b"mdat")] or _video_edit_is_shift_only(out)
+
+
+def _video_edit_is_shift_only(path: Path) -> bool:
+    """An edit list that only shifts decode times (B-frame delay) hides no frame:
+    every decoded frame is shown, the first at time 0."""
+    with av.open(str(path)) as c:
+        v = c.streams.video[0]
+        return bool(v.start_time == 0)
+
+
+@pytest.mark.parametrize("name", ["dash_fmp4", "fmp4_nosidx", "webm_vp9", "progressive"])
+async def test_cost_does_not_grow_with_the_clips_position(
+    media_server: MediaServer, tmp_path: Path, name: str
+) -> None:
+    """A clip late in a long source costs what an early one costs: the index is
+    read with a few small requests (sidx / moov / Cues, or a search), never by
+    walking the file, and each clip fetches only its own byte ranges."""
+    from tests.media_shapes import make_long_source
+
+    shape = make_long_source(tmp_path / "long", name, 2.0, size="64x36")
+    src = urls(media_server, shape)
+    size = sum(p.stat().st_size for p in {*shape.files.values()})
+    costs = []
+    for start in (5.5, 110.5):
+        index = SourceIndex(src.video_url, src.audio_url)
+        before_bytes, before_requests = media_server.bytes_served, len(media_server.requests)
+        outcome = await cut(
+            media_server, src, start, start + 3, "accurate", tmp_path / f"{start}.mp4", index=index
+        )
+        assert outcome.note is None, outcome.note
+        costs.append(
+            (media_server.bytes_served - before_bytes, len(media_server.requests) - before_requests)
+        )
+        # The index: a few small reads (a search without sidx), wherever the clip is.
+        assert index.bytes_read <= 8 * 64 * 1024
+    (early_bytes, early_requests), (late_bytes, late_requests) = costs
+    assert late_requests <= early_requests + 3, costs
+    assert late_bytes <= 1.3 * early_bytes + 64 * 1024, costs
+    assert late_bytes < 0.1 * size + 4 * 64 * 1024, (late_bytes, size)
+
+
+async def test_index_is_read_once_per_job(
+    media_server: MediaServer, shapes: Shapes, tmp_path: Path
+) -> None:
+    """Clips sharing a job's source index read only their own spans: no index read
+    after the first clip."""
+    shape = shapes.get("dash_fmp4")
+    src = urls(media_server, shape)
+    index = SourceIndex(src.video_url, src.audio_url)
+    await cut(media_server, src, 1.5, 3.0, "accurate", tmp_path / "a.mp4", index=index)
+    opened = index.bytes_read
+    assert opened > 0
+    await cut(media_server, src, 5.5, 7.0, "fast", tmp_path / "b.mp4", index=index)
+    assert index.bytes_read == opened
+
+
+async def test_reencode_mode_is_frame_exact(
+    media_server: MediaServer, shapes: Shapes, tmp_path: Path
+) -> None:
+    """Reencode mode (FFmpeg) starts on the source's frame at start."""
+    shape = shapes.get("progressive")
+    out = tmp_path / "clip.mp4"
+    outcome = await cut(media_server, urls(media_server, shape), *CLIP, "reencode", out)
+    check_clip(out, shape, outcome, *CLIP, "accurate")
+
+
+async def test_unsupported_codec_falls_back_to_reencode(
     media_server: MediaServer, media: dict[str, Path], tmp_path: Path
 ) -> None:
-    """A smart cut's avcC lists the source's and the re-encoded parameter sets side by side."""
-    out = await _cut(media_server, tmp_path, "video.mp4", 3.5, 9.0, "accurate")
-    assert out.sps_count == 2
-    _check_accuracy(out, media["video"], 3.5, 9.0)
-    with av.open(str(tmp_path / "video.mp4-3.5-9.0-accurate.mp4")) as c:
-        avcc = parse_avcc(bytes(c.streams.video[0].codec_context.extradata))
-    with av.open(str(media["video"])) as c:
-        source = parse_avcc(bytes(c.streams.video[0].codec_context.extradata))
-    # Every part's parameter sets name the source's profile and level.
-    assert {(s[1], s[3]) for s in avcc.sps} == {(source.profile_idc, source.level_idc)}
-
-
-@pytest.mark.parametrize(
-    ("start", "end", "parameter_sets"),
-    [
-        (3.5, 9.2, 3),  # head and tail re-encoded, each with its own SPS/PPS
-        (4.0, 10.0, 1),  # keyframe to keyframe: all copied
-        (2.5, 3.5, 2),  # inside one GOP
-        (0.0, 29.9, 2),  # from 0 to the last frames: the tail only
-        (4.0, 9.1, 2),  # on a keyframe, ends mid-GOP: the tail only
-    ],
-)
-async def test_accurate_with_b_frames(
-    media_server: MediaServer,
-    media: dict[str, Path],
-    tmp_path: Path,
-    start: float,
-    end: float,
-    parameter_sets: int,
-) -> None:
-    """On a source with B-frames, the frames before the start's next keyframe and
-    those after the last copyable prefix of the end's GOP are re-encoded, and the
-    join is exact."""
-    out = await _cut(media_server, tmp_path, "bf-video.mp4", start, end, "accurate")
-    _check_accuracy(out, media["bf-video"], start, end)
-    assert out.sps_count == parameter_sets
-    assert out.outcome.note is None
-
-
-@pytest.mark.parametrize("video", ["video.mp4", "bf-video.mp4"])
-async def test_fast_starts_on_keyframe(
-    media_server: MediaServer, media: dict[str, Path], tmp_path: Path, video: str
-) -> None:
-    """Fast copies from the keyframe at or before start, reports it, and keeps A/V together."""
-    out = await _cut(media_server, tmp_path, video, 3.5, 9.2, "fast")
-    assert out.outcome.actual_start == 2.0
-    assert out.sps_count == 1
-    source = media[video.removesuffix(".mp4")]
-    assert _mad(out.frames[0], _source_frame(source, 2.0)) == 0  # the very same picture
-    assert out.video_start_s == 0 and out.audio_start_s == pytest.approx(0, abs=1e-3)
-    steps = {round((b - a) * FPS, 3) for a, b in zip(out.pts_s, out.pts_s[1:], strict=False)}
-    assert steps == {1.0}
-    # From the keyframe to the end. With B-frames a copy ends where no kept frame
-    # refers to a dropped one: the nearest such point, up to two frames off.
-    assert abs(len(out.frames) - 216) <= (0 if video == "video.mp4" else 2)
-    assert out.outcome.duration_s == pytest.approx(len(out.frames) / FPS, abs=1e-3)
-
-
-async def test_reencode_is_frame_exact(
-    media_server: MediaServer, media: dict[str, Path], tmp_path: Path
-) -> None:
-    """Reencode mode starts on the source's frame at start."""
-    out = await _cut(media_server, tmp_path, "video.mp4", 3.5, 9.2, "reencode")
-    _check_accuracy(out, media["video"], 3.5, 9.2)
-
-
-async def test_non_h264_falls_back_to_reencode(
-    media_server: MediaServer, media: dict[str, Path], tmp_path: Path
-) -> None:
-    """A source that cannot be smart-cut is re-encoded, and the result says so."""
-    out = await _cut(media_server, tmp_path, "mpeg4-video.mp4", 3.5, 9.2, "accurate")
-    assert out.outcome.note is not None and "re-encoded" in out.outcome.note
-    assert len(out.frames) == 171
-
-
-async def test_keyframes_probed_once_per_gop(
-    media_server: MediaServer, media: dict[str, Path], tmp_path: Path
-) -> None:
-    """Clips sharing a job's index probe each GOP once, reading only byte ranges."""
-    index = KeyframeIndex(media_server.url("long-video.mp4"))
-    try:
-        src = plan.Inputs(media_server.url("long-video.mp4"), media_server.url("long-audio.m4a"))
-        info = await probe_source(src.video_url, src.audio_url)
-        before = media_server.bytes_served
-        for i, (start, end) in enumerate([(60.5, 63.0), (61.0, 64.0), (60.2, 62.0)]):
-            await Cutter().cut(
-                src, info, start, end, "accurate", tmp_path / f"{i}.mp4",
-                timeout_s=60, keyframes=index,
-            )  # fmt: skip
-        assert index.lookups == 1  # the GOP at 60 s, probed once for all three
-        size = media["long-video"].stat().st_size + media["long-audio"].stat().st_size
-        # Each open reads ahead a little; no request comes near the whole file.
-        assert media_server.bytes_served - before < size / 2
-        assert max(r["bytes"] for r in media_server.requests) < size / 8
-    finally:
-        await index.aclose()
+    """A codec with no smart cut (MPEG-4 Part 2) is re-encoded, and the result says so."""
+    src = plan.Inputs(media_server.url("mpeg4-video.mp4"), media_server.url("audio.m4a"))
+    outcome = await cut(media_server, src, 3.5, 9.2, "accurate", tmp_path / "c.mp4")
+    assert outcome.note is not None and "re-encoded" in outcome.note
+    assert len(decode(tmp_path / "c.mp4").luma) == 171
 
 
 async def test_invalid_output_is_retried_in_reencode(
-    media_server: MediaServer,
-    media: dict[str, Path],
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    media_server: MediaServer, shapes: Shapes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An output failing validation is cut again in reencode mode, with a note."""
     real = cutter_module.validate_output
@@ -274,10 +405,12 @@ async def test_invalid_output_is_retried_in_reencode(
         return await real(path, expected_s, **kw)
 
     monkeypatch.setattr(cutter_module, "validate_output", failing_once)
-    out = await _cut(media_server, tmp_path, "video.mp4", 3.5, 9.2, "accurate")
-    assert out.outcome.note is not None and "failed validation" in out.outcome.note
+    shape = shapes.get("progressive")
+    out = tmp_path / "clip.mp4"
+    outcome = await cut(media_server, urls(media_server, shape), *CLIP, "accurate", out)
+    assert outcome.note is not None and "failed validation" in outcome.note
     assert len(calls) == 2
-    _check_accuracy(out, media["video"], 3.5, 9.2)
+    check_clip(out, shape, outcome, *CLIP, "accurate")
 
 
 def _leftovers(folder: Path) -> list[str]:
@@ -285,13 +418,19 @@ def _leftovers(folder: Path) -> list[str]:
 
 
 async def _no_leftovers_once_released(media_server: MediaServer, folder: Path) -> list[str]:
-    """Release the stalled reads, let the stopped join threads finish, list what is left."""
+    """Release the stalled reads, let the stopped threads finish, list what is left."""
     media_server.unstall.set()
-    for _ in range(200):  # the threads stop at their next packet
+    for _ in range(200):
         if not _leftovers(folder):
             break
         await asyncio.sleep(0.05)
     return _leftovers(folder)
+
+
+async def _until_a_join_read_hangs(media_server: MediaServer, seen: int) -> None:
+    while not (any(r["bytes"] == 0 for r in media_server.requests[seen:])
+               and joinproc.POOL.busy_pids):  # fmt: skip
+        await asyncio.sleep(0.02)
 
 
 @pytest.mark.parametrize("how", ["timeout", "cancel"])
@@ -299,34 +438,29 @@ async def _no_leftovers_once_released(media_server: MediaServer, folder: Path) -
 async def test_stalled_cut_stops_and_leaves_nothing(
     media_server: MediaServer, tmp_path: Path, how: str, mode: CutMode
 ) -> None:
-    """A cut whose source stalls mid-join ends at its time limit, or when
+    """A cut whose source stalls mid-fetch ends at its time limit, or when
     cancelled: its worker process is killed (as FFmpeg would be) and no partial
     file is left."""
     src = plan.Inputs(
         media_server.url("video.mp4", stall=True), media_server.url("audio.m4a", stall=True)
     )
-    info = await probe_source(src.video_url, src.audio_url)
-    index = KeyframeIndex(media_server.url("video.mp4"))  # lookups do not stall
-    probed = len(media_server.requests)
+    index = SourceIndex(src.video_url, src.audio_url)
+    info = await probe_source(src.video_url, src.audio_url, index)  # the head: no stall
+    seen = len(media_server.requests)
     out_dir = tmp_path / "clips"
     out_dir.mkdir()
-    cut = Cutter().cut(src, info, 20.5, 25.5, mode, out_dir / "c.mp4", timeout_s=3, keyframes=index)
+    job = Cutter().cut(src, info, 20.5, 25.5, mode, out_dir / "c.mp4", timeout_s=3, keyframes=index)
     busy: list[int] = []
-    try:
-        if how == "timeout":
-            with pytest.raises(TimeoutError):
-                await cut
-        else:
-            task = asyncio.create_task(cut)
-            while not (any(r["bytes"] == 0 for r in media_server.requests[probed:])
-                       and joinproc.POOL.busy_pids):  # fmt: skip
-                await asyncio.sleep(0.02)  # until a read of the join hangs
-            busy = joinproc.POOL.busy_pids
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
-    finally:
-        await index.aclose()
+    if how == "timeout":
+        with pytest.raises(TimeoutError):
+            await job
+    else:
+        task = asyncio.create_task(job)
+        await _until_a_join_read_hangs(media_server, seen)
+        busy = joinproc.POOL.busy_pids
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
     assert joinproc.POOL.busy_pids == []
     for pid in busy:  # killed and reaped
         with pytest.raises(ProcessLookupError):
@@ -334,69 +468,51 @@ async def test_stalled_cut_stops_and_leaves_nothing(
     assert await _no_leftovers_once_released(media_server, out_dir) == []
 
 
-async def test_source_expiring_mid_join_reports_403(
+async def test_source_expiring_mid_cut_reports_403(
     media_server: MediaServer, tmp_path: Path
 ) -> None:
-    """A stream URL that starts answering 403 while a smart cut reads it fails the
-    clip with a message the runner recognises (it resolves the source again)."""
+    """A stream URL that starts answering 403 while a cut fetches it fails the clip
+    with a message the runner recognises (it resolves the source again)."""
     from clipservice.jobs.runner import source_expired
 
     base = f"{media_server.base_url}/expired"
     src = plan.Inputs(f"{base}/video.mp4", f"{base}/audio.m4a")
-    info = await probe_source(src.video_url, src.audio_url)
-    # The keyframes were probed while the URL still worked (here: another URL
-    # to the same file); the ranges the join reads, past half the file, now 403.
-    index = KeyframeIndex(media_server.url("video.mp4"))
-    try:
-        with pytest.raises(ClipFailure) as failure:
-            await Cutter().cut(
-                src, info, 20.5, 25.0, "accurate", tmp_path / "c.mp4", timeout_s=30,
-                keyframes=index,
-            )  # fmt: skip
-    finally:
-        await index.aclose()
+    with pytest.raises(ClipFailure) as failure:
+        await cut(media_server, src, 20.5, 25.0, "accurate", tmp_path / "c.mp4", timeout_s=30)
     assert source_expired(failure.value.message), failure.value.message
     assert _leftovers(tmp_path) == []
 
 
-async def test_join_process_that_dies_falls_back_to_ffmpeg(
-    media_server: MediaServer, media: dict[str, Path], tmp_path: Path
+async def test_cut_process_that_dies_falls_back_to_ffmpeg(
+    media_server: MediaServer, tmp_path: Path
 ) -> None:
-    """Smart cuts run in worker processes: one that dies mid-cut (a decoder crash on
-    a hostile source, say) costs the service nothing, and FFmpeg re-encodes the clip."""
+    """Cuts run in worker processes: one that dies mid-cut (a decoder crash on a
+    hostile source, say) costs the service nothing, and FFmpeg re-encodes the clip."""
     src = plan.Inputs(
         media_server.url("video.mp4", stall=True), media_server.url("audio.m4a", stall=True)
     )
-    info = await probe_source(src.video_url, src.audio_url)
-    index = KeyframeIndex(media_server.url("video.mp4"))  # lookups do not stall
-    await index.gop_at(20.5)
-    await index.gop_at(25.5)
-    probed = len(media_server.requests)
+    index = SourceIndex(src.video_url, src.audio_url)
+    info = await probe_source(src.video_url, src.audio_url, index)
+    seen = len(media_server.requests)
     task = asyncio.create_task(
         Cutter().cut(
             src, info, 20.5, 25.5, "accurate", tmp_path / "c.mp4", timeout_s=60, keyframes=index
         )
     )
-    while not (any(r["bytes"] == 0 for r in media_server.requests[probed:])
-               and joinproc.POOL.busy_pids):  # fmt: skip
-        await asyncio.sleep(0.02)  # the join's reads hang
+    await _until_a_join_read_hangs(media_server, seen)
     for pid in joinproc.POOL.busy_pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     media_server.unstall.set()  # FFmpeg's re-encode may read on
-    try:
-        outcome = await task
-    finally:
-        await index.aclose()
+    outcome = await task
     assert outcome.note is not None and "re-encoded" in outcome.note
     assert "ended unexpectedly" in outcome.note
-    frames, *_ = _decode(tmp_path / "c.mp4")
-    assert len(frames) == 150
+    assert len(decode(tmp_path / "c.mp4").luma) == 150
     assert _leftovers(tmp_path) == ["c.mp4"]
 
 
 def test_join_pool_keeps_as_many_idle_processes_as_clips_run_at_once() -> None:
-    """Idle join processes are kept up to the configured concurrency (recycled
+    """Idle worker processes are kept up to the configured concurrency (recycled
     ones beyond it are killed and reaped); warm() raises the limit."""
     pool = joinproc.JoinPool()
     try:

@@ -41,17 +41,6 @@ def test_inputs_restricted_to_network_protocols() -> None:
 
 def test_muxed_source_maps_optional_audio() -> None:
     """Without a separate audio URL, audio comes from the video input if it has any."""
-    args = plan.copy_args(
-        plan.Inputs("https://cdn.test/m.mp4", None), 1, 2, "/o.mp4", audio_codec=None
-    )
+    args = plan.reencode_args(plan.Inputs("https://cdn.test/m.mp4", None), 1, 2, "/o.mp4")
     assert args.count("-i") == 1
     assert "0:a:0?" in args
-
-
-def test_copy_keeps_aac_and_reencodes_other_audio() -> None:
-    """Fast mode copies AAC audio and re-encodes anything else to AAC."""
-    aac = plan.copy_args(SRC, 1, 2, "/o.mp4", audio_codec="aac")
-    opus = plan.copy_args(SRC, 1, 2, "/o.mp4", audio_codec="opus")
-    assert aac[aac.index("-c:a") + 1] == "copy"
-    assert opus[opus.index("-c:a") + 1] == "aac"
-    assert aac[aac.index("-c:v") + 1] == "copy"

@@ -193,8 +193,8 @@ async def test_ffmpeg_and_pyav_do_not_follow_redirects(
     public.routes["/r"] = media_server.url("muxed.mp4")
     with pytest.raises(SourceError):
         await probe_source(f"{public.base_url}/r", None)
-    args = plan.copy_args(
-        plan.Inputs(f"{public.base_url}/r", None), 0, 1, str(tmp_path / "o.mp4"), audio_codec="aac"
+    args = plan.reencode_args(
+        plan.Inputs(f"{public.base_url}/r", None), 0, 1, str(tmp_path / "o.mp4")
     )
     with pytest.raises(FFmpegError):
         await run_ffmpeg(args, timeout_s=30)
@@ -230,7 +230,7 @@ async def test_playlists_cannot_read_files_or_reach_hosts(
         with pytest.raises(SourceError):
             await probe_source(url, None)
         out = tmp_path / "o.mp4"
-        args = plan.copy_args(plan.Inputs(url, None), 0, 1, str(out), audio_codec="aac")
+        args = plan.reencode_args(plan.Inputs(url, None), 0, 1, str(out))
         with pytest.raises(FFmpegError):
             await run_ffmpeg(args, timeout_s=30)
         assert not out.exists() or out.stat().st_size == 0

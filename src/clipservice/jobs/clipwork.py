@@ -19,8 +19,8 @@ from clipservice.jobs.models import ClipError, ClipResult, ClipSpec, Job, JobErr
 from clipservice.media import plan
 from clipservice.media.cutter import Cutter
 from clipservice.media.ffmpeg import ProgressCallback
-from clipservice.media.keyframes import KeyframeIndex
 from clipservice.media.probe import SourceInfo
+from clipservice.media.source import SourceIndex
 from clipservice.storage import ClipStorage
 
 log = structlog.get_logger(__name__)
@@ -50,7 +50,7 @@ async def produce_clip(
     *,
     timeout_s: float,
     on_progress: ProgressCallback | None = None,
-    keyframes: KeyframeIndex | None = None,
+    keyframes: SourceIndex | None = None,
     on_written: Callable[[int], None] | None = None,
 ) -> ClipResult:
     """Cut ``clip`` into ``name`` (or reuse a complete earlier output) and describe it.

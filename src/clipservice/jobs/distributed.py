@@ -54,9 +54,9 @@ from clipservice.jobs.redis_store import RedisJobStore, StaleAttempt
 from clipservice.jobs.webhooks import WebhookSender
 from clipservice.media import plan
 from clipservice.media.cutter import Cutter, warm_join_processes
-from clipservice.media.keyframes import KeyframeIndex
 from clipservice.media.naming import clip_file_name
 from clipservice.media.probe import SourceInfo, probe_source
+from clipservice.media.source import SourceIndex
 from clipservice.metrics import Metrics
 from clipservice.sources.base import DirectResolver, Resolver
 from clipservice.sources.guard import GuardedResolver, UrlGuard
@@ -393,7 +393,7 @@ class ClipWorker:
         self.worker_id = worker_id
         self.cutter = Cutter(settings.cut.ffmpeg_path)
         self._probes: OrderedDict[str, asyncio.Future[SourceInfo]] = OrderedDict()
-        self._keyframes: OrderedDict[str, KeyframeIndex] = OrderedDict()
+        self._keyframes: OrderedDict[str, SourceIndex] = OrderedDict()
         self._background: set[asyncio.Task[Any]] = set()
         # Called with the job when this worker ended it (its webhook).
         self.on_job_end: list[Callable[[Job], None]] = []
@@ -621,11 +621,11 @@ class ClipWorker:
         self._probes.move_to_end(job_id)
         return await asyncio.shield(fut)
 
-    def _keyframes_for(self, job_id: str, src: plan.Inputs) -> KeyframeIndex:
+    def _keyframes_for(self, job_id: str, src: plan.Inputs) -> SourceIndex:
         """One keyframe index per job in this process, shared by its clips here."""
         index = self._keyframes.get(job_id)
         if index is None:
-            index = self._keyframes[job_id] = KeyframeIndex(src.video_url)
+            index = self._keyframes[job_id] = SourceIndex(src.video_url, src.audio_url)
             while len(self._keyframes) > _KEYFRAME_CACHE_SIZE:
                 _, old = self._keyframes.popitem(last=False)
                 # Closing is safe mid-lookup: the index reopens on its next use.

@@ -51,9 +51,9 @@ from clipservice.jobs.store import FileJobStore
 from clipservice.media import plan
 from clipservice.media.cutter import Cutter, remove_stale_parts, warm_join_processes
 from clipservice.media.ffmpeg import running_processes, terminate
-from clipservice.media.keyframes import KeyframeIndex
 from clipservice.media.naming import clip_file_name
 from clipservice.media.probe import SourceInfo, probe_source
+from clipservice.media.source import SourceIndex
 from clipservice.metrics import Metrics
 from clipservice.sources.base import ResolvedSource, Resolver
 from clipservice.storage import SharedFolderStorage
@@ -83,7 +83,7 @@ class StreamSet:
     """One generation of a job's stream URLs, with the keyframe index over them."""
 
     src: plan.Inputs
-    keyframes: KeyframeIndex
+    keyframes: SourceIndex
     generation: int = 0
 
 
@@ -98,12 +98,12 @@ class JobStreams:
         self,
         src: plan.Inputs,
         resolve: Callable[[], Awaitable[ResolvedSource]],
-        keyframes: KeyframeIndex | None = None,
+        keyframes: SourceIndex | None = None,
     ) -> None:
-        self.current = StreamSet(src, keyframes or KeyframeIndex(src.video_url))
+        self.current = StreamSet(src, keyframes or SourceIndex(src.video_url, src.audio_url))
         self._resolve = resolve
         self._lock = asyncio.Lock()
-        self._retired: list[KeyframeIndex] = []
+        self._retired: list[SourceIndex] = []
 
     async def refresh(self, used: StreamSet) -> StreamSet:
         async with self._lock:
@@ -111,7 +111,9 @@ class JobStreams:
                 resolved = await self._resolve()
                 src = plan.Inputs(resolved.video_url, resolved.audio_url)
                 self._retired.append(used.keyframes)
-                self.current = StreamSet(src, KeyframeIndex(src.video_url), used.generation + 1)
+                self.current = StreamSet(
+                    src, SourceIndex(src.video_url, src.audio_url), used.generation + 1
+                )
             return self.current
 
     async def aclose(self) -> None:
@@ -296,12 +298,12 @@ class LocalRunner:
         job.status = JobStatus.PROCESSING
         await self._save(job)
         t0 = time.monotonic()
-        index: KeyframeIndex | None = None
+        index: SourceIndex | None = None
         try:
             resolved = await self._resolve(job)
             src = plan.Inputs(resolved.video_url, resolved.audio_url)
             # The job's keyframe index; the probe reads the video through it.
-            index = KeyframeIndex(src.video_url)
+            index = SourceIndex(src.video_url, src.audio_url)
             try:
                 info = await probe_source(src.video_url, src.audio_url, index)
             except SourceError as exc:
@@ -311,7 +313,7 @@ class LocalRunner:
                 await index.aclose()
                 resolved = await self._resolve(job)
                 src = plan.Inputs(resolved.video_url, resolved.audio_url)
-                index = KeyframeIndex(src.video_url)
+                index = SourceIndex(src.video_url, src.audio_url)
                 info = await probe_source(src.video_url, src.audio_url, index)
         except SourceError as exc:
             if index is not None:
@@ -475,7 +477,7 @@ class LocalRunner:
         src: plan.Inputs,
         info: SourceInfo,
         name: str,
-        keyframes: KeyframeIndex | None = None,
+        keyframes: SourceIndex | None = None,
     ) -> ClipResult:
         duration = clip.end - clip.start
 

@@ -1,6 +1,6 @@
-"""Smart-cut joins in worker processes, kept warm between clips.
+"""Cuts in worker processes, kept warm between clips.
 
-A join decodes and encodes video (PyAV: libavcodec, libx264). Done in the
+A cut fetches, decodes and encodes video (PyAV: libavcodec, libx264…). Done in the
 service's own process it would share the GIL and the CPU share with the event
 loop that serves the API, and a decoder crash on a hostile source would take
 the service down. So joins run in separate Python processes, like FFmpeg:
@@ -26,11 +26,11 @@ import struct
 import subprocess
 import sys
 import threading
-from pathlib import Path
 from typing import IO, Any
 
+from clipservice.media.fetch import FetchError
 from clipservice.media.ffmpeg import _child_setup
-from clipservice.media.smartcut import JoinPlan, SmartCutUnsupported
+from clipservice.media.join import CutFailed, CutRequest, CutResult
 
 _HEADER = struct.Struct(">I")
 # A process is replaced after this many joins (allocator growth stays bounded).
@@ -67,23 +67,27 @@ class JoinProcess:
         )
         self.joins = 0
 
-    def call(self, plan: JoinPlan, out: Path, deadline: float) -> int:
-        """Run one join (blocking); raise what the join raised, or
-        SmartCutUnsupported if the process died."""
+    def call(self, request: CutRequest) -> CutResult:
+        """Run one cut (blocking); raise what the cut raised, or CutFailed if
+        the process died."""
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.joins += 1
         try:
-            _send(self.proc.stdin, (plan, str(out), deadline))
+            _send(self.proc.stdin, request)
             kind, value = _receive(self.proc.stdout)
         except (EOFError, OSError, pickle.UnpicklingError) as exc:
-            raise SmartCutUnsupported("the smart-cut process ended unexpectedly") from exc
+            raise CutFailed("the cutting process ended unexpectedly") from exc
         if kind == "ok":
-            return int(value)
+            assert isinstance(value, CutResult)
+            return value
         if kind == "timeout":
             raise TimeoutError
+        if kind == "fetch":
+            status, message = value
+            raise FetchError(message, status)
         if kind == "unsupported":
-            raise SmartCutUnsupported(value)
-        raise SmartCutUnsupported(f"reading or joining failed: {value}")
+            raise CutFailed(value)
+        raise CutFailed(f"cutting failed: {value}")
 
     def signal_kill(self) -> None:
         """SIGKILL, without waiting (safe on the event loop); reaped by kill()."""
@@ -183,21 +187,27 @@ atexit.register(POOL.close)  # (and the parent-death signal, if we die harder)
 
 
 def _serve() -> None:
-    """The worker process: joins requests from stdin until it closes."""
-    from clipservice.media.smartcut import join
+    """The worker process: runs cut requests from stdin until it closes."""
+    import os
 
+    from clipservice.media.join import run_cut
+
+    # SVT-AV1 prints its settings on every encoder it opens; errors only.
+    os.environ.setdefault("SVT_LOG", "1")
     requests, answers = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # nothing else may write to the answer channel
     while True:
         try:
-            plan, out, deadline = _receive(requests)
+            request = _receive(requests)
         except EOFError:
             return
         try:
-            answer: tuple[str, object] = ("ok", join(plan, Path(out), deadline))
+            answer: tuple[str, object] = ("ok", run_cut(request))
         except TimeoutError:
             answer = ("timeout", None)
-        except SmartCutUnsupported as exc:
+        except FetchError as exc:
+            answer = ("fetch", (exc.status, str(exc)))
+        except CutFailed as exc:
             answer = ("unsupported", str(exc))
         except Exception as exc:  # every failure goes back to the caller
             answer = ("error", f"{type(exc).__name__}: {exc}")

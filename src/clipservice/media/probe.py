@@ -17,10 +17,27 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import av
 
 from clipservice.errors import ClipFailure, SourceError
-from clipservice.media.smartcut import open_source
+from clipservice.media.fetch import FetchError
+from clipservice.media.ffmpeg import SOURCE_INPUT_OPTIONS
 
 if TYPE_CHECKING:
-    from clipservice.media.keyframes import KeyframeIndex
+    from clipservice.media.containers.base import Track
+    from clipservice.media.source import SourceIndex
+
+_OPEN_TIMEOUT_S = 15.0
+
+
+def open_source(url: str) -> Any:
+    """A source opened by PyAV under the same rules as FFmpeg's inputs (for
+    sources the service cannot index itself).
+
+    The time limit is FFmpeg's own ``rw_timeout`` on every network read, not
+    PyAV's ``timeout``: that one is an interrupt callback which takes the GIL
+    on every read.
+    """
+    options = {**SOURCE_INPUT_OPTIONS, "rw_timeout": str(int(_OPEN_TIMEOUT_S * 1e6))}
+    return av.open(url, options=options)
+
 
 T = TypeVar("T")
 
@@ -99,25 +116,45 @@ def _read_source(read: Callable[[], T]) -> T:
         raise SourceError("source_unavailable", f"cannot read source: {exc}") from exc
 
 
+def _track_info(track: Track) -> StreamInfo:
+    return StreamInfo(
+        codec=track.codec,
+        duration_s=track.duration_s,
+        width=track.width,
+        height=track.height,
+        fps=track.fps,
+        time_base=Fraction(1, track.timescale),
+    )
+
+
 async def probe_source(
-    video_url: str, audio_url: str | None, keyframes: KeyframeIndex | None = None
+    video_url: str, audio_url: str | None, index: SourceIndex | None = None
 ) -> SourceInfo:
     """Probe a job's source once: duration and stream parameters.
 
-    Video and separate audio are opened side by side. With ``keyframes`` (the
-    job's index over ``video_url``) the video is read through the index's
-    container, which stays open for the job's keyframe lookups: the video's
-    index is then read once per job, not twice.
+    With ``index`` (the job's index of the source) the container indexes
+    read for the cuts answer; a source in a container they cannot read (or
+    without an index) is probed with PyAV, video and separate audio side by
+    side.
     """
+    if index is not None:
+        try:
+            await index.open()
+        except FetchError as exc:
+            raise SourceError("source_unavailable", f"cannot read source: {exc}") from exc
+        if index.video is not None:
+            video_info = _track_info(index.video.track)
+            audio_info = _track_info(index.audio.track) if index.audio is not None else None
+            if not video_info.duration_s:
+                raise SourceError("source_unavailable", "source has no known duration")
+            return SourceInfo(video_info.duration_s, video_info, audio_info)
+    return await _probe_with_pyav(video_url, audio_url)
 
+
+async def _probe_with_pyav(video_url: str, audio_url: str | None) -> SourceInfo:
     def video() -> tuple[StreamInfo | None, StreamInfo | None]:
-        def read(c: Any) -> tuple[StreamInfo | None, StreamInfo | None]:
-            return _video_info(c), _audio_info(c) if audio_url is None else None
-
-        if keyframes is not None and keyframes.video_url == video_url:
-            return keyframes.inspect_sync(read)
         with open_source(video_url) as c:
-            return read(c)
+            return _video_info(c), _audio_info(c) if audio_url is None else None
 
     def audio() -> StreamInfo | None:
         assert audio_url is not None
@@ -137,11 +174,9 @@ async def probe_source(
         audio_info = separate_audio
         if audio_info is None:
             raise SourceError("source_unavailable", "the audio URL holds no audio stream")
-    audio_s = audio_info.duration_s if audio_info else None
-    durations = [d for d in (video_info.duration_s, audio_s) if d]
-    if not durations:
+    if not video_info.duration_s:
         raise SourceError("source_unavailable", "source has no known duration")
-    return SourceInfo(duration_s=min(durations), video=video_info, audio=audio_info)
+    return SourceInfo(duration_s=video_info.duration_s, video=video_info, audio=audio_info)
 
 
 @dataclass(frozen=True)
