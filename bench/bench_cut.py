@@ -60,9 +60,9 @@ from bench.sources import (
     table_label,
     table_source,
 )
-from clipservice.config import CutMode
-from clipservice.media import joinproc, plan
-from clipservice.media.cutter import Cutter
+from clipservice.domain import CutMode, StreamUrls
+from clipservice.media import joinproc
+from clipservice.media.cutter import CutSpec, Cutter
 from clipservice.media.ffmpeg import bundled_ffmpeg
 from clipservice.media.probe import probe_source
 from clipservice.media.source import SourceIndex
@@ -281,14 +281,16 @@ class Cases:
                 info = await probe_source(video, audio, index)
                 out.unlink(missing_ok=True)
                 outcome = await (cutter or Cutter()).cut(
-                    plan.Inputs(video, audio),
-                    info,
-                    start,
-                    end,
-                    mode,
-                    out,
-                    timeout_s=CUT_TIMEOUT_S,
-                    keyframes=index,
+                    CutSpec(
+                        streams=StreamUrls(video, audio),
+                        info=info,
+                        start_s=start,
+                        end_s=end,
+                        mode=mode,
+                        final=out,
+                        timeout_s=CUT_TIMEOUT_S,
+                        source=index,
+                    )
                 )
             finally:
                 await index.aclose()
@@ -435,14 +437,16 @@ def legacy_cases(b: Cases, runs: int, skip_naive: bool) -> list[Case]:
                     out.unlink(missing_ok=True)
                     async with limit:
                         outcome = await cutter.cut(
-                            plan.Inputs(video, audio),
-                            info,
-                            a,
-                            a + 10,
-                            "accurate",
-                            out,
-                            timeout_s=CUT_TIMEOUT_S,
-                            keyframes=index,
+                            CutSpec(
+                                streams=StreamUrls(video, audio),
+                                info=info,
+                                start_s=a,
+                                end_s=a + 10,
+                                mode="accurate",
+                                final=out,
+                                timeout_s=CUT_TIMEOUT_S,
+                                source=index,
+                            )
                         )
                     return outcome.note
 

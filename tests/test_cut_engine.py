@@ -24,12 +24,12 @@ from typing import Any
 import av
 import pytest
 
-from clipservice.config import CutMode
+from clipservice.domain import CutMode, StreamUrls
 from clipservice.errors import ClipFailure
 from clipservice.media import cutter as cutter_module
-from clipservice.media import joinproc, plan
+from clipservice.media import joinproc
 from clipservice.media.bitstream import h264, hevc
-from clipservice.media.cutter import CutOutcome, Cutter
+from clipservice.media.cutter import CutOutcome, CutSpec, Cutter
 from clipservice.media.ffmpeg import bundled_ffmpeg
 from clipservice.media.probe import probe_source
 from clipservice.media.source import SourceIndex
@@ -126,15 +126,15 @@ def stream_starts(path: Path) -> tuple[float, float | None, float | None]:
         return vstart, astart, adur
 
 
-def urls(media_server: MediaServer, shape: Shape) -> plan.Inputs:
+def urls(media_server: MediaServer, shape: Shape) -> StreamUrls:
     video = media_server.add(shape.files["video"].name, shape.files["video"])
     audio = shape.files.get("audio")
-    return plan.Inputs(video, media_server.add(audio.name, audio) if audio else None)
+    return StreamUrls(video, media_server.add(audio.name, audio) if audio else None)
 
 
 async def cut(
     media_server: MediaServer,
-    src: plan.Inputs,
+    src: StreamUrls,
     start: float,
     end: float,
     mode: CutMode,
@@ -145,7 +145,18 @@ async def cut(
 ) -> CutOutcome:
     own = index or SourceIndex(src.video_url, src.audio_url)
     info = await probe_source(src.video_url, src.audio_url, own)
-    return await Cutter().cut(src, info, start, end, mode, out, timeout_s=timeout_s, keyframes=own)
+    return await Cutter().cut(
+        CutSpec(
+            streams=src,
+            info=info,
+            start_s=start,
+            end_s=end,
+            mode=mode,
+            final=out,
+            timeout_s=timeout_s,
+            source=own,
+        )
+    )
 
 
 def window_bytes(shape: Shape, start: float, end: float) -> int:
@@ -385,7 +396,7 @@ async def test_unsupported_codec_falls_back_to_reencode(
     media_server: MediaServer, media: dict[str, Path], tmp_path: Path
 ) -> None:
     """A codec with no smart cut (MPEG-4 Part 2) is re-encoded, and the result says so."""
-    src = plan.Inputs(media_server.url("mpeg4-video.mp4"), media_server.url("audio.m4a"))
+    src = StreamUrls(media_server.url("mpeg4-video.mp4"), media_server.url("audio.m4a"))
     outcome = await cut(media_server, src, 3.5, 9.2, "accurate", tmp_path / "c.mp4")
     assert outcome.note is not None and "re-encoded" in outcome.note
     assert len(decode(tmp_path / "c.mp4").luma) == 171
@@ -441,7 +452,7 @@ async def test_stalled_cut_stops_and_leaves_nothing(
     """A cut whose source stalls mid-fetch ends at its time limit, or when
     cancelled: its worker process is killed (as FFmpeg would be) and no partial
     file is left."""
-    src = plan.Inputs(
+    src = StreamUrls(
         media_server.url("video.mp4", stall=True), media_server.url("audio.m4a", stall=True)
     )
     index = SourceIndex(src.video_url, src.audio_url)
@@ -449,7 +460,18 @@ async def test_stalled_cut_stops_and_leaves_nothing(
     seen = len(media_server.requests)
     out_dir = tmp_path / "clips"
     out_dir.mkdir()
-    job = Cutter().cut(src, info, 20.5, 25.5, mode, out_dir / "c.mp4", timeout_s=3, keyframes=index)
+    job = Cutter().cut(
+        CutSpec(
+            streams=src,
+            info=info,
+            start_s=20.5,
+            end_s=25.5,
+            mode=mode,
+            final=out_dir / "c.mp4",
+            timeout_s=3,
+            source=index,
+        )
+    )
     busy: list[int] = []
     if how == "timeout":
         with pytest.raises(TimeoutError):
@@ -476,7 +498,7 @@ async def test_source_expiring_mid_cut_reports_403(
     from clipservice.jobs.runner import source_expired
 
     base = f"{media_server.base_url}/expired"
-    src = plan.Inputs(f"{base}/video.mp4", f"{base}/audio.m4a")
+    src = StreamUrls(f"{base}/video.mp4", f"{base}/audio.m4a")
     with pytest.raises(ClipFailure) as failure:
         await cut(media_server, src, 20.5, 25.0, "accurate", tmp_path / "c.mp4", timeout_s=30)
     assert source_expired(failure.value.message), failure.value.message
@@ -488,7 +510,7 @@ async def test_cut_process_that_dies_falls_back_to_ffmpeg(
 ) -> None:
     """Cuts run in worker processes: one that dies mid-cut (a decoder crash on a
     hostile source, say) costs the service nothing, and FFmpeg re-encodes the clip."""
-    src = plan.Inputs(
+    src = StreamUrls(
         media_server.url("video.mp4", stall=True), media_server.url("audio.m4a", stall=True)
     )
     index = SourceIndex(src.video_url, src.audio_url)
@@ -496,7 +518,16 @@ async def test_cut_process_that_dies_falls_back_to_ffmpeg(
     seen = len(media_server.requests)
     task = asyncio.create_task(
         Cutter().cut(
-            src, info, 20.5, 25.5, "accurate", tmp_path / "c.mp4", timeout_s=60, keyframes=index
+            CutSpec(
+                streams=src,
+                info=info,
+                start_s=20.5,
+                end_s=25.5,
+                mode="accurate",
+                final=tmp_path / "c.mp4",
+                timeout_s=60,
+                source=index,
+            )
         )
     )
     await _until_a_join_read_hangs(media_server, seen)

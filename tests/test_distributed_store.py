@@ -20,8 +20,8 @@ from clipservice.jobs.models import (
     JobStatus,
     new_job_id,
 )
+from clipservice.jobs.naming import clip_file_name
 from clipservice.jobs.redis_store import RedisJobStore, StaleAttempt
-from clipservice.media.naming import clip_file_name
 from clipservice.storage import SharedFolderStorage
 
 REDIS_TEST_URL = "redis://127.0.0.1:6379/11"

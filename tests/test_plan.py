@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
-from clipservice.media import plan
+from clipservice.domain import StreamUrls
+from clipservice.media import ffmpeg_args
 
-SRC = plan.Inputs("https://cdn.test/v.mp4", "https://cdn.test/a.m4a")
+SRC = StreamUrls("https://cdn.test/v.mp4", "https://cdn.test/a.m4a")
 
 
 def test_ts_formatting() -> None:
     """Seconds are written plainly, without float noise."""
-    assert plan.ts(10) == "10"
-    assert plan.ts(65.5) == "65.5"
-    assert plan.ts(0) == "0"
-    assert plan.ts(1 / 3) == "0.333333"
+    assert ffmpeg_args.ts(10) == "10"
+    assert ffmpeg_args.ts(65.5) == "65.5"
+    assert ffmpeg_args.ts(0) == "0"
+    assert ffmpeg_args.ts(1 / 3) == "0.333333"
 
 
 def test_reencode_seeks_both_inputs_and_merges() -> None:
     """Both inputs are seeked before -i (Range reads), mapped together, H.264/AAC MP4."""
-    args = plan.reencode_args(SRC, 10, 20, "/data/clips/x.mp4")
+    args = ffmpeg_args.reencode_args(SRC, 10, 20, "/data/clips/x.mp4")
     i_video = args.index("https://cdn.test/v.mp4")
     i_audio = args.index("https://cdn.test/a.m4a")
     assert args[i_video - 1] == "-i" and args[i_audio - 1] == "-i"
@@ -32,7 +33,7 @@ def test_reencode_seeks_both_inputs_and_merges() -> None:
 
 def test_inputs_restricted_to_network_protocols() -> None:
     """Every input is opened with a protocol whitelist that has no local protocols."""
-    args = plan.reencode_args(SRC, 1, 2, "/o.mp4")
+    args = ffmpeg_args.reencode_args(SRC, 1, 2, "/o.mp4")
     whitelists = [args[i + 1] for i, a in enumerate(args) if a == "-protocol_whitelist"]
     assert len(whitelists) == 2
     for w in whitelists:
@@ -41,6 +42,6 @@ def test_inputs_restricted_to_network_protocols() -> None:
 
 def test_muxed_source_maps_optional_audio() -> None:
     """Without a separate audio URL, audio comes from the video input if it has any."""
-    args = plan.reencode_args(plan.Inputs("https://cdn.test/m.mp4", None), 1, 2, "/o.mp4")
+    args = ffmpeg_args.reencode_args(StreamUrls("https://cdn.test/m.mp4", None), 1, 2, "/o.mp4")
     assert args.count("-i") == 1
     assert "0:a:0?" in args

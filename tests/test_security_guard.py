@@ -13,8 +13,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from clipservice.domain import StreamUrls
 from clipservice.errors import SourceError
-from clipservice.media import plan
+from clipservice.media import ffmpeg_args
 from clipservice.media.ffmpeg import FFmpegError, bundled_ffmpeg, run_ffmpeg
 from clipservice.media.probe import probe_source
 from clipservice.sources.guard import (
@@ -193,8 +194,8 @@ async def test_ffmpeg_and_pyav_do_not_follow_redirects(
     public.routes["/r"] = media_server.url("muxed.mp4")
     with pytest.raises(SourceError):
         await probe_source(f"{public.base_url}/r", None)
-    args = plan.reencode_args(
-        plan.Inputs(f"{public.base_url}/r", None), 0, 1, str(tmp_path / "o.mp4")
+    args = ffmpeg_args.reencode_args(
+        StreamUrls(f"{public.base_url}/r", None), 0, 1, str(tmp_path / "o.mp4")
     )
     with pytest.raises(FFmpegError):
         await run_ffmpeg(args, timeout_s=30)
@@ -230,7 +231,7 @@ async def test_playlists_cannot_read_files_or_reach_hosts(
         with pytest.raises(SourceError):
             await probe_source(url, None)
         out = tmp_path / "o.mp4"
-        args = plan.reencode_args(plan.Inputs(url, None), 0, 1, str(out))
+        args = ffmpeg_args.reencode_args(StreamUrls(url, None), 0, 1, str(out))
         with pytest.raises(FFmpegError):
             await run_ffmpeg(args, timeout_s=30)
         assert not out.exists() or out.stat().st_size == 0

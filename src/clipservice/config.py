@@ -18,9 +18,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-ENV_PREFIX = "CLIPSERVICE_"
+from clipservice.domain import CutMode
 
-CutMode = Literal["fast", "accurate", "reencode"]
+ENV_PREFIX = "CLIPSERVICE_"
 
 
 class ConfigError(Exception):

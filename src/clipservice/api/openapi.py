@@ -25,7 +25,7 @@ from clipservice.api.schemas import CreateClipsRequest, JobCreated, ProblemDetai
 from clipservice.api.web import STATIC_NAME_PATTERN
 from clipservice.config import Settings
 from clipservice.jobs.models import JOB_ID_PATTERN, Job
-from clipservice.media.naming import CLIP_FILE_PATTERN
+from clipservice.jobs.naming import CLIP_FILE_PATTERN
 
 REF = "#/components/schemas/{model}"
 PROBLEM_TYPE = "application/problem+json"

@@ -17,7 +17,7 @@ from clipservice.api.problems import PROBLEM_CONTENT_TYPE
 from clipservice.api.schemas import CreateClipsRequest, JobCreated
 from clipservice.errors import ProblemError
 from clipservice.jobs.models import ClipSpec, Job, JobSource, JobStatus, new_job_id
-from clipservice.media.naming import is_clip_file_name
+from clipservice.jobs.naming import is_clip_file_name
 
 routes = web.RouteTableDef()
 

@@ -21,7 +21,8 @@ from pydantic import (
     model_validator,
 )
 
-from clipservice.config import CutMode, Settings
+from clipservice.config import Settings
+from clipservice.domain import CutMode
 
 _TIMESTAMP_RE = re.compile(r"^(?:(\d{1,3}):([0-5]\d)|(\d{1,4})):([0-5]\d)(?:\.(\d{1,6}))?$")
 _SECONDS_RE = re.compile(r"^\d{1,7}(?:\.\d{1,6})?$")

@@ -14,10 +14,10 @@ from datetime import datetime, timedelta
 
 import structlog
 
+from clipservice.domain import StreamUrls
 from clipservice.errors import ClipFailure
 from clipservice.jobs.models import ClipError, ClipResult, ClipSpec, Job, JobError, JobStatus
-from clipservice.media import plan
-from clipservice.media.cutter import Cutter
+from clipservice.media.cutter import CutSpec, Cutter
 from clipservice.media.ffmpeg import ProgressCallback
 from clipservice.media.probe import SourceInfo
 from clipservice.media.source import SourceIndex
@@ -44,7 +44,7 @@ async def produce_clip(
     cutter: Cutter,
     storage: ClipStorage,
     clip: ClipSpec,
-    src: plan.Inputs,
+    src: StreamUrls,
     info: SourceInfo,
     name: str,
     *,
@@ -63,15 +63,17 @@ async def produce_clip(
         outcome = await cutter.describe_existing(final, clip.start, clip.end, clip.mode)
     else:
         outcome = await cutter.cut(
-            src,
-            info,
-            clip.start,
-            clip.end,
-            clip.mode,
-            final,
-            timeout_s=timeout_s,
-            on_progress=on_progress,
-            keyframes=keyframes,
+            CutSpec(
+                streams=src,
+                info=info,
+                start_s=clip.start,
+                end_s=clip.end,
+                mode=clip.mode,
+                final=final,
+                timeout_s=timeout_s,
+                source=keyframes,
+                on_progress=on_progress,
+            )
         )
         await storage.publish(name)
         if on_written is not None:

@@ -47,14 +47,14 @@ from saq.queue.redis import RedisQueue
 from saq.types import Context, PartialTimersDict
 
 from clipservice.config import Settings
+from clipservice.domain import StreamUrls
 from clipservice.errors import ClipFailure, SourceError
 from clipservice.jobs import clipwork
 from clipservice.jobs.models import ClipResult, ClipSpec, Job, JobError, JobStatus
+from clipservice.jobs.naming import clip_file_name
 from clipservice.jobs.redis_store import RedisJobStore, StaleAttempt
 from clipservice.jobs.webhooks import WebhookSender
-from clipservice.media import plan
 from clipservice.media.cutter import Cutter, warm_join_processes
-from clipservice.media.naming import clip_file_name
 from clipservice.media.probe import SourceInfo, probe_source
 from clipservice.media.source import SourceIndex
 from clipservice.metrics import Metrics
@@ -504,7 +504,7 @@ class ClipWorker:
         source: dict[str, Any],
         attempt: int,
     ) -> clipwork.ClipOutcome:
-        src = plan.Inputs(source["video_url"], source.get("audio_url"))
+        src = StreamUrls(source["video_url"], source.get("audio_url"))
         name = clip_file_name(job.source, clip)
         timeout_s = self.settings.jobs.clip_timeout_s
         last_write = 0.0
@@ -609,7 +609,7 @@ class ClipWorker:
                     owner.cancel()
                     return
 
-    async def _probe(self, job_id: str, src: plan.Inputs) -> SourceInfo:
+    async def _probe(self, job_id: str, src: StreamUrls) -> SourceInfo:
         """Probe a job's source once per worker process (clips of a job share it)."""
         fut = self._probes.get(job_id)
         if fut is None or (fut.done() and fut.exception() is not None):
@@ -621,7 +621,7 @@ class ClipWorker:
         self._probes.move_to_end(job_id)
         return await asyncio.shield(fut)
 
-    def _keyframes_for(self, job_id: str, src: plan.Inputs) -> SourceIndex:
+    def _keyframes_for(self, job_id: str, src: StreamUrls) -> SourceIndex:
         """One keyframe index per job in this process, shared by its clips here."""
         index = self._keyframes.get(job_id)
         if index is None:

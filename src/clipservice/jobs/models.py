@@ -1,4 +1,8 @@
-"""The job document: the one model the store writes, the API returns and clients read."""
+"""The job document: the one model the store writes, the API returns and clients read.
+
+(``JobSource`` and ``ClipSpec`` live in :mod:`clipservice.domain`; they are
+re-exported here as parts of the document.)
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from clipservice.config import CutMode
+from clipservice.domain import ClipSpec, CutMode, JobSource
 
 
 def utcnow() -> datetime:
@@ -40,27 +44,6 @@ class JobStatus(StrEnum):
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="ignore")
-
-
-class JobSource(_Model):
-    """What the client asked to cut from: exactly one of video_id, url or video_url."""
-
-    video_id: str | None = None
-    url: str | None = None
-    video_url: str | None = None
-    audio_url: str | None = None
-
-
-class ClipSpec(_Model):
-    """One requested clip, normalised to seconds and a concrete mode."""
-
-    index: int
-    start: float
-    end: float
-    mode: CutMode
-    attempts: int = Field(
-        0, description="Times cutting this clip began (a crash mid-clip makes it begin again)."
-    )
 
 
 class ClipResult(_Model):
@@ -152,3 +135,18 @@ class Job(_Model):
             for r in data["results"]:
                 r["url"] = base + r["url"]
         return data
+
+
+__all__ = [
+    "ClipError",
+    "ClipResult",
+    "ClipSpec",
+    "CutMode",
+    "Job",
+    "JobError",
+    "JobSource",
+    "JobStatus",
+    "WebhookAttempt",
+    "new_job_id",
+    "utcnow",
+]

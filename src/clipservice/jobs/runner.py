@@ -34,6 +34,7 @@ import aiofiles.os
 import structlog
 
 from clipservice.config import Settings
+from clipservice.domain import StreamUrls
 from clipservice.errors import ClipFailure, SourceError
 from clipservice.jobs.clipwork import check_range, produce_clip
 from clipservice.jobs.events import JobEvents, LocalJobEvents
@@ -47,11 +48,10 @@ from clipservice.jobs.models import (
     JobStatus,
     utcnow,
 )
+from clipservice.jobs.naming import clip_file_name
 from clipservice.jobs.store import FileJobStore
-from clipservice.media import plan
 from clipservice.media.cutter import Cutter, remove_stale_parts, warm_join_processes
 from clipservice.media.ffmpeg import running_processes, terminate
-from clipservice.media.naming import clip_file_name
 from clipservice.media.probe import SourceInfo, probe_source
 from clipservice.media.source import SourceIndex
 from clipservice.metrics import Metrics
@@ -82,7 +82,7 @@ def source_expired(message: str) -> bool:
 class StreamSet:
     """One generation of a job's stream URLs, with the keyframe index over them."""
 
-    src: plan.Inputs
+    src: StreamUrls
     keyframes: SourceIndex
     generation: int = 0
 
@@ -96,7 +96,7 @@ class JobStreams:
 
     def __init__(
         self,
-        src: plan.Inputs,
+        src: StreamUrls,
         resolve: Callable[[], Awaitable[ResolvedSource]],
         keyframes: SourceIndex | None = None,
     ) -> None:
@@ -109,7 +109,7 @@ class JobStreams:
         async with self._lock:
             if self.current is used:
                 resolved = await self._resolve()
-                src = plan.Inputs(resolved.video_url, resolved.audio_url)
+                src = StreamUrls(resolved.video_url, resolved.audio_url)
                 self._retired.append(used.keyframes)
                 self.current = StreamSet(
                     src, SourceIndex(src.video_url, src.audio_url), used.generation + 1
@@ -301,7 +301,7 @@ class LocalRunner:
         index: SourceIndex | None = None
         try:
             resolved = await self._resolve(job)
-            src = plan.Inputs(resolved.video_url, resolved.audio_url)
+            src = StreamUrls(resolved.video_url, resolved.audio_url)
             # The job's keyframe index; the probe reads the video through it.
             index = SourceIndex(src.video_url, src.audio_url)
             try:
@@ -312,7 +312,7 @@ class LocalRunner:
                 log.info("source_expired", error=exc.message[:300])
                 await index.aclose()
                 resolved = await self._resolve(job)
-                src = plan.Inputs(resolved.video_url, resolved.audio_url)
+                src = StreamUrls(resolved.video_url, resolved.audio_url)
                 index = SourceIndex(src.video_url, src.audio_url)
                 info = await probe_source(src.video_url, src.audio_url, index)
         except SourceError as exc:
@@ -474,7 +474,7 @@ class LocalRunner:
         self,
         job: Job,
         clip: ClipSpec,
-        src: plan.Inputs,
+        src: StreamUrls,
         info: SourceInfo,
         name: str,
         keyframes: SourceIndex | None = None,

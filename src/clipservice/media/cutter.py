@@ -20,9 +20,9 @@ from typing import Any
 
 import structlog
 
-from clipservice.config import CutMode
+from clipservice.domain import CutMode, StreamUrls
 from clipservice.errors import ClipFailure
-from clipservice.media import joinproc, plan
+from clipservice.media import ffmpeg_args, joinproc
 from clipservice.media.fetch import FetchError
 from clipservice.media.ffmpeg import FFmpegError, ProgressCallback, run_ffmpeg
 from clipservice.media.join import CutFailed, CutRequest, CutResult
@@ -124,6 +124,32 @@ class _Budget:
         return left
 
 
+@dataclass(frozen=True)
+class CutSpec:
+    """One clip to cut: from which streams, which range, how, into which file."""
+
+    streams: StreamUrls
+    info: SourceInfo
+    start_s: float
+    end_s: float
+    mode: CutMode
+    final: Path
+    timeout_s: float
+    # The job's index of the source (read once per job); without one the
+    # source is indexed for this clip.
+    source: SourceIndex | None = None
+    on_progress: ProgressCallback | None = None
+
+
+@dataclass(frozen=True)
+class _Work:
+    """One cut under way: its spec, its temporary output and its time budget."""
+
+    spec: CutSpec
+    tmp: Path
+    budget: _Budget
+
+
 class Cutter:
     """Cuts clips in the requested mode.
 
@@ -139,48 +165,25 @@ class Cutter:
         self.ffmpeg_path = ffmpeg_path
         self._running = 0  # cuts in flight here: their encoders share the cores
 
-    async def cut(
-        self,
-        src: plan.Inputs,
-        info: SourceInfo,
-        start_s: float,
-        end_s: float,
-        mode: CutMode,
-        final: Path,
-        *,
-        timeout_s: float,
-        on_progress: ProgressCallback | None = None,
-        keyframes: SourceIndex | None = None,
-    ) -> CutOutcome:
-        """Cut [start_s, end_s) into ``final``; raise ClipFailure with a stable code.
-
-        ``keyframes`` is the job's index of the source; without one the
-        source is indexed for this clip.
-        """
-        tmp = part_path(final)
-        budget = _Budget(timeout_s)
-        source = keyframes or SourceIndex(src.video_url, src.audio_url)
+    async def cut(self, spec: CutSpec) -> CutOutcome:
+        """Cut ``spec``'s range into its ``final`` file; raise ClipFailure with a
+        stable code (or TimeoutError past its time limit)."""
+        work = _Work(spec, part_path(spec.final), _Budget(spec.timeout_s))
         self._running += 1
         try:
             try:
-                outcome = await self._cut_mode(
-                    src, info, start_s, end_s, mode, tmp, budget, on_progress, source
-                )
+                outcome = await self._cut_mode(work)
             except (CutFailed, SourceUnsupported) as exc:
-                log.info("cut_fallback", mode=mode, reason=str(exc))
-                outcome = await self._reencode(
-                    src, info, start_s, end_s, tmp, budget, on_progress,
-                    note=f"{mode} cut not possible ({exc}); the clip was re-encoded",
-                )  # fmt: skip
+                log.info("cut_fallback", mode=spec.mode, reason=str(exc))
+                note = f"{spec.mode} cut not possible ({exc}); the clip was re-encoded"
+                outcome = await self._reencode(work, note)
             except ClipFailure as exc:
-                if exc.code != "output_invalid" or mode == "reencode":
+                if exc.code != "output_invalid" or spec.mode == "reencode":
                     raise
-                log.warning("output_invalid_retry", mode=mode, reason=exc.message)
-                outcome = await self._reencode(
-                    src, info, start_s, end_s, tmp, budget, on_progress,
-                    note=f"the {mode} output failed validation ({exc.message}); re-encoded",
-                )  # fmt: skip
-            await asyncio.to_thread(os.replace, tmp, final)
+                log.warning("output_invalid_retry", mode=spec.mode, reason=exc.message)
+                note = f"the {spec.mode} output failed validation ({exc.message}); re-encoded"
+                outcome = await self._reencode(work, note)
+            await asyncio.to_thread(os.replace, work.tmp, spec.final)
             return outcome
         except FFmpegError as exc:
             raise ClipFailure("ffmpeg_failed", exc.stderr_tail or str(exc)) from exc
@@ -189,42 +192,39 @@ class Cutter:
         finally:
             self._running -= 1
             with contextlib.suppress(FileNotFoundError):
-                await asyncio.to_thread(os.unlink, tmp)
+                await asyncio.to_thread(os.unlink, work.tmp)
 
-    async def _cut_mode(
-        self,
-        src: plan.Inputs,
-        info: SourceInfo,
-        start_s: float,
-        end_s: float,
-        mode: CutMode,
-        tmp: Path,
-        budget: _Budget,
-        on_progress: ProgressCallback | None,
-        source: SourceIndex,
-    ) -> CutOutcome:
-        if mode == "reencode":
-            return await self._reencode(src, info, start_s, end_s, tmp, budget, on_progress)
+    async def _cut_mode(self, work: _Work) -> CutOutcome:
+        spec, budget = work.spec, work.budget
+        if spec.mode == "reencode":
+            return await self._reencode(work)
+        source = spec.source or SourceIndex(spec.streams.video_url, spec.streams.audio_url)
         await asyncio.wait_for(source.open(), budget.left_s())
         threads = max(1, (os.cpu_count() or 1) // max(1, self._running))
         # (A window may read the source: a file without an index is searched.)
         request = await asyncio.wait_for(
             asyncio.to_thread(
-                source.request, start_s, end_s, mode, str(tmp), budget.deadline, threads=threads
+                source.request,
+                spec.start_s,
+                spec.end_s,
+                spec.mode,
+                str(work.tmp),
+                budget.deadline,
+                threads=threads,
             ),
             budget.left_s(),
         )
         result = await _in_join_process(request, budget)
-        if on_progress is not None:
-            on_progress(result.end_s - result.first_s)
+        if spec.on_progress is not None:
+            spec.on_progress(result.end_s - result.first_s)
         out = await validate_output(
-            tmp,
+            work.tmp,
             result.end_s - result.first_s,
             expect_audio=result.has_audio,
-            tol_s=1.5 * _frame_s(info),
+            tol_s=1.5 * _frame_s(spec.info),
         )
         note = None
-        if info.audio is not None and not result.has_audio:
+        if spec.info.audio is not None and not result.has_audio:
             note = "the source has no audio in this range"
         return CutOutcome(
             result.first_s,
@@ -234,34 +234,27 @@ class Cutter:
             note,
         )
 
-    async def _run(
-        self, args: list[str], budget: _Budget, on_progress: ProgressCallback | None
-    ) -> None:
+    async def _reencode(self, work: _Work, note: str | None = None) -> CutOutcome:
+        spec = work.spec
+        args = ffmpeg_args.reencode_args(spec.streams, spec.start_s, spec.end_s, str(work.tmp))
         await run_ffmpeg(
             args,
-            timeout_s=budget.left_s(),
+            timeout_s=work.budget.left_s(),
             ffmpeg_path=self.ffmpeg_path,
-            on_progress=on_progress,
+            on_progress=spec.on_progress,
         )
-
-    async def _reencode(
-        self,
-        src: plan.Inputs,
-        info: SourceInfo,
-        start_s: float,
-        end_s: float,
-        tmp: Path,
-        budget: _Budget,
-        on_progress: ProgressCallback | None,
-        note: str | None = None,
-    ) -> CutOutcome:
-        args = plan.reencode_args(src, start_s, end_s, str(tmp))
-        await self._run(args, budget, on_progress)
         out = await validate_output(
-            tmp, end_s - start_s, expect_audio=info.audio is not None, tol_s=2 * _frame_s(info)
+            work.tmp,
+            spec.end_s - spec.start_s,
+            expect_audio=spec.info.audio is not None,
+            tol_s=2 * _frame_s(spec.info),
         )
         return CutOutcome(
-            start_s, start_s + out.video_duration_s, out.video_duration_s, out.size_bytes, note
+            spec.start_s,
+            spec.start_s + out.video_duration_s,
+            out.video_duration_s,
+            out.size_bytes,
+            note,
         )
 
     async def describe_existing(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from clipservice.jobs.models import JobSource
+from clipservice.domain import JobSource
 
 
 @dataclass(frozen=True)

@@ -37,8 +37,8 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
+from clipservice.domain import JobSource
 from clipservice.errors import SourceError
-from clipservice.jobs.models import JobSource
 from clipservice.sources.base import ResolvedSource, Resolver
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address

@@ -15,8 +15,8 @@ from typing import Any
 import aiohttp
 import structlog
 
+from clipservice.domain import JobSource
 from clipservice.errors import SourceError
-from clipservice.jobs.models import JobSource
 from clipservice.sources.base import ResolvedSource
 
 log = structlog.get_logger(__name__)

@@ -7,8 +7,7 @@ Separate video and audio streams are merged in the same run.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+from clipservice.domain import StreamUrls
 from clipservice.media.ffmpeg import SOURCE_INPUT_OPTIONS
 
 # Network inputs: only network protocols, bounded reads, reconnect on drops.
@@ -28,22 +27,14 @@ def ts(seconds: float) -> str:
     return f"{seconds:.6f}".rstrip("0").rstrip(".") or "0"
 
 
-@dataclass(frozen=True)
-class Inputs:
-    """Where the video (and maybe separate audio) come from."""
-
-    video_url: str
-    audio_url: str | None
-
-
-def _inputs(src: Inputs, seek_s: float) -> list[str]:
+def _inputs(src: StreamUrls, seek_s: float) -> list[str]:
     args = [*_NET_INPUT, "-ss", ts(seek_s), "-i", src.video_url]
     if src.audio_url:
         args += [*_NET_INPUT, "-ss", ts(seek_s), "-i", src.audio_url]
     return args
 
 
-def _maps(src: Inputs) -> list[str]:
+def _maps(src: StreamUrls) -> list[str]:
     audio = "1:a:0" if src.audio_url else "0:a:0?"
     return ["-map", "0:v:0", "-map", audio]
 
@@ -52,7 +43,7 @@ MP4_OUT = ("-movflags", "+faststart", "-f", "mp4")
 AAC_OUT = ("-c:a", "aac", "-b:a", "160k")
 
 
-def reencode_args(src: Inputs, start_s: float, end_s: float, out: str) -> list[str]:
+def reencode_args(src: StreamUrls, start_s: float, end_s: float, out: str) -> list[str]:
     """The whole clip re-encoded to H.264/AAC, frame-accurate (decode-and-discard seek)."""
     return [
         *_inputs(src, start_s),

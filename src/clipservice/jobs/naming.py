@@ -7,8 +7,8 @@ from __future__ import annotations
 import hashlib
 import re
 
-from clipservice.jobs.models import ClipSpec, JobSource
-from clipservice.media.plan import ts
+from clipservice.domain import ClipSpec, JobSource
+from clipservice.media.ffmpeg_args import ts
 
 CLIP_FILE_PATTERN = r"^[A-Za-z0-9_-]{1,64}-[0-9.]+-[0-9.]+-(fast|accurate|reencode)\.mp4$"
 _CLIP_FILE_RE = re.compile(CLIP_FILE_PATTERN)
