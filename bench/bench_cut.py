@@ -707,8 +707,16 @@ def report(
             f"  {label}: {src.shape.video_codec} {src.video_mbit_s:.2f} Mbit/s + {audio} "
             f"({src.shape.container}, separate files), clip {clips[label]}; generated in {cost}"
         )
-    print("  yt-dlp is given the pair as a DASH manifest (BaseURL per file): it runs FFmpeg on")
-    print("  the same two URLs, re-encoding with FFmpeg's defaults (libx264 medium, AAC) to mp4.")
+    if any(case.what == YTDLP_FORCED for case in ran):
+        print("  yt-dlp is given the pair as a DASH manifest (BaseURL per file): it runs FFmpeg on")
+        print(
+            "  the same two URLs, re-encoding with FFmpeg's defaults (libx264 medium, AAC) to mp4."
+        )
+    if any(case.source == LEGACY_LABEL for case in ran):
+        print(
+            f"  {LEGACY_LABEL}: h264 CRF 23 veryfast + aac 128k (faststart MP4 and m4a; yt-dlp "
+            "gets a muxed copy), clip {:g}-{:g} s".format(*LEGACY_CLIP)
+        )
     header = (
         f"| {'case':<44} | median s | × floor | CPU s | CPU bound s | × CPU bound "
         f"| MB fetched | note |"
@@ -743,8 +751,11 @@ def report(
     checked = targets(outcomes, throttled_net)
     print("\nTargets (ratios within this run):")
     for t in checked:
-        shown = f"{t.ratio:.2f}×" if t.ratio is not None else "—"
-        print(f"  {t.status:<12} {t.what}: {shown} (target ≤ {t.limit}×)")
+        if t.ratio is not None:
+            print(f"  {t.status:<8} {t.what}: {t.ratio:.2f}× (target ≤ {t.limit}×)")
+    unmeasured = sum(t.ratio is None for t in checked)
+    if unmeasured:
+        print(f"  ({unmeasured} of {len(checked)} targets not measured in this run)")
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"bench_cut-{time.strftime('%Y%m%dT%H%M%S')}.json"
     document = {
