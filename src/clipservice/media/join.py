@@ -23,6 +23,7 @@ join removes its output.
 from __future__ import annotations
 
 import contextlib
+import functools
 import heapq
 import io
 import itertools
@@ -664,7 +665,7 @@ def _mux(
                 # which header bytes alone do not tell: one keyframe does.
                 _describe_from_keyframe(vout, video, samples, track)
             aout: Any = None
-            audio_encoded: list[Any] = []
+            audio_job: _Worker | None = None
             a_tb = Fraction(1, 1)
             if audio_stream is not None and audio is not None:
                 atrack = audio_stream.track
@@ -681,9 +682,14 @@ def _mux(
                     a_origin = audio_stream.origin_ticks - round(
                         req.video.origin_ticks * atrack.timescale / track.timescale
                     )
-                    audio_encoded = _encode_audio(
-                        audio, audio_stream, plan.first_pts / track.timescale,
-                        plan.end_pts / track.timescale, a_origin, guard, aout,
+                    # Encoded beside the video's re-encoded parts, on a thread.
+                    audio_job = _Worker(
+                        functools.partial(
+                            _encode_audio, audio, audio_stream, plan.first_pts / track.timescale,
+                            plan.end_pts / track.timescale, a_origin, guard, aout,
+                        ),
+                        guard,
+                        "clip-audio",
                     )  # fmt: skip
 
             def emit(packet: Any, pts: int, dts: int, duration: int) -> tuple[float, int, Any]:
@@ -733,7 +739,7 @@ def _mux(
                     if duration > 0:
                         packet.duration = duration
                     yield (float(pts * a_tb), 1, packet)
-                for packet in audio_encoded:
+                for packet in audio_job.result() if audio_job is not None else ():
                     packet.stream = aout
                     dts = packet.dts if packet.dts is not None else packet.pts
                     yield (float(dts * packet.time_base), 1, packet)
