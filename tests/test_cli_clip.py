@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from clipservice.api.keys import STORE
+from clipservice.api.appkeys import STORE
 from clipservice.cli_clip import UsageError, parse_clip, source_fields
 from tests.conftest import FakeVidfly, MediaServer, Service
 

@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from clipservice.api.keys import STORE
+from clipservice.api.appkeys import STORE
 from clipservice.client import ClipClient, ClipServiceError
 from clipservice.jobs.models import Job, JobStatus
 from tests.conftest import Service, _start_site

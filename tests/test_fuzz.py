@@ -35,7 +35,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from clipservice.api.keys import GUARD
+from clipservice.api.appkeys import GUARD
 from clipservice.app import create_app
 from clipservice.config import Settings
 from tests.conftest import settings_for

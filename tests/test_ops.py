@@ -12,7 +12,7 @@ import pytest
 import structlog
 from prometheus_client.parser import text_string_to_metric_families
 
-from clipservice.api.keys import READINESS
+from clipservice.api.appkeys import READINESS
 from clipservice.api.middleware import client_address, parse_networks
 from clipservice.config import ConfigError, load_settings
 from tests.conftest import Service, ServiceFactory

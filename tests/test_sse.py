@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from clipservice.api.events import event_id
+from clipservice.api.sse import event_id
 from clipservice.jobs.models import Job
 from tests.conftest import Service
 

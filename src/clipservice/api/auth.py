@@ -16,7 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
-from clipservice.api.keys import SETTINGS
+from clipservice.api.appkeys import SETTINGS
 from clipservice.errors import ProblemError
 
 # Everything under /api needs a key; nothing else does (/, /healthz, /readyz, /metrics).

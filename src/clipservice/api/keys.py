@@ -1,29 +1,26 @@
-"""Typed keys for everything stored on the aiohttp application."""
+"""Old name of :mod:`clipservice.api.appkeys`, kept only until ``app.py``,
+``server.py`` and the tests that still import it move over; then delete it."""
 
-from __future__ import annotations
+from clipservice.api.appkeys import (
+    EVENTS,
+    GUARD,
+    HTTP,
+    METRICS,
+    READINESS,
+    RUNNER,
+    SETTINGS,
+    STORE,
+    WEBHOOKS,
+)
 
-from typing import TYPE_CHECKING
-
-import aiohttp
-from aiohttp import web
-
-from clipservice.config import Settings
-from clipservice.jobs.base import Runner
-from clipservice.jobs.events import JobEvents
-from clipservice.jobs.store import JobStore
-from clipservice.jobs.webhooks import WebhookSender
-from clipservice.metrics import Metrics
-from clipservice.sources.guard import UrlGuard
-
-if TYPE_CHECKING:
-    from clipservice.api.ops import Readiness
-
-SETTINGS = web.AppKey("settings", Settings)
-STORE = web.AppKey[JobStore]("store")
-RUNNER = web.AppKey[Runner]("runner")
-HTTP = web.AppKey("http", aiohttp.ClientSession)
-GUARD = web.AppKey("guard", UrlGuard)
-EVENTS = web.AppKey[JobEvents]("events")
-WEBHOOKS = web.AppKey("webhooks", WebhookSender)
-METRICS = web.AppKey("metrics", Metrics)
-READINESS: web.AppKey[Readiness] = web.AppKey("readiness")
+__all__ = [
+    "EVENTS",
+    "GUARD",
+    "HTTP",
+    "METRICS",
+    "READINESS",
+    "RUNNER",
+    "SETTINGS",
+    "STORE",
+    "WEBHOOKS",
+]

@@ -25,7 +25,7 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from clipservice.api.keys import METRICS
+from clipservice.api.appkeys import METRICS
 
 access_log = structlog.get_logger("clipservice.access")
 

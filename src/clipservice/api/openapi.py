@@ -19,10 +19,10 @@ from aiohttp import web
 from pydantic.json_schema import models_json_schema
 
 from clipservice import __version__
-from clipservice.api.keys import SETTINGS
+from clipservice.api.appkeys import SETTINGS
+from clipservice.api.page import STATIC_NAME_PATTERN
 from clipservice.api.routes import MAX_BODY_BYTES
 from clipservice.api.schemas import CreateClipsRequest, JobCreated, ProblemDetail
-from clipservice.api.web import STATIC_NAME_PATTERN
 from clipservice.config import Settings
 from clipservice.jobs.models import JOB_ID_PATTERN, Job
 from clipservice.jobs.naming import CLIP_FILE_PATTERN

@@ -22,7 +22,7 @@ from pathlib import Path
 import structlog
 from aiohttp import web
 
-from clipservice.api.keys import METRICS, READINESS, SETTINGS, STORE
+from clipservice.api.appkeys import METRICS, READINESS, SETTINGS, STORE
 from clipservice.api.problems import problem_response
 from clipservice.errors import ProblemError
 from clipservice.media.ffmpeg import ffmpeg_exe

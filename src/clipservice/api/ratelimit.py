@@ -16,8 +16,8 @@ from typing import Any
 
 from aiohttp import web
 
+from clipservice.api.appkeys import SETTINGS
 from clipservice.api.auth import client_id
-from clipservice.api.keys import SETTINGS
 from clipservice.errors import ProblemError
 
 LIMITED = ("POST", "/api/create-clips")

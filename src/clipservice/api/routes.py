@@ -10,8 +10,8 @@ from typing import Any
 import aiofiles.os
 from aiohttp import web
 
+from clipservice.api.appkeys import RUNNER, SETTINGS, STORE
 from clipservice.api.auth import client_id
-from clipservice.api.keys import RUNNER, SETTINGS, STORE
 from clipservice.api.ops import refuse_if_draining
 from clipservice.api.problems import PROBLEM_CONTENT_TYPE
 from clipservice.api.schemas import CreateClipsRequest, JobCreated
