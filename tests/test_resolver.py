@@ -98,3 +98,22 @@ def test_malformed_answers_are_source_unavailable(payload: Any) -> None:
         _choose(payload)
     assert info.value.code == "source_unavailable"
     assert info.value.message
+
+
+def test_non_http_streams_are_never_chosen() -> None:
+    """file:, ftp: and data: stream URLs are skipped when http(s) ones exist, and an
+    answer with nothing else is refused as a policy matter (source_forbidden)."""
+    mixed = {"data": {"items": [
+        {"type": "video_only", "label": "1080p", "ext": "mp4", "url": "file:///etc/passwd"},
+        {"type": "video_only", "label": "720p", "ext": "mp4", "url": "https://h/720"},
+        {"type": "audio", "label": "160kbps", "ext": "m4a", "url": "ftp://h/a"},
+        {"type": "audio", "label": "128kbps", "ext": "m4a", "url": "https://h/a"},
+    ]}}  # fmt: skip
+    assert _choose(mixed) == ("https://h/720", "https://h/a")
+    only = {"data": {"items": [
+        {"type": "video_with_audio", "label": "360p", "url": "data:video/mp4;base64,AAAA"},
+        {"type": "audio", "url": "https://h/a"},
+    ]}}  # fmt: skip
+    with pytest.raises(SourceError) as info:
+        _choose(only)
+    assert info.value.code == "source_forbidden" and "data:" in info.value.message

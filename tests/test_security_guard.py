@@ -288,3 +288,57 @@ async def test_service_follows_checked_redirect(
     doc = await svc.wait(job_id)
     assert doc["status"] == "finished", doc
     assert public.hits == ["/v"]
+
+
+@pytest.mark.parametrize(
+    "stream_url",
+    [
+        "file:///etc/passwd",
+        "FILE:///proc/self/environ",
+        "ftp://127.0.0.1/video.mp4",
+        "data:video/mp4;base64,AAAAIGZ0eXBpc29t",
+        "gopher://127.0.0.1:6379/_INFO",
+        "//cdn.example/v.mp4",
+    ],
+)
+async def test_non_http_urls_from_the_resolver_are_forbidden(
+    make_service: ServiceFactory, media_server: MediaServer, tmp_path: Path, stream_url: str
+) -> None:
+    """A resolver answer whose stream URLs are not http(s) is a policy refusal:
+    the job fails with source_forbidden, nothing is fetched, no file is read."""
+    answers: list[str] = []
+
+    async def download(request: web.Request) -> web.Response:
+        answers.append(request.query.get("url", ""))
+        return web.json_response({"data": {"items": [
+            {"type": "video_only", "label": "720p", "ext": "mp4", "url": stream_url},
+            {"type": "audio", "label": "128kbps", "ext": "m4a", "url": stream_url},
+            {"type": "video_with_audio", "label": "360p", "ext": "mp4", "url": stream_url},
+        ]}})  # fmt: skip
+
+    app = web.Application()
+    app.router.add_get("/api/media/youtube/download", download)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        svc = await make_service(
+            resolver={"base_url": f"http://127.0.0.1:{port}"},
+            security={"allow_private_sources": True},
+        )
+        async with await svc.create(
+            {"video_id": "dQw4w9WgXcQ", "clips": [{"start": 1, "end": 2}]}
+        ) as r:
+            job_id = (await r.json())["job_id"]
+        doc = await svc.wait(job_id)
+    finally:
+        await runner.cleanup()
+    assert answers, "the resolver was asked"
+    assert doc["status"] == "failed"
+    assert doc["error"]["code"] == "source_forbidden", doc["error"]
+    assert "non-HTTP" in doc["error"]["message"]
+    assert media_server.requests == []
+    clips = svc.settings.clips_dir
+    assert not clips.exists() or list(clips.iterdir()) == []

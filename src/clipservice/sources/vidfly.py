@@ -81,8 +81,11 @@ def parse_items(payload: Any) -> tuple[list[StreamItem], dict[str, Any]]:
             continue
         url = _first(raw, "url", "link", "download_url")
         kind = _norm_kind(_first(raw, "type", "kind", "media_type"), raw)
-        if not isinstance(url, str) or not url.startswith(("http://", "https://")) or not kind:
+        if not isinstance(url, str) or not url.strip() or not kind:
             continue
+        # Non-HTTP URLs (file:, ftp:, data:, javascript:…) are kept, marked,
+        # and never chosen: a resolver that offers nothing else is refused
+        # as a policy matter (source_forbidden), not as a broken answer.
         label = str(_first(raw, "label", "quality", "format_note") or "")
         height = _to_int(_first(raw, "height"))
         if height is None and (m := _HEIGHT_RE.search(label)):
@@ -97,6 +100,11 @@ def parse_items(payload: Any) -> tuple[list[StreamItem], dict[str, Any]]:
     return items, data
 
 
+def _is_http(url: str) -> bool:
+    head = url.strip()[:8].lower()
+    return head.startswith(("http://", "https://"))
+
+
 def choose_streams(items: list[StreamItem], max_height: int) -> tuple[str, str | None]:
     """Best video_only at or below max_height (MP4 first) + best audio (m4a first),
     else the best video_with_audio stream."""
@@ -109,9 +117,18 @@ def choose_streams(items: list[StreamItem], max_height: int) -> tuple[str, str |
     def audio_key(i: StreamItem) -> tuple[int, float, int]:
         return (int(i.ext in ("m4a", "mp4", "aac")), i.bitrate_k or 0.0, i.filesize or 0)
 
-    videos = [i for i in items if i.kind == "video_only"]
-    audios = [i for i in items if i.kind == "audio"]
-    muxed = [i for i in items if i.kind == "video_with_audio"]
+    fetchable = [i for i in items if _is_http(i.url)]
+    videos = [i for i in fetchable if i.kind == "video_only"]
+    audios = [i for i in fetchable if i.kind == "audio"]
+    muxed = [i for i in fetchable if i.kind == "video_with_audio"]
+    refused = [i for i in items if not _is_http(i.url) and i.kind != "audio"]
+    if not videos and not muxed and refused:
+        scheme = refused[0].url.split(":", 1)[0][:16].lower() or "?"
+        raise SourceError(
+            "source_forbidden",
+            f"the resolver answered only non-HTTP stream URLs ({scheme}:…); only http(s) "
+            "URLs are fetched",
+        )
     if videos and audios:
         return max(videos, key=video_key).url, max(audios, key=audio_key).url
     if muxed:
