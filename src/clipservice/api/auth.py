@@ -3,9 +3,9 @@
 A key comes as ``Authorization: Bearer <key>`` or ``X-API-Key: <key>`` and is
 compared in constant time against every configured key (no early exit, so
 timing tells nothing about which key or how much of it matched). Health,
-readiness, metrics and the web page stay open. Keys are never logged: the
-request carries only a short hash of the key (``client_id``) for rate limits
-and logs.
+readiness, metrics and the web page stay open. Keys are never logged nor
+stored: the request carries only a short hash of the key (``client_id``),
+which the rate limiter counts by.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def key_matches(presented: str, keys: tuple[str, ...]) -> bool:
 
 
 def key_id(key: str) -> str:
-    """A short, non-reversible name for a key (for rate limits and logs)."""
+    """A short, non-reversible name for a key (what the rate limiter counts by)."""
     return "key:" + hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:12]
 
 

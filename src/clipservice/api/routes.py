@@ -11,9 +11,7 @@ import aiofiles.os
 from aiohttp import web
 
 from clipservice.api.appkeys import RUNNER, SETTINGS, STORE
-from clipservice.api.auth import client_id
 from clipservice.api.ops import refuse_if_draining
-from clipservice.api.problems import PROBLEM_CONTENT_TYPE
 from clipservice.api.schemas import CreateClipsRequest, JobCreated
 from clipservice.errors import ProblemError
 from clipservice.jobs.models import ClipSpec, Job, JobSource, JobStatus, new_job_id
@@ -119,7 +117,6 @@ async def create_clips(request: web.Request) -> web.Response:
         callback_url=body.callback_url,
         idempotency_key=idem_key,
         request_hash=req_hash,
-        client_id=client_id(request),
     )
     await store.save(job)
     await request.app[RUNNER].submit(job)
@@ -177,6 +174,3 @@ async def get_clip(request: web.Request) -> web.StreamResponse:
 @routes.get("/healthz")
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
-
-
-__all__ = ["MAX_BODY_BYTES", "PROBLEM_CONTENT_TYPE", "routes"]
