@@ -26,6 +26,31 @@ MEDIA_SECONDS = 30
 GOP_FRAMES = 60  # 2 s at 30 fps
 
 
+PROBLEM_CONTENT_TYPE = "application/problem+json"
+
+
+async def assert_problem(resp: aiohttp.ClientResponse, status: int | None = None) -> dict[str, Any]:
+    """Check ``resp`` is RFC 9457 problem JSON and return its body.
+
+    With ``status`` the answer must have exactly that status, else any 4xx
+    (never a 5xx: hostile input is the client's fault). The body's ``status``
+    matches the response's, ``type``, ``title`` and ``detail`` are strings
+    (the title not empty), and no traceback leaks.
+    """
+    text = await resp.text()
+    if status is None:
+        assert 400 <= resp.status < 500, (resp.status, text)
+    else:
+        assert resp.status == status, (resp.status, text)
+    assert resp.headers.get("Content-Type", "").startswith(PROBLEM_CONTENT_TYPE), text
+    body: dict[str, Any] = json.loads(text)
+    assert body["status"] == resp.status, body
+    assert isinstance(body["title"], str) and body["title"], body
+    assert isinstance(body["type"], str) and isinstance(body["detail"], str), body
+    assert "Traceback" not in text, text
+    return body
+
+
 def _ffmpeg(*args: str) -> None:
     subprocess.run(
         [bundled_ffmpeg(), "-hide_banner", "-loglevel", "error", "-y", *args],

@@ -6,36 +6,23 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Service, ServiceFactory
-
-PROBLEM = "application/problem+json"
-
-
-async def _problem(resp: Any, status: int) -> dict[str, Any]:
-    assert resp.status == status, await resp.text()
-    assert resp.headers["Content-Type"].startswith(PROBLEM)
-    body: dict[str, Any] = await resp.json(content_type=None)
-    assert body["status"] == status
-    assert isinstance(body["title"], str) and body["title"]
-    assert "type" in body and "detail" in body
-    assert "Traceback" not in str(body)
-    return body
+from tests.conftest import Service, ServiceFactory, assert_problem
 
 
 async def test_framework_errors_are_problems(service: Service) -> None:
     """Unknown route (404), wrong method (405) and a too-large body (413) are problem JSON."""
     base = service.base_url
     async with service.http.get(f"{base}/nope") as r:
-        await _problem(r, 404)
+        await assert_problem(r, 404)
     async with service.http.put(f"{base}/api/create-clips") as r:
-        body = await _problem(r, 405)
+        body = await assert_problem(r, 405)
         assert "POST" in r.headers.get("Allow", "")
         assert body["title"]
     big = b'{"video_id": "' + b"a" * 70_000 + b'"}'
     async with service.http.post(
         f"{base}/api/create-clips", data=big, headers={"Content-Type": "application/json"}
     ) as r:
-        await _problem(r, 413)
+        await assert_problem(r, 413)
 
 
 async def test_job_and_clip_not_found(service: Service) -> None:
@@ -50,16 +37,16 @@ async def test_job_and_clip_not_found(service: Service) -> None:
         "/api/clips/%2e%2e%2f%2e%2e%2fetc%2fpasswd",
     ):
         async with service.http.get(base + path) as r:
-            await _problem(r, 404)
+            await assert_problem(r, 404)
     async with service.http.delete(f"{base}/api/jobs/0123456789abcdef0123456789abcdef") as r:
-        await _problem(r, 404)
+        await assert_problem(r, 404)
 
 
 async def test_content_type_and_malformed_json(service: Service) -> None:
     """Wrong Content-Type is 415; broken JSON, NaN and duplicate keys are 400."""
     url = f"{service.base_url}/api/create-clips"
     async with service.http.post(url, data="x=1", headers={"Content-Type": "text/plain"}) as r:
-        await _problem(r, 415)
+        await assert_problem(r, 415)
     for raw in (
         b"{not json",
         b'{"video_id": "a", "clips": [{"start": NaN, "end": 2}]}',
@@ -71,7 +58,7 @@ async def test_content_type_and_malformed_json(service: Service) -> None:
         async with service.http.post(
             url, data=raw, headers={"Content-Type": "application/json"}
         ) as r:
-            await _problem(r, 400)
+            await assert_problem(r, 400)
 
 
 @pytest.mark.parametrize(
@@ -117,7 +104,7 @@ async def test_invalid_bodies_list_every_problem(
 ) -> None:
     """Bodies that fail validation get 422 with every problem's location listed."""
     resp = await service.create(body)
-    problem = await _problem(resp, 422)
+    problem = await assert_problem(resp, 422)
     got = [e["loc"] for e in problem["errors"]]
     for loc in locs:
         assert loc in got, (loc, got)
@@ -146,4 +133,4 @@ async def test_direct_resolver_refuses_video_id(make_service: ServiceFactory) ->
     """With resolver.kind = direct, a video_id request is a 422, not a failed job."""
     service = await make_service(resolver={"kind": "direct"})
     resp = await service.create({"video_id": "abc", "clips": [{"start": 1, "end": 2}]})
-    await _problem(resp, 422)
+    await assert_problem(resp, 422)

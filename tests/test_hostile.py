@@ -12,9 +12,14 @@ import pytest
 from yarl import URL
 
 from clipservice.api import routes as api_routes
-from tests.conftest import MediaServer, Service, ServiceFactory
+from tests.conftest import (
+    PROBLEM_CONTENT_TYPE,
+    MediaServer,
+    Service,
+    ServiceFactory,
+    assert_problem,
+)
 
-PROBLEM = "application/problem+json"
 SECRET = "TOP-SECRET-MARKER-7f3a"
 JOB = "0123456789abcdef0123456789abcdef"
 
@@ -87,14 +92,9 @@ BAD_BODIES: list[tuple[bytes, int]] = [
 
 
 async def _problem(resp: Any, status: int | None = None) -> dict[str, Any]:
-    text = await resp.text()
-    assert 400 <= resp.status < 500, (resp.status, text)
-    if status is not None:
-        assert resp.status == status, (resp.status, text)
-    assert resp.headers["Content-Type"].startswith(PROBLEM), text
-    body: dict[str, Any] = json.loads(text)
-    assert body["status"] == resp.status and body["title"]
-    assert "Traceback" not in text and SECRET not in text
+    """A 4xx problem JSON (``status`` when given) that shows none of the planted secret."""
+    body = await assert_problem(resp, status)
+    assert SECRET not in json.dumps(body), body
     return body
 
 
@@ -218,7 +218,7 @@ async def test_slow_loris_body(
     for reader, writer in conns:
         head = await asyncio.wait_for(reader.read(4096), 30)
         assert head.startswith(b"HTTP/1.1 408"), head
-        assert PROBLEM.encode() in head
+        assert PROBLEM_CONTENT_TYPE.encode() in head
         writer.close()
         await writer.wait_closed()
     await _still_healthy(service, media_server)

@@ -10,9 +10,8 @@ import pytest
 
 from clipservice.api.auth import key_matches
 from clipservice.api.ratelimit import RateLimiter
-from tests.conftest import ServiceFactory
+from tests.conftest import ServiceFactory, assert_problem
 
-PROBLEM = "application/problem+json"
 # A job that fails at once (the fake resolver answers 500): nothing heavy runs.
 CHEAP_JOB: dict[str, Any] = {"video_id": "error500", "clips": [{"start": 1, "end": 2}]}
 KEYS = ("s3cret-key-one-0123456789", "s3cret-key-two-9876543210")
@@ -26,14 +25,6 @@ async def _ended(svc: Any, job_id: str, headers: dict[str, str] | None = None) -
                 if (await r.json())["status"] in ("finished", "failed", "cancelled"):
                     return
             await asyncio.sleep(0.02)
-
-
-async def _problem(resp: Any, status: int) -> dict[str, Any]:
-    assert resp.status == status, await resp.text()
-    assert resp.headers["Content-Type"].startswith(PROBLEM)
-    body: dict[str, Any] = await resp.json(content_type=None)
-    assert body["status"] == status and body["title"]
-    return body
 
 
 async def test_api_keys_required_on_every_api_route(make_service: ServiceFactory) -> None:
@@ -63,7 +54,7 @@ async def test_api_keys_required_on_every_api_route(make_service: ServiceFactory
     for method, path in calls:
         for headers in bad_headers:
             async with svc.http.request(method, base + path, headers=headers, json=CHEAP_JOB) as r:
-                await _problem(r, 401)
+                await assert_problem(r, 401)
                 assert r.headers["WWW-Authenticate"].startswith("Bearer")
 
 
@@ -130,7 +121,7 @@ async def test_create_rate_limit(make_service: ServiceFactory) -> None:
             assert r.status == 202
             await _ended(svc, (await r.json())["job_id"], one)
     async with await svc.create(CHEAP_JOB, headers=one) as r:
-        await _problem(r, 429)
+        await assert_problem(r, 429)
         assert int(r.headers["Retry-After"]) >= 1
     async with await svc.create(CHEAP_JOB, headers={"X-API-Key": KEYS[1]}) as r:
         assert r.status == 202
@@ -147,7 +138,7 @@ async def test_create_rate_limit_by_address(make_service: ServiceFactory) -> Non
         assert r.status == 202
         await _ended(svc, (await r.json())["job_id"])
     async with await svc.create(CHEAP_JOB) as r:
-        await _problem(r, 429)
+        await assert_problem(r, 429)
     free = await make_service(security={"create_rate_per_min": 0})
     for _ in range(5):
         async with await free.create(CHEAP_JOB) as r:
@@ -183,7 +174,7 @@ async def test_job_limits(
     """Clips per job, clip duration and total requested seconds per job are enforced with 422."""
     svc = await make_service(jobs=jobs)
     async with await svc.create({"video_id": "error500", "clips": clips}) as r:
-        body = await _problem(r, 422)
+        body = await assert_problem(r, 422)
         assert body["errors"]
     ok = clips[:1] if "max_clips_per_job" in jobs else [{"start": 0, "end": 1}]
     async with await svc.create({"video_id": "error500", "clips": ok}) as r:
