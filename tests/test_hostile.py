@@ -12,6 +12,7 @@ import pytest
 from yarl import URL
 
 from clipservice.api import routes as api_routes
+from clipservice.api.appkeys import SETTINGS
 from tests.conftest import (
     PROBLEM_CONTENT_TYPE,
     MediaServer,
@@ -224,14 +225,58 @@ async def test_slow_loris_body(
     await _still_healthy(service, media_server)
 
 
-async def test_hostile_headers(service: Service) -> None:
-    """Malformed Idempotency-Key and absurd Range headers get 4xx, never 5xx."""
+async def test_hostile_idempotency_keys(service: Service) -> None:
+    """An empty or 300-character Idempotency-Key gets 400 problem JSON, never a job or a 5xx."""
     url = f"{service.base_url}/api/create-clips"
     body = {"video_id": "error500", "clips": [{"start": 1, "end": 2}]}
     for key in ("", "k" * 300):
         async with service.http.post(url, json=body, headers={"Idempotency-Key": key}) as r:
             await _problem(r, 400)
-    async with service.http.get(
-        f"{service.base_url}/api/clips/abc-1-2-fast.mp4", headers={"Range": "bytes=999999999-1"}
+
+
+async def test_range_requests_on_a_clip(service: Service, media_server: MediaServer) -> None:
+    """GET /api/clips/{file} answers a Range with 206, its Content-Range and exactly those bytes; an unsatisfiable or absurd Range gets 416 problem JSON."""
+    async with await service.create(
+        {
+            "video_url": media_server.url("muxed.mp4"),
+            "clips": [{"start": 1, "end": 2, "mode": "fast"}],
+        }
     ) as r:
-        await _problem(r, 404)
+        assert r.status == 202, await r.text()
+        job_id = (await r.json())["job_id"]
+    doc = await service.wait(job_id)
+    assert doc["status"] == "finished", doc
+    url = service.base_url + doc["results"][0]["url"]
+    path = service.app[SETTINGS].clips_dir / doc["results"][0]["file"]
+    data = await asyncio.to_thread(path.read_bytes)
+    size = len(data)
+    assert size > 1000, size
+
+    async with service.http.get(url) as r:
+        assert r.status == 200
+        assert r.headers["Accept-Ranges"] == "bytes" and r.headers["ETag"]
+        assert await r.read() == data
+    satisfiable = [
+        ("bytes=10-19", 10, 19),
+        ("bytes=0-0", 0, 0),
+        ("bytes=-7", size - 7, size - 1),  # the last 7 bytes
+        (f"bytes={size - 5}-", size - 5, size - 1),
+        (f"bytes=100-{size + 1000}", 100, size - 1),  # an end past the file is clamped
+    ]
+    for header, first, last in satisfiable:
+        async with service.http.get(url, headers={"Range": header}) as r:
+            assert r.status == 206, (header, r.status)
+            assert r.headers["Content-Type"] == "video/mp4"
+            assert r.headers["Content-Range"] == f"bytes {first}-{last}/{size}", header
+            assert await r.read() == data[first : last + 1], header
+    for header in (f"bytes={size}-", f"bytes={size + 10}-{size + 20}", "bytes=999999999-1",
+                   "bytes=20-10", "bytes=abc"):  # fmt: skip
+        async with service.http.get(url, headers={"Range": header}) as r:
+            problem = await _problem(r, 416)
+            assert r.headers["Content-Range"] == f"bytes */{size}", header
+            assert str(size) in problem["detail"]
+    # A stale If-Range means "send the whole file", even with a Range past its end.
+    stale = {"Range": f"bytes={size}-", "If-Range": "Thu, 01 Jan 1970 00:00:00 GMT"}
+    async with service.http.get(url, headers=stale) as r:
+        assert r.status == 200
+        assert await r.read() == data

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
+import stat
 from typing import Any
 
 import aiofiles.os
@@ -166,9 +168,47 @@ async def get_clip(request: web.Request) -> web.StreamResponse:
         raise ProblemError(404, "Clip not found", "no such clip")
     clips_dir = request.app[SETTINGS].clips_dir
     path = clips_dir / name
-    if not await aiofiles.os.path.isfile(path):
+    try:
+        st = await aiofiles.os.stat(path)
+    except OSError:
+        st = None
+    if st is None or not stat.S_ISREG(st.st_mode):
         raise ProblemError(404, "Clip not found", "no such clip (it may have expired)")
+    if _range_unsatisfiable(request, st):
+        raise ProblemError(
+            416,
+            "Range Not Satisfiable",
+            f"the clip has {st.st_size} bytes; ask for a single range within them",
+            headers={"Content-Range": f"bytes */{st.st_size}"},
+        )
+    # A clip at its final name never changes (outputs are renamed into place when
+    # complete), so the size checked above is the size FileResponse serves.
     return web.FileResponse(path, headers={"Content-Type": "video/mp4"})
+
+
+def _range_unsatisfiable(request: web.Request, st: os.stat_result) -> bool:
+    """Whether ``FileResponse`` would answer 416, decided first so the 416 is problem JSON.
+
+    It mirrors aiohttp's own rules: a stale ``If-Range`` means the whole file
+    (200), a Range header aiohttp cannot parse (malformed, several ranges, start
+    after end) or one starting at or past the end is unsatisfiable, a suffix
+    range (``bytes=-N``) never is.
+    """
+    if "Range" not in request.headers:
+        return False
+    if_range = request.if_range
+    if if_range is not None and st.st_mtime > if_range.timestamp():
+        return False
+    try:
+        rng = request.http_range
+    except ValueError:
+        return True
+    start: int | None = rng.start
+    if start is None:
+        return False
+    if start < 0 and rng.stop is None:
+        return st.st_size == 0
+    return start >= st.st_size
 
 
 @routes.get("/healthz")
