@@ -14,9 +14,11 @@ from typing import Annotated, Any
 from pydantic import (
     AnyUrl,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationInfo,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -30,36 +32,62 @@ VIDEO_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 MAX_URL_LENGTH = 4096
 
 
+# The largest time accepted (seconds): far past any video, and small enough
+# that every arithmetic on it (sums of clips, float rounding, FFmpeg's
+# timestamps in microseconds) stays exact and finite.
+MAX_TIME_S = 10_000_000
+
+
 def parse_time(value: Any) -> float:
-    """Seconds (a number ≥ 0) or ``[HH:]MM:SS[.fff]`` → seconds."""
+    """Seconds (a number ≥ 0) or ``[HH:]MM:SS[.fff]`` → seconds, rounded to the microsecond.
+
+    Every input outside 0 ≤ t ≤ ``MAX_TIME_S`` is a ValueError (a 422 to the
+    client), whatever its type or size: an integer of a thousand digits is
+    refused before it is ever converted to a float (which would overflow),
+    non-finite floats (JSON ``1e400`` reads as infinity) are refused, and
+    ``-0`` is 0.
+    """
     if isinstance(value, bool):
         raise ValueError("expected seconds or [HH:]MM:SS[.fff], not a boolean")
-    if isinstance(value, int | float):
-        seconds = float(value)
+    if isinstance(value, int):
+        if not 0 <= value <= MAX_TIME_S:
+            raise ValueError(f"time must be between 0 and {MAX_TIME_S} seconds")
+        return float(value)
+    if isinstance(value, float):
+        seconds = value
     elif isinstance(value, str):
         text = value.strip()
-        if _SECONDS_RE.match(text):
+        if _SECONDS_RE.fullmatch(text):
             seconds = float(text)
-        elif m := _TIMESTAMP_RE.match(text):
+        elif m := _TIMESTAMP_RE.fullmatch(text):
             hours = int(m.group(1) or 0)
             minutes = int(m.group(2) or m.group(3))
             secs = int(m.group(4))
             frac = float("0." + m.group(5)) if m.group(5) else 0.0
             seconds = hours * 3600 + minutes * 60 + secs + frac
         else:
-            raise ValueError(f"{value!r} is not seconds or [HH:]MM:SS[.fff]")
+            raise ValueError(f"{value[:40]!r} is not seconds or [HH:]MM:SS[.fff]")
     else:
         raise ValueError("expected seconds or [HH:]MM:SS[.fff]")
-    if not math.isfinite(seconds) or seconds < 0 or seconds > 1e7:
-        raise ValueError("time must be a finite number of seconds between 0 and 10^7")
-    return round(seconds, 6)
+    if not math.isfinite(seconds) or not 0 <= seconds <= MAX_TIME_S:
+        raise ValueError(f"time must be a finite number of seconds between 0 and {MAX_TIME_S}")
+    return round(seconds, 6) + 0.0  # (+ 0.0 turns -0.0 into 0.0)
 
 
+# A time in a request: a number or a timestamp string, parsed into seconds at
+# validation, so every model and every caller after it sees a float.
 TimeValue = Annotated[
-    float | str,
-    Field(
-        description="Seconds (number ≥ 0) or a timestamp [HH:]MM:SS[.fff].",
-        examples=[10, "00:01:05.5"],
+    float,
+    BeforeValidator(parse_time),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "number", "minimum": 0, "maximum": MAX_TIME_S},
+                {"type": "string", "pattern": f"{_SECONDS_RE.pattern}|{_TIMESTAMP_RE.pattern}"},
+            ],
+            "description": "Seconds (number ≥ 0) or a timestamp [HH:]MM:SS[.fff].",
+            "examples": [10, "00:01:05.5"],
+        }
     ),
 ]
 
@@ -97,14 +125,9 @@ class ClipRequest(BaseModel):
     end: TimeValue
     mode: CutMode | None = Field(None, description="fast | accurate | reencode.")
 
-    @field_validator("start", "end", mode="before")
-    @classmethod
-    def _time(cls, value: Any) -> float:
-        return parse_time(value)
-
     @model_validator(mode="after")
     def _range(self, info: ValidationInfo) -> ClipRequest:
-        start, end = float(self.start), float(self.end)
+        start, end = self.start, self.end
         if start >= end:
             raise ValueError("start must be before end")
         settings = _settings(info)
@@ -174,7 +197,7 @@ class CreateClipsRequest(BaseModel):
         if self.audio_url and not self.video_url:
             raise ValueError("audio_url goes with video_url")
         settings = _settings(info)
-        total_s = sum(float(c.end) - float(c.start) for c in self.clips)
+        total_s = sum(c.end - c.start for c in self.clips)
         if settings and total_s > settings.jobs.max_job_duration_s:
             raise ValueError(
                 f"the clips last {total_s:g}s together, over max_job_duration_s="
