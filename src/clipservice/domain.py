@@ -6,6 +6,7 @@ the cut engine all speak these types, and it imports none of them.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Literal
 
@@ -46,3 +47,51 @@ class StreamUrls:
 
     video_url: str
     audio_url: str | None = None
+
+
+# -- output options: what a clip is made into ---------------------------------------
+
+Aspect = Literal["source", "9:16", "1:1", "4:5", "16:9"]
+Fit = Literal["crop", "pad", "blur"]
+OutputFormat = Literal["mp4", "m4a", "mp3", "gif", "webp", "jpg", "png"]
+CaptionMode = Literal["soft", "burn"]
+
+
+class Captions(_Model):
+    """Subtitles to cut to the clip: WebVTT or SRT text, or a URL to fetch it from."""
+
+    text: str | None = None
+    url: str | None = None
+    mode: CaptionMode = "soft"
+
+
+class OutputOptions(_Model):
+    """What one clip is made into: its shape, its format, its captions.
+
+    The defaults are the plain clip (an MP4 of the source frame). Options that
+    need no re-encode keep the fast paths (audio copied into an m4a, a
+    thumbnail from one decoded frame); the others re-encode once.
+    """
+
+    aspect: Aspect = "source"
+    fit: Fit = "crop"
+    crop_x: float = Field(0.5, ge=0, le=1, description="Horizontal crop position, 0 = left.")
+    max_height: int | None = Field(None, description="Output height at most this (even).")
+    format: OutputFormat = "mp4"
+    fps: float | None = Field(None, description="Frame rate of a GIF or animated WebP.")
+    width: int | None = Field(None, description="Width of a GIF or animated WebP.")
+    thumbnail_at: float | None = Field(
+        None, description="Source time of a jpg/png thumbnail (default: the clip's start)."
+    )
+    captions: Captions | None = None
+
+    @property
+    def is_default(self) -> bool:
+        return self == OutputOptions()
+
+    def key(self) -> str:
+        """A short, stable digest of every option that changes the output (file reuse)."""
+        if self.is_default:
+            return ""
+        blob = self.model_dump_json(exclude_defaults=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
