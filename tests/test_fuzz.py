@@ -140,6 +140,7 @@ def _hypothesis_settings(max_examples: int, **kw: Any) -> hypothesis.settings:
     )
 
 
+@pytest.mark.slow  # schemathesis: over 1,000 requests
 def test_fuzz_openapi(live: LiveService) -> None:
     """Over 1,000 generated requests (valid and invalid, every route, plus stateful link chains) get no 5xx and match the document."""
     schema = schemathesis.openapi.from_url(f"{live.base_url}/api/openapi.json")

@@ -54,6 +54,7 @@ async def _new_page(browser: Any) -> Any:
     return page
 
 
+@pytest.mark.slow  # headless Chromium
 async def test_page_cuts_plays_and_downloads(service: Service, browser: Any) -> None:
     """Typed and timeline-picked ranges are cut, followed live over SSE, played and downloadable."""
     page = await _new_page(browser)
@@ -118,6 +119,7 @@ async def test_page_cuts_plays_and_downloads(service: Service, browser: Any) -> 
     assert page.errors == []
 
 
+@pytest.mark.slow  # headless Chromium
 async def test_page_falls_back_to_polling(
     service: Service, media_server: MediaServer, browser: Any
 ) -> None:
@@ -139,6 +141,7 @@ async def test_page_falls_back_to_polling(
     assert page.errors == []
 
 
+@pytest.mark.slow  # headless Chromium
 async def test_page_shows_problems(service: Service, browser: Any) -> None:
     """Bad input is flagged in the page; the service's 422 problem is shown with its errors."""
     page = await _new_page(browser)
@@ -179,6 +182,7 @@ async def test_static_assets_and_unknown_files(service: Service) -> None:
             assert resp.content_type == "application/problem+json"
 
 
+@pytest.mark.slow  # headless Chromium
 async def test_page_with_api_key(make_service: ServiceFactory, browser: Any) -> None:
     """With API keys: no key shows the 401; with one, SSE via fetch, clips play and download."""
     svc = await make_service(security={"api_keys": ("k-test",)})
@@ -277,6 +281,7 @@ async def test_page_with_api_key(make_service: ServiceFactory, browser: Any) -> 
     assert page.errors == []
 
 
+@pytest.mark.slow  # headless Chromium
 async def test_page_with_key_falls_back_to_polling(
     make_service: ServiceFactory, media_server: MediaServer, browser: Any
 ) -> None:
@@ -301,6 +306,7 @@ async def test_page_with_key_falls_back_to_polling(
     assert page.errors == []
 
 
+@pytest.mark.slow  # headless Chromium
 async def test_page_event_stream_parser(service: Service, browser: Any) -> None:
     """The page's text/event-stream parser handles split chunks, CRLF, comments and data lines."""
     page = await _new_page(browser)
@@ -321,6 +327,7 @@ async def test_page_event_stream_parser(service: Service, browser: Any) -> None:
     ]
 
 
+@pytest.mark.slow  # headless Chromium
 async def test_smart_cut_and_fast_clips_play_through_in_chromium(
     service: Service, browser: Any, media_server: MediaServer
 ) -> None:
