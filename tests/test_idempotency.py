@@ -6,7 +6,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from clipservice.api.keys import STORE
+from clipservice.api.appkeys import STORE
 from tests.conftest import Service, ServiceFactory
 
 BODY: dict[str, Any] = {"video_id": "idem1", "clips": [{"start": 1, "end": 2, "mode": "fast"}]}

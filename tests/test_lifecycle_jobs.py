@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from clipservice.api.keys import RUNNER
+from clipservice.api.appkeys import RUNNER
 from clipservice.jobs.models import (
     ClipResult,
     ClipSpec,

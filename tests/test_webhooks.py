@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from clipservice.api.keys import WEBHOOKS
+from clipservice.api.appkeys import WEBHOOKS
 from clipservice.jobs.webhooks import SIGNATURE_HEADER, sign, verify
 from tests.conftest import Service, ServiceFactory, _start_site
 

@@ -13,11 +13,8 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from clipservice.api import events as sse
-from clipservice.api import middleware, ops
-from clipservice.api import web as web_page
-from clipservice.api.auth import auth_middleware
-from clipservice.api.keys import (
+from clipservice.api import middleware, ops, page, sse
+from clipservice.api.appkeys import (
     EVENTS,
     GUARD,
     HTTP,
@@ -28,6 +25,7 @@ from clipservice.api.keys import (
     STORE,
     WEBHOOKS,
 )
+from clipservice.api.auth import auth_middleware
 from clipservice.api.openapi import setup_openapi
 from clipservice.api.problems import problem_middleware
 from clipservice.api.ratelimit import ratelimit_middleware, setup_ratelimit
@@ -159,7 +157,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_distributed_jobs if settings.queue.url else _jobs)
     app.add_routes(routes)
     app.add_routes(sse.routes)
-    app.add_routes(web_page.routes)
+    app.add_routes(page.routes)
     app.on_shutdown.append(_close_event_streams)
     setup_openapi(app)
     return app

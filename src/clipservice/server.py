@@ -25,7 +25,7 @@ import sys
 import structlog
 from aiohttp import web
 
-from clipservice.api.keys import READINESS, RUNNER
+from clipservice.api.appkeys import READINESS, RUNNER
 from clipservice.app import create_app
 from clipservice.config import Settings
 
