@@ -40,9 +40,8 @@ from clipservice.jobs.store import FileJobStore
 from clipservice.jobs.webhooks import WebhookSender
 from clipservice.media.cutter import Cutter
 from clipservice.metrics import Metrics
-from clipservice.sources.base import DirectResolver, Resolver
-from clipservice.sources.guard import GuardedResolver, UrlGuard
-from clipservice.sources.vidfly import VidflyResolver
+from clipservice.sources.factory import make_resolver
+from clipservice.sources.guard import UrlGuard
 from clipservice.storage import SharedFolderStorage
 
 
@@ -74,17 +73,7 @@ async def _jobs(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     store = FileJobStore(settings.jobs_dir)
     await store.open()
-    resolver: Resolver
-    if settings.resolver.kind == "direct":
-        resolver = DirectResolver()
-    else:
-        resolver = VidflyResolver(
-            app[HTTP],
-            settings.resolver.base_url,
-            settings.resolver.timeout_s,
-            settings.resolver.max_height,
-        )
-    resolver = GuardedResolver(resolver, app[GUARD])
+    resolver = make_resolver(settings, app[HTTP], app[GUARD])
     events = LocalJobEvents()
     runner = LocalRunner(
         settings, store, resolver, Cutter(settings.cut.ffmpeg_path), events, app[METRICS]

@@ -58,9 +58,9 @@ from clipservice.media.cutter import Cutter, warm_join_processes
 from clipservice.media.probe import SourceInfo, probe_source
 from clipservice.media.source import SourceIndex
 from clipservice.metrics import Metrics
-from clipservice.sources.base import DirectResolver, Resolver
-from clipservice.sources.guard import GuardedResolver, UrlGuard
-from clipservice.sources.vidfly import VidflyResolver
+from clipservice.sources.base import Resolver
+from clipservice.sources.factory import make_resolver
+from clipservice.sources.guard import UrlGuard
 from clipservice.storage import SharedFolderStorage
 
 log = structlog.get_logger(__name__)
@@ -132,21 +132,6 @@ def _safe_url(url: str) -> str:
 
 def make_queue(url: str, name: str) -> Queue:
     return FreshSweepQueue.from_url(url, name=name)
-
-
-def make_resolver(settings: Settings, http: aiohttp.ClientSession, guard: UrlGuard) -> Resolver:
-    """The resolver the API node would use, behind the same URL guard (workers fetch)."""
-    inner: Resolver
-    if settings.resolver.kind == "direct":
-        inner = DirectResolver()
-    else:
-        inner = VidflyResolver(
-            http,
-            settings.resolver.base_url,
-            settings.resolver.timeout_s,
-            settings.resolver.max_height,
-        )
-    return GuardedResolver(inner, guard)
 
 
 def clip_task_key(job_id: str, index: int) -> str:
