@@ -20,6 +20,7 @@ import math
 import os
 import queue
 import re
+import socket
 import ssl
 import threading
 import time
@@ -78,6 +79,46 @@ class FetchStats:
             self.bytes += size
 
 
+class _PinnedHTTP(http.client.HTTPConnection):
+    """An HTTP connection to a given address (the host name only in headers)."""
+
+    def __init__(self, host: str, port: int, *, timeout: float, address: str | None) -> None:
+        super().__init__(host, port, timeout=timeout)
+        self._address = address
+
+    def connect(self) -> None:
+        if self._address is None:
+            super().connect()
+            return
+        self.sock = socket.create_connection((self._address, self.port), self.timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class _PinnedHTTPS(http.client.HTTPSConnection):
+    """An HTTPS connection to a given address, its certificate checked against
+    the host name (SNI too)."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        timeout: float,
+        context: ssl.SSLContext,
+        address: str | None,
+    ) -> None:
+        super().__init__(host, port, timeout=timeout, context=context)
+        self._address = address
+        self._tls = context
+
+    def connect(self) -> None:
+        if self._address is None:
+            super().connect()
+            return
+        raw = socket.create_connection((self._address, self.port), self.timeout)
+        self.sock = self._tls.wrap_socket(raw, server_hostname=self.host)
+
+
 class RangeFetcher:
     """Blocking Range reads of one URL over kept-alive connections (thread-safe).
 
@@ -86,7 +127,9 @@ class RangeFetcher:
     every hop, and hands over the final URL.
     """
 
-    def __init__(self, url: str, *, timeout_s: float = READ_TIMEOUT_S) -> None:
+    def __init__(
+        self, url: str, *, timeout_s: float = READ_TIMEOUT_S, connect_to: str | None = None
+    ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise FetchError(f"not an http(s) URL: {url[:200]}")
@@ -97,6 +140,10 @@ class RangeFetcher:
         self._target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         self._host_header = parts.netloc.rpartition("@")[2]
         self.timeout_s = timeout_s
+        # The address to connect to, checked by the URL guard when it was
+        # resolved: connections never resolve the host again (DNS rebinding).
+        # TLS still checks the certificate against the host name.
+        self.connect_to = connect_to
         self.size_bytes: int | None = None
         self.stats = FetchStats()
         self._idle: list[http.client.HTTPConnection] = []
@@ -107,10 +154,14 @@ class RangeFetcher:
 
     def _connect(self) -> http.client.HTTPConnection:
         if self._https:
-            return http.client.HTTPSConnection(
-                self._host, self._port, timeout=self.timeout_s, context=_tls_context()
+            return _PinnedHTTPS(
+                self._host,
+                self._port,
+                timeout=self.timeout_s,
+                context=_tls_context(),
+                address=self.connect_to,
             )
-        return http.client.HTTPConnection(self._host, self._port, timeout=self.timeout_s)
+        return _PinnedHTTP(self._host, self._port, timeout=self.timeout_s, address=self.connect_to)
 
     def _take(self) -> tuple[http.client.HTTPConnection, bool]:
         with self._lock:

@@ -84,6 +84,9 @@ class StreamInput:
     # Track ticks at user time 0 (the video's first frame): a user time t is
     # at pts ``round(t * timescale) + origin_ticks``.
     origin_ticks: int
+    # The address the URL guard approved for the URL's host: connections go
+    # there, never to a fresh resolution of the name (DNS rebinding).
+    connect_to: str | None = None
 
 
 @dataclass(frozen=True)
@@ -360,9 +363,9 @@ def run_cut(req: CutRequest) -> CutResult:
     prefetches: list[Prefetch] = []
 
     def fetch(
-        url: str, spans: list[tuple[int, int]], priority: tuple[int, ...], n: int
+        stream: StreamInput, spans: list[tuple[int, int]], priority: tuple[int, ...], n: int
     ) -> Prefetch:
-        fetcher = RangeFetcher(url)
+        fetcher = RangeFetcher(stream.url, connect_to=stream.connect_to)
         fetchers.append(fetcher)
         prefetch = Prefetch(
             fetcher,
@@ -383,13 +386,13 @@ def run_cut(req: CutRequest) -> CutResult:
             # One file holds both (a muxed source): one fetch of both windows'
             # bytes, so the audio interleaved with the video is read once.
             both = _merged(vspans + list(req.audio.window.spans))
-            shared = fetch(req.video.url, both, (0, len(both) - 1), req.connections)
+            shared = fetch(req.video, both, (0, len(both) - 1), req.connections)
             video, audio = Feed(req.video, shared), Feed(req.audio, shared)
         else:
-            video = Feed(req.video, fetch(req.video.url, vspans, first_spans, req.connections))
+            video = Feed(req.video, fetch(req.video, vspans, first_spans, req.connections))
             if req.audio is not None:
                 aspans = list(req.audio.window.spans)
-                audio = Feed(req.audio, fetch(req.audio.url, aspans, (), 2))
+                audio = Feed(req.audio, fetch(req.audio, aspans, (), 2))
         return _join(req, video, audio, guard, workers)
     except BaseException as exc:
         guard.fail(exc)

@@ -17,10 +17,12 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 from typing import Literal
+from urllib.parse import urlsplit
 
 from clipservice.media.containers.base import ContainerError, ContainerIndex, Track
 from clipservice.media.fetch import FetchError, RangeFetcher
 from clipservice.media.join import CutRequest, StreamInput
+from clipservice.sources.guard import approved_address
 
 _HEAD_BYTES = 64 * 1024
 # Without the video window's start time, fast mode's audio starts this early
@@ -72,9 +74,15 @@ class SourceIndex:
     after that every method is cheap and never reads the source.
     """
 
-    def __init__(self, video_url: str, audio_url: str | None) -> None:
+    def __init__(
+        self, video_url: str, audio_url: str | None, *, allow_private: bool = True
+    ) -> None:
         self.video_url = video_url
         self.audio_url = audio_url
+        # Each host is resolved and checked once (the URL guard's rules), and
+        # every connection of the job goes to that address: see _open.
+        self.allow_private = allow_private
+        self.addresses: dict[str, str] = {}
         self.video: Stream | None = None
         self.audio: Stream | None = None
         self.reason: str | None = None  # why the source is not indexed, if it is not
@@ -104,9 +112,16 @@ class SourceIndex:
 
     async def _open(self) -> None:
         async def one(url: str) -> tuple[ContainerIndex | None, str | None]:
+            parts = urlsplit(url)
+            host = parts.hostname or ""
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            address = await asyncio.to_thread(
+                approved_address, host, port, allow_private=self.allow_private
+            )
+            self.addresses[url] = str(address)
             # The fetcher stays with the index: a window may search a file
             # without an index of its own (its reads count as the index's).
-            fetcher = RangeFetcher(url)
+            fetcher = RangeFetcher(url, connect_to=str(address))
             self._fetchers.append(fetcher)
             try:
                 return await asyncio.to_thread(open_index, fetcher), None
@@ -174,7 +189,14 @@ class SourceIndex:
         v = self.video
         v_offset = self.video_origin_ticks / v.track.timescale
         vwindow = v.index.window(v.track.track_id, start_s + v_offset, end_s + v_offset)
-        video = StreamInput(v.url, v.track, vwindow, v.index.init, self.video_origin_ticks)
+        video = StreamInput(
+            v.url,
+            v.track,
+            vwindow,
+            v.index.init,
+            self.video_origin_ticks,
+            connect_to=self.addresses.get(v.url),
+        )
         audio = None
         if self.audio is not None:
             a = self.audio
@@ -193,7 +215,14 @@ class SourceIndex:
             track_end = a.track.duration_s
             if track_end is None or a_from < track_end:
                 awindow = a.index.window(a.track.track_id, a_from, a_to)
-                audio = StreamInput(a.url, a.track, awindow, a.index.init, a_origin)
+                audio = StreamInput(
+                    a.url,
+                    a.track,
+                    awindow,
+                    a.index.init,
+                    a_origin,
+                    connect_to=self.addresses.get(a.url),
+                )
         return CutRequest(video, audio, start_s, end_s, mode, out, deadline, threads=threads)
 
 

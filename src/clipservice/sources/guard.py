@@ -17,12 +17,13 @@ final URL. Its aiohttp session resolves names through
 :class:`GuardedDNSResolver`, which checks the very addresses it connects to,
 so a name cannot change its answer between the check and that connection.
 
-Residual risk (DNS rebinding): FFmpeg resolves the final host again itself.
-A hostile name server answering with a public address to us and a private one
-to FFmpeg moments later can still win that race. The window is narrowed (the
-check runs right before the job probes and cuts) but not closed; closing it
-needs an egress firewall or proxy that refuses private destinations, which a
-deployment should add for defence in depth.
+DNS rebinding is closed: every outbound connection goes to an address
+checked when it was resolved. The cut engine's own connections go to
+:func:`approved_address` (resolved and checked once, then connected to by
+address); aiohttp sessions check the addresses they connect to; FFmpeg and
+PyAV, which would resolve names themselves, connect through the egress proxy
+(:mod:`clipservice.sources.egress`), which resolves, checks and connects in
+one step. All of them resolve through :func:`lookup`.
 """
 
 from __future__ import annotations
@@ -143,11 +144,16 @@ def _ip_literal(host: str) -> IPAddress | None:
         return None
 
 
-async def resolve_host(host: str, port: int) -> list[IPAddress]:
-    """Every address ``host`` resolves to (non-blocking)."""
-    loop = asyncio.get_running_loop()
+def lookup(host: str, port: int) -> list[IPAddress]:
+    """Every address ``host`` resolves to (blocking: call it from a thread).
+
+    The one place the service resolves names for outbound fetches: the URL
+    checks, the aiohttp sessions, the cut engine's connections and the egress
+    proxy all ask here, so what was checked is what is connected to (and a
+    test can stand in for DNS by replacing this function).
+    """
     try:
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError) as exc:
         raise SourceError("source_unavailable", f"cannot resolve {host!r}: {exc}") from exc
     out: list[IPAddress] = []
@@ -157,6 +163,35 @@ async def resolve_host(host: str, port: int) -> list[IPAddress]:
     if not out:
         raise SourceError("source_unavailable", f"{host!r} resolves to no address")
     return out
+
+
+async def resolve_host(host: str, port: int) -> list[IPAddress]:
+    """Every address ``host`` resolves to (non-blocking)."""
+    return await asyncio.get_running_loop().run_in_executor(None, lookup, host, port)
+
+
+def approved_address(
+    host: str,
+    port: int,
+    *,
+    allow_private: bool,
+    policy: AddressPolicy = is_forbidden_address,
+) -> IPAddress:
+    """The address to connect to for ``host``: resolved now, every answer checked
+    (blocking). Connecting to exactly this address, rather than letting the
+    connection resolve the name again, is what closes DNS rebinding: a name
+    cannot answer a public address to the check and a private one to the
+    connection."""
+    literal = _ip_literal(host)
+    addresses = [literal] if literal is not None else lookup(host, port)
+    if not allow_private:
+        for ip in addresses:
+            if policy(ip):
+                raise SourceError(
+                    "source_forbidden",
+                    f"refused to connect to {host}: it resolves to a non-public address ({ip})",
+                )
+    return addresses[0]
 
 
 async def check_url(
@@ -191,24 +226,37 @@ class GuardedDNSResolver(AbstractResolver):
     It checks the addresses aiohttp will connect to, so nothing can change
     between the check and the connection. Give it to ``aiohttp.TCPConnector``
     for any session that fetches client-supplied URLs (e.g. webhooks).
+    Names are resolved by :func:`lookup`, like every outbound fetch's.
     """
 
-    def __init__(self, policy: AddressPolicy = is_forbidden_address) -> None:
-        self._inner = aiohttp.ThreadedResolver()
+    def __init__(self, policy: AddressPolicy | None = is_forbidden_address) -> None:
         self._policy = policy
 
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
-        results = await self._inner.resolve(host, port, family)
-        for r in results:
-            ip = ipaddress.ip_address(r["host"])
-            if self._policy(ip):
+        try:
+            addresses = await resolve_host(host, port)
+        except SourceError as exc:
+            raise OSError(exc.message) from exc
+        results: list[ResolveResult] = []
+        for ip in addresses:
+            if self._policy is not None and self._policy(ip):
                 raise ForbiddenAddressError(f"{host} resolves to a non-public address ({ip})")
+            results.append(
+                {
+                    "hostname": host,
+                    "host": str(ip),
+                    "port": port,
+                    "family": socket.AF_INET6 if ip.version == 6 else socket.AF_INET,
+                    "proto": 0,
+                    "flags": socket.AI_NUMERICHOST,
+                }
+            )
         return results
 
     async def close(self) -> None:
-        await self._inner.close()
+        return None
 
 
 class ForbiddenAddressError(OSError):
@@ -219,9 +267,7 @@ def guarded_connector(
     *, allow_private: bool, policy: AddressPolicy = is_forbidden_address
 ) -> aiohttp.TCPConnector:
     """A connector for sessions that fetch client-supplied URLs."""
-    if allow_private:
-        return aiohttp.TCPConnector()
-    return aiohttp.TCPConnector(resolver=GuardedDNSResolver(policy))
+    return aiohttp.TCPConnector(resolver=GuardedDNSResolver(None if allow_private else policy))
 
 
 class UrlGuard:
