@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from clipservice.jobs.distributed import CLIPS_QUEUE, make_queue
 from clipservice.jobs.models import Job, JobStatus
+from clipservice.jobs.queue import CLIPS_QUEUE, make_queue
 from clipservice.jobs.redis_store import RedisJobStore
 from tests.conftest import FakeVidfly, MediaServer, Service, ServiceFactory
 

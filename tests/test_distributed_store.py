@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from clipservice.jobs.distributed import delete_job_and_files, reap_expired
 from clipservice.jobs.models import (
     ClipError,
     ClipResult,
@@ -22,6 +21,7 @@ from clipservice.jobs.models import (
 )
 from clipservice.jobs.naming import clip_file_name
 from clipservice.jobs.redis_store import RedisJobStore, StaleAttempt
+from clipservice.jobs.retention import delete_job_and_files, reap_expired
 from clipservice.storage import SharedFolderStorage
 
 REDIS_TEST_URL = "redis://127.0.0.1:6379/11"
@@ -236,7 +236,8 @@ async def test_worker_cut_off_from_redis_stops_its_clip(
     from saq.job import Job as SaqJob
 
     from clipservice.config import Settings
-    from clipservice.jobs.distributed import ClipWorker, make_queue
+    from clipservice.jobs.queue import make_queue
+    from clipservice.jobs.worker import ClipWorker
     from clipservice.sources.base import DirectResolver
 
     settings = Settings().replace(queue={"url": REDIS_TEST_URL, "heartbeat_s": 2})

@@ -31,7 +31,7 @@ from clipservice.api.problems import problem_middleware
 from clipservice.api.ratelimit import ratelimit_middleware, setup_ratelimit
 from clipservice.api.routes import MAX_BODY_BYTES, routes
 from clipservice.config import Settings
-from clipservice.jobs.distributed import DistributedRunner
+from clipservice.jobs.dispatch import DistributedRunner
 from clipservice.jobs.events import LocalJobEvents
 from clipservice.jobs.redis_events import RedisJobEvents
 from clipservice.jobs.redis_store import RedisJobStore
@@ -96,7 +96,7 @@ async def _jobs(app: web.Application) -> AsyncIterator[None]:
 
 async def _distributed_jobs(app: web.Application) -> AsyncIterator[None]:
     # [queue] url set: jobs and events live in Redis and workers cut the clips;
-    # this node only takes requests (see jobs/distributed.py).
+    # this node only takes requests (see jobs/dispatch.py and jobs/worker.py).
     settings = app[SETTINGS]
     store = RedisJobStore.from_url(settings.queue.url)
     events = RedisJobEvents(store)

@@ -66,7 +66,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _worker(args: argparse.Namespace) -> int:
     import asyncio
 
-    from clipservice.jobs.distributed import run_worker
+    from clipservice.jobs.worker import run_worker
     from clipservice.logging import configure_logging
 
     settings = _load(args.config)

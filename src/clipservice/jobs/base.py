@@ -2,7 +2,7 @@
 
 Two implementations: :class:`~clipservice.jobs.runner.LocalRunner` (jobs as
 tasks of the serving process, the embedded default) and
-:class:`~clipservice.jobs.distributed.DistributedRunner` (jobs queued to
+:class:`~clipservice.jobs.dispatch.DistributedRunner` (jobs queued to
 ``clipservice worker`` processes over Redis), chosen by ``[queue] url``.
 """
 
