@@ -105,7 +105,7 @@ async def create_clips(request: web.Request) -> web.Response:
 
     default_mode = body.mode or settings.cut.default_mode
     clips = [
-        ClipSpec(index=i, start=float(c.start), end=float(c.end), mode=c.mode or default_mode)
+        ClipSpec(index=i, start=c.start, end=c.end, mode=c.mode or default_mode)
         for i, c in enumerate(body.clips)
     ]
     job = Job(
