@@ -8,15 +8,13 @@ runner cut the clip.
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Callable, Mapping
-from datetime import datetime, timedelta
+from collections.abc import Callable
 
 import structlog
 
 from clipservice.domain import StreamUrls
 from clipservice.errors import ClipFailure
-from clipservice.jobs.models import ClipError, ClipResult, ClipSpec, Job, JobError, JobStatus
+from clipservice.jobs.models import ClipResult, ClipSpec
 from clipservice.media.cutter import CutSpec, Cutter
 from clipservice.media.ffmpeg import ProgressCallback
 from clipservice.media.probe import SourceInfo
@@ -27,8 +25,6 @@ log = structlog.get_logger(__name__)
 
 # Ranges may end this far past the probed duration (container rounding).
 RANGE_SLACK_S = 0.05
-
-ClipOutcome = ClipResult | ClipError
 
 
 def check_range(clip: ClipSpec, info: SourceInfo) -> None:
@@ -91,76 +87,3 @@ async def produce_clip(
         actual_end=round(outcome.actual_end, 3),
         note=outcome.note,
     )
-
-
-def clip_error(clip: ClipSpec, code: str, message: str) -> ClipError:
-    return ClipError(index=clip.index, start=clip.start, end=clip.end, code=code, message=message)
-
-
-# -- job bookkeeping (pure: mutate the Job passed in) ------------------------
-
-
-def add_outcome(job: Job, outcome: ClipOutcome) -> bool:
-    """Record one clip's outcome; False if that clip already had one."""
-    if outcome.index in job.done_indexes():
-        return False
-    if isinstance(outcome, ClipResult):
-        job.results.append(outcome)
-        job.results.sort(key=lambda r: r.index)
-    else:
-        job.errors.append(outcome)
-        job.errors.sort(key=lambda e: e.index)
-    return True
-
-
-def update_progress(job: Job, partials: Mapping[int, float], now: datetime) -> None:
-    """``processed`` from the recorded outcomes, ``progress`` also from running clips."""
-    done = job.done_indexes()
-    job.processed = len(done)
-    partial = sum(f for i, f in partials.items() if i not in done)
-    job.progress = round(min(1.0, (job.processed + partial) / job.total), 4)
-    job.updated_at = now
-
-
-def finalize(
-    job: Job, status: JobStatus, error: JobError | None, now: datetime, retention_s: float
-) -> None:
-    """End the job: status, error, timestamps and its expiry."""
-    job.status = status
-    job.error = error
-    job.finished_at = job.updated_at = now
-    job.expires_at = now + timedelta(seconds=retention_s)
-    job.processed = len(
-        {r.index for r in job.results} | {e.index for e in job.errors if e.code != "cancelled"}
-    )
-    if status is not JobStatus.CANCELLED:
-        job.progress = 1.0
-
-
-def end_if_complete(job: Job, now: datetime, retention_s: float) -> bool:
-    """Finish or fail the job once every clip has an outcome; True if it ended now."""
-    if job.status.ended or len(job.done_indexes()) < job.total:
-        return False
-    if job.results:
-        finalize(job, JobStatus.FINISHED, None, now, retention_s)
-    else:
-        codes = Counter(e.code for e in job.errors)
-        code = codes.most_common(1)[0][0] if codes else "ffmpeg_failed"
-        finalize(
-            job,
-            JobStatus.FAILED,
-            JobError(code=code, message="every clip failed"),
-            now,
-            retention_s,
-        )
-    return True
-
-
-def cancel(job: Job, now: datetime, retention_s: float) -> None:
-    """Mark every clip without an outcome as cancelled and end the job as cancelled."""
-    done = job.done_indexes()
-    for clip in job.clips:
-        if clip.index not in done:
-            job.errors.append(clip_error(clip, "cancelled", "the job was cancelled"))
-    job.errors.sort(key=lambda e: e.index)
-    finalize(job, JobStatus.CANCELLED, None, now, retention_s)

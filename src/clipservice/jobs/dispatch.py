@@ -20,7 +20,7 @@ from redis.exceptions import RedisError
 from saq.job import TERMINAL_STATUSES
 
 from clipservice.config import Settings
-from clipservice.jobs import retention
+from clipservice.jobs import bookkeeping, retention
 from clipservice.jobs.models import Job, JobStatus
 from clipservice.jobs.queue import (
     CLIPS_QUEUE,
@@ -112,7 +112,9 @@ class DistributedRunner:
 
     async def cancel(self, job_id: str) -> bool:
         """Cancel a job on whichever workers run it; True if this call cancelled it."""
-        job, cancelled = await self.store.cancel(job_id, self.settings.jobs.retention_s)
+        job, cancelled = await bookkeeping.cancel_job(
+            self.store, job_id, self.settings.jobs.retention_s
+        )
         if not cancelled:
             return False
         keys = [(self.jobs_queue, job_id)]

@@ -2,20 +2,21 @@
 
 Each job document is one JSON string (``{prefix}job:{id}``, the same
 ``Job.stored()`` shape as the local files). Several workers finish clips of
-one job at the same time, so every change is a read-modify-write under
-``WATCH``/``MULTI``: a transaction that lost a race is retried on the new
-state, never written over it.
+one job at the same time, so :meth:`RedisJobStore.transact` is a
+read-modify-write under ``WATCH``/``MULTI``: a transaction that lost a race
+is run again on the new state, never written over it.
 
-Each clip has an attempt number (``{prefix}attempt:{id}``, a hash of clip
-index → attempt). A worker claims a clip by bumping it and then writes
-progress and its outcome only while the number is still its own. A worker
-that was presumed dead and whose clip was handed to another (or whose job
-was cancelled, which bumps every number) gets its stale writes refused.
-
-Running clips' fractions live in ``{prefix}progress:{id}``; ended jobs are
-scored by expiry time in ``{prefix}expiry``, so whichever node removes one
-from that set owns its cleanup. Every change is published on
+Each clip's attempt number lives in ``{prefix}attempt:{id}`` (a hash of clip
+index → attempt, and ``w:{index}`` → the worker that claimed it), running
+clips' fractions in ``{prefix}progress:{id}``; see
+:mod:`clipservice.jobs.bookkeeping` for how a stale worker is fenced off.
+Ended jobs are scored by expiry time in ``{prefix}expiry``, so whichever node
+removes one from that set owns its deletion. Every change is published on
 ``{prefix}events:{id}`` with the stored document.
+
+The job's resolved stream URLs (``{prefix}source:{id}``) are shared by every
+worker of the job, with a generation number that grows each time they are
+resolved again after expiring.
 """
 
 from __future__ import annotations
@@ -24,16 +25,18 @@ import hashlib
 import inspect
 import json
 import re
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import TypeVar
 
 import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import WatchError
 
-from clipservice.jobs import clipwork
-from clipservice.jobs.models import JOB_ID_PATTERN, Job, JobError, JobStatus, utcnow
+from clipservice.domain import StreamUrls
+from clipservice.jobs.models import JOB_ID_PATTERN, Job
+from clipservice.jobs.store import Change, JobTx
 
 log = structlog.get_logger(__name__)
 
@@ -44,21 +47,12 @@ _MGET_CHUNK = 200
 T = TypeVar("T")
 
 
-@dataclass
-class _Tx:
-    """What a transaction reads and may change: the job and its clip state."""
+@dataclass(frozen=True)
+class StoredSource:
+    """A job's stream URLs as every worker reads them, and how often they were resolved again."""
 
-    job: Job
-    attempts: dict[int, int]
-    workers: dict[int, str]
-    partials: dict[int, float]
-    result: Any = None
-    publish: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-class StaleAttempt(Exception):
-    """A write by an attempt that no longer owns its clip (fenced off)."""
+    urls: StreamUrls
+    generation: int = 0
 
 
 class RedisJobStore:
@@ -111,10 +105,10 @@ class RedisJobStore:
     def events_channel(self, job_id: str) -> str:
         return f"{self.prefix}events:{job_id}"
 
-    # -- the JobStore protocol ---------------------------------------------
+    # -- documents ---------------------------------------------------------
 
     async def save(self, job: Job) -> None:
-        """Write the whole document (creation, or a node that owns the job alone)."""
+        """Write the whole document (a new job)."""
         data = dump_job(job)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(self._job_key(job.job_id), data)
@@ -162,22 +156,13 @@ class RedisJobStore:
                     jobs.append(load_job(raw))
         return jobs
 
-    # -- the resolved source (resolved once per job, read by every worker) --
-
-    async def set_source(self, job_id: str, source: dict[str, Any]) -> None:
-        await self.redis.set(self._source_key(job_id), json.dumps(source))
-
-    async def get_source(self, job_id: str) -> dict[str, Any] | None:
-        raw = await self.redis.get(self._source_key(job_id))
-        return json.loads(raw) if raw else None
-
     # -- atomic changes ----------------------------------------------------
 
-    async def _transact(self, job_id: str, change: Callable[[_Tx], bool]) -> _Tx | None:
+    async def transact(self, job_id: str, change: Change, *, durable: bool = True) -> JobTx | None:
         """Run ``change`` on the current state and write it if it returns True.
 
-        Returns the transaction state (``None`` if the job does not exist).
-        ``change`` must be pure: it runs again when another writer got in first.
+        ``change`` runs again when another writer got in first, so it must be
+        pure. Every change is written (``durable`` only matters to the file store).
         """
         keys = (self._job_key(job_id), self._attempt_key(job_id), self._progress_key(job_id))
         async with self.redis.pipeline(transaction=True) as pipe:
@@ -190,7 +175,7 @@ class RedisJobStore:
                         return None
                     fence: dict[str, str] = await _aw(pipe.hgetall(keys[1]))
                     partials: dict[str, str] = await _aw(pipe.hgetall(keys[2]))
-                    tx = _Tx(
+                    tx = JobTx(
                         job=load_job(raw),
                         attempts={int(k): int(v) for k, v in fence.items() if k.isdigit()},
                         workers={int(k[2:]): v for k, v in fence.items() if k.startswith("w:")},
@@ -211,127 +196,12 @@ class RedisJobStore:
                         pipe.hset(keys[2], mapping={str(i): f for i, f in tx.partials.items()})
                     if tx.job.status.ended and tx.job.expires_at is not None:
                         pipe.zadd(self.expiry_key, {job_id: tx.job.expires_at.timestamp()})
-                    if tx.publish:
-                        pipe.publish(self.events_channel(job_id), data)
+                    pipe.publish(self.events_channel(job_id), data)
                     await pipe.execute()
+                    tx.written = True
                     return tx
                 except WatchError:
                     continue
-
-    async def start_processing(self, job_id: str) -> Job | None:
-        """pending → processing; None if the job is gone or already ended."""
-
-        def change(tx: _Tx) -> bool:
-            if tx.job.status is not JobStatus.PENDING:
-                return False
-            tx.job.status = JobStatus.PROCESSING
-            tx.job.updated_at = utcnow()
-            return True
-
-        tx = await self._transact(job_id, change)
-        if tx is None or tx.job.status.ended:
-            return None
-        return tx.job
-
-    async def claim_clip(self, job_id: str, index: int, worker_id: str) -> int | None:
-        """Take a clip for a new attempt: its attempt number, or None if nothing to do."""
-
-        def change(tx: _Tx) -> bool:
-            tx.result = None
-            if tx.job.status.ended or index in tx.job.done_indexes():
-                return False
-            if tx.job.status is JobStatus.PENDING:
-                tx.job.status = JobStatus.PROCESSING
-            tx.attempts[index] = tx.attempts.get(index, 0) + 1
-            tx.workers[index] = worker_id
-            tx.partials.pop(index, None)
-            clipwork.update_progress(tx.job, tx.partials, utcnow())
-            tx.result = tx.attempts[index]
-            return True
-
-        tx = await self._transact(job_id, change)
-        return None if tx is None else tx.result
-
-    async def clip_progress(self, job_id: str, index: int, attempt: int, fraction: float) -> bool:
-        """Record a running clip's fraction done; False if this attempt is stale."""
-
-        def change(tx: _Tx) -> bool:
-            if tx.attempts.get(index) != attempt or tx.job.status.ended:
-                tx.result = False
-                return False
-            tx.partials[index] = max(0.0, min(1.0, fraction))
-            clipwork.update_progress(tx.job, tx.partials, utcnow())
-            tx.result = True
-            return True
-
-        tx = await self._transact(job_id, change)
-        return bool(tx and tx.result)
-
-    async def record_clip(
-        self, job_id: str, attempt: int, outcome: clipwork.ClipOutcome, retention_s: float
-    ) -> Job:
-        """Record a clip's result or error and end the job if it was the last clip.
-
-        Raises :class:`StaleAttempt` when this attempt no longer owns the clip
-        (reclaimed by another worker, or the job was cancelled or deleted).
-        """
-
-        def change(tx: _Tx) -> bool:
-            if tx.attempts.get(outcome.index) != attempt or tx.job.status.ended:
-                tx.result = False
-                return False
-            if not clipwork.add_outcome(tx.job, outcome):
-                tx.result = False
-                return False
-            now = utcnow()
-            tx.partials.pop(outcome.index, None)
-            clipwork.update_progress(tx.job, tx.partials, now)
-            if clipwork.end_if_complete(tx.job, now, retention_s):
-                tx.partials.clear()
-            tx.result = True
-            return True
-
-        tx = await self._transact(job_id, change)
-        if tx is None or not tx.result:
-            raise StaleAttempt(f"job {job_id} clip {outcome.index} attempt {attempt}")
-        return tx.job
-
-    async def fail(self, job_id: str, error: JobError, retention_s: float) -> Job | None:
-        """End a job that could not start (its source failed); None if it already ended."""
-
-        def change(tx: _Tx) -> bool:
-            if tx.job.status.ended:
-                return False
-            clipwork.finalize(tx.job, JobStatus.FAILED, error, utcnow(), retention_s)
-            tx.partials.clear()
-            tx.result = True
-            return True
-
-        tx = await self._transact(job_id, change)
-        return tx.job if tx is not None and tx.result else None
-
-    async def cancel(self, job_id: str, retention_s: float) -> tuple[Job | None, bool]:
-        """Cancel a job that has not ended: (the job, whether this call cancelled it).
-
-        Every clip's attempt number is bumped, so a worker still cutting one
-        of its clips can no longer write to the job.
-        """
-
-        def change(tx: _Tx) -> bool:
-            if tx.job.status.ended:
-                tx.result = False
-                return False
-            clipwork.cancel(tx.job, utcnow(), retention_s)
-            for clip in tx.job.clips:
-                tx.attempts[clip.index] = tx.attempts.get(clip.index, 0) + 1
-            tx.partials.clear()
-            tx.result = True
-            return True
-
-        tx = await self._transact(job_id, change)
-        if tx is None:
-            return None, False
-        return tx.job, bool(tx.result)
 
     async def clip_workers(self, job_id: str) -> dict[int, str]:
         """Which worker last claimed each clip (for operators and tests)."""
@@ -341,6 +211,35 @@ class RedisJobStore:
     async def clip_attempts(self, job_id: str) -> dict[int, int]:
         fence: dict[str, str] = await _aw(self.redis.hgetall(self._attempt_key(job_id)))
         return {int(k): int(v) for k, v in fence.items() if k.isdigit()}
+
+    # -- the resolved source (shared by every worker of the job) ------------
+
+    async def set_source(self, job_id: str, source: StoredSource) -> None:
+        data = {
+            "video_url": source.urls.video_url,
+            "audio_url": source.urls.audio_url,
+            "generation": source.generation,
+        }
+        await self.redis.set(self._source_key(job_id), json.dumps(data))
+
+    async def get_source(self, job_id: str) -> StoredSource | None:
+        raw = await self.redis.get(self._source_key(job_id))
+        if not raw:
+            return None
+        data = json.loads(raw)
+        urls = StreamUrls(data["video_url"], data.get("audio_url"))
+        return StoredSource(urls, int(data.get("generation", 0)))
+
+    @asynccontextmanager
+    async def source_lock(self, job_id: str, timeout_s: float) -> AsyncIterator[None]:
+        """Hold the job's source-refresh lock (one resolver call per expiry, cluster-wide).
+
+        Waits while another node holds it; a holder that died loses it after ``timeout_s``.
+        """
+        async with self.redis.lock(
+            f"{self.prefix}source-lock:{job_id}", timeout=timeout_s, sleep=0.1
+        ):
+            yield
 
     # -- expiry --------------------------------------------------------------
 
@@ -352,7 +251,7 @@ class RedisJobStore:
         return ids
 
     async def take_due(self, job_id: str) -> bool:
-        """Claim the cleanup of one expired job; True for exactly one caller."""
+        """Claim the deletion of one ended job; True for exactly one caller."""
         return bool(await self.redis.zrem(self.expiry_key, job_id))
 
 

@@ -1,9 +1,18 @@
-"""Job store: job documents on local disk, written atomically.
+"""Job stores: where job documents live, and the one way runners change them.
 
-Each job lives in ``data_dir/jobs/{job_id}.json``. A write goes to a temporary
-file in the same folder, is fsynced, then renamed over the old file, so a
-reader (or a restart after ``kill -9``) never sees a torn document. Writes of
-one job are serialised by a per-job lock and always write the newest state.
+Two stores, one interface (:class:`JobStore`): :class:`FileJobStore` here
+(local disk, the in-process mode) and
+:class:`~clipservice.jobs.redis_store.RedisJobStore` (the distributed mode).
+Runners change a job only through :meth:`JobStore.transact`: a pure change
+function applied to the current state (:class:`JobTx`) and written whole, so
+the bookkeeping in :mod:`clipservice.jobs.bookkeeping` is written once for
+both stores.
+
+On disk each job is ``data_dir/jobs/{job_id}.json``. A write goes to a
+temporary file in the same folder, is fsynced, then renamed over the old
+file, so a reader (or a restart after ``kill -9``) never sees a torn
+document. Writes of one job are serialised by a per-job lock and always write
+the newest state.
 """
 
 from __future__ import annotations
@@ -14,6 +23,8 @@ import json
 import os
 import re
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -29,25 +40,82 @@ _JOB_ID_RE = re.compile(JOB_ID_PATTERN)
 TMP_MARKER = ".tmp-"
 
 
+@dataclass
+class JobTx:
+    """What one store transaction reads and may change: a job and its clips' running state.
+
+    ``attempts`` is each clip's attempt number: a runner claims a clip by
+    bumping it and writes that clip's progress and outcome only while the
+    number is still its own. ``partials`` holds the fraction done of running
+    clips. The store sets ``written`` once the change is stored.
+    """
+
+    job: Job
+    attempts: dict[int, int]
+    workers: dict[int, str] = field(default_factory=dict)
+    partials: dict[int, float] = field(default_factory=dict)
+    written: bool = False
+
+
+# A change applied by JobStore.transact: it mutates the JobTx and returns True
+# to have it written, or returns False having changed nothing. It may run more
+# than once (the Redis store runs it again when another writer got in first).
+Change = Callable[[JobTx], bool]
+
+
 class JobStore(Protocol):
     """Where job documents live (local files here; Redis in the distributed mode)."""
 
-    async def save(self, job: Job) -> None: ...
+    async def save(self, job: Job) -> None:
+        """Write the whole document (a new job)."""
+        ...
+
     async def get(self, job_id: str) -> Job | None: ...
     async def delete(self, job_id: str) -> None: ...
     async def all(self) -> list[Job]: ...
     async def by_idempotency_key(self, key: str) -> Job | None: ...
 
+    async def transact(self, job_id: str, change: Change, *, durable: bool = True) -> JobTx | None:
+        """Apply ``change`` to the job's current state and store it, atomically.
+
+        Returns the transaction (``written`` says whether it was stored), or
+        None when the job does not exist. Every stored change is published to
+        the job's listeners. ``durable=False`` (progress) lets a store keep
+        the change in memory until its next durable write.
+        """
+        ...
+
+    async def due(self, now_epoch_s: float, limit: int = 100) -> list[str]:
+        """Ended jobs whose retention has run out."""
+        ...
+
+    async def take_due(self, job_id: str) -> bool:
+        """Claim the deletion of one ended job; True for exactly one caller."""
+        ...
+
+    async def close(self) -> None: ...
+
 
 class FileJobStore:
-    """Job documents as JSON files, cached in memory for fast reads."""
+    """Job documents as JSON files, cached in memory for fast reads.
 
-    def __init__(self, jobs_dir: Path) -> None:
+    The cache is the truth in this process: a transaction changes the cached
+    job in place (no await between reading and changing it, so nothing comes
+    between), then writes it. Clip attempt numbers are the clips' ``attempts``
+    in the document; the fractions of running clips live only in memory.
+    """
+
+    def __init__(self, jobs_dir: Path, on_change: Callable[[Job], None] | None = None) -> None:
         self.jobs_dir = jobs_dir
+        # Told of every stored change (the in-process event hub's notify).
+        self.on_change = on_change
         self._cache: dict[str, Job] = {}
+        self._partials: dict[str, dict[int, float]] = {}
+        self._workers: dict[str, dict[int, str]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._writes: set[asyncio.Future[None]] = set()
+        self._taken: set[str] = set()  # ended jobs being deleted
         self._idempotent: dict[str, str] = {}  # Idempotency-Key -> job id
-        self._loaded = False
 
     def _path(self, job_id: str) -> Path:
         if not _JOB_ID_RE.fullmatch(job_id):
@@ -61,7 +129,11 @@ class FileJobStore:
         self._idempotent = {
             job.idempotency_key: job.job_id for job in self._cache.values() if job.idempotency_key
         }
-        self._loaded = True
+
+    async def close(self) -> None:
+        """Wait for the writes still in flight (a cancelled caller does not stop its write)."""
+        while self._writes:
+            await asyncio.gather(*self._writes, return_exceptions=True)
 
     def _load_all(self) -> dict[str, Job]:
         jobs: dict[str, Job] = {}
@@ -80,19 +152,11 @@ class FileJobStore:
         return jobs
 
     async def save(self, job: Job) -> None:
-        path = self._path(job.job_id)
         self._cache[job.job_id] = job
         if job.idempotency_key:
             self._idempotent[job.idempotency_key] = job.job_id
-        lock = self._locks.setdefault(job.job_id, asyncio.Lock())
-        async with lock:
-            latest = self._cache.get(job.job_id)
-            if latest is None:  # deleted while we waited
-                return
-            data = json.dumps(latest.stored(), separators=(",", ":")).encode()
-            # Bookkeeping is protected from cancellation: a cancelled caller
-            # returns at once, but the write (and the file's close) completes.
-            await asyncio.shield(_write_atomic(path, data))
+        await self._write(job.job_id)
+        self._notify(job.job_id)
 
     async def get(self, job_id: str) -> Job | None:
         if not _JOB_ID_RE.fullmatch(job_id):
@@ -103,6 +167,9 @@ class FileJobStore:
         job = self._cache.pop(job_id, None)
         if job is not None and job.idempotency_key:
             self._idempotent.pop(job.idempotency_key, None)
+        self._partials.pop(job_id, None)
+        self._workers.pop(job_id, None)
+        self._taken.discard(job_id)
         lock = self._locks.pop(job_id, None) or asyncio.Lock()
         async with lock:
             await _unlink_quiet(self._path(job_id))
@@ -114,6 +181,70 @@ class FileJobStore:
         """The live job created with this Idempotency-Key (an index, not a scan)."""
         job_id = self._idempotent.get(key)
         return self._cache.get(job_id) if job_id else None
+
+    async def transact(self, job_id: str, change: Change, *, durable: bool = True) -> JobTx | None:
+        job = await self.get(job_id)
+        if job is None:
+            return None
+        tx = JobTx(
+            job=job,
+            attempts={c.index: c.attempts for c in job.clips},
+            workers=dict(self._workers.get(job_id, {})),
+            partials=dict(self._partials.get(job_id, {})),
+        )
+        if not change(tx):
+            return tx
+        for clip in job.clips:
+            clip.attempts = tx.attempts.get(clip.index, clip.attempts)
+        self._workers[job_id] = tx.workers
+        self._partials[job_id] = tx.partials
+        tx.written = True
+        if durable:
+            await self._write(job_id)
+        self._notify(job_id)
+        return tx
+
+    async def due(self, now_epoch_s: float, limit: int = 100) -> list[str]:
+        due = [
+            job.job_id
+            for job in self._cache.values()
+            if job.status.ended
+            and job.job_id not in self._taken
+            # An ended job without an expiry (an old file) has outlived it.
+            and (job.expires_at is None or job.expires_at.timestamp() <= now_epoch_s)
+        ]
+        return due[:limit]
+
+    async def take_due(self, job_id: str) -> bool:
+        if job_id not in self._cache or job_id in self._taken:
+            return False
+        self._taken.add(job_id)
+        return True
+
+    def _notify(self, job_id: str) -> None:
+        job = self._cache.get(job_id)
+        if job is not None and self.on_change is not None:
+            self.on_change(job)
+
+    async def _write(self, job_id: str) -> None:
+        lock = self._locks.setdefault(job_id, asyncio.Lock())
+        async with lock:
+            latest = self._cache.get(job_id)
+            if latest is None:  # deleted while we waited
+                return
+            data = json.dumps(latest.stored(), separators=(",", ":")).encode()
+            # Bookkeeping is protected from cancellation: a cancelled caller
+            # returns at once, but the write (and the file's close) completes,
+            # and close() waits for it.
+            write = asyncio.ensure_future(_write_atomic(self._path(job_id), data))
+            self._writes.add(write)
+            write.add_done_callback(self._writes.discard)
+            try:
+                await asyncio.shield(write)
+            except asyncio.CancelledError:
+                # Keep the lock until the file is renamed: writes of one job stay in order.
+                await asyncio.wait([write])
+                raise
 
 
 async def _write_atomic(path: Path, data: bytes) -> None:

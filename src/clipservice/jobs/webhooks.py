@@ -35,6 +35,7 @@ import structlog
 
 from clipservice.config import Settings
 from clipservice.errors import SourceError
+from clipservice.jobs import bookkeeping
 from clipservice.jobs.models import Job, WebhookAttempt, utcnow
 from clipservice.jobs.store import JobStore
 
@@ -91,7 +92,7 @@ class WebhookSender:
         self.first_delay_s = 1.0
         self._tasks: dict[str, asyncio.Task[None]] = {}
         # Writes of attempts outlive a cancelled delivery; shutdown waits for them.
-        self._saves: set[asyncio.Task[None]] = set()
+        self._saves: set[asyncio.Future[bool]] = set()
 
     def job_ended(self, job: Job) -> None:
         """Start delivering ``job``'s final document, if it has a callback_url."""
@@ -185,11 +186,8 @@ class WebhookSender:
             return None, f"{type(exc).__name__}: {exc}"[:300]
 
     async def _record(self, job_id: str, attempt: WebhookAttempt) -> None:
-        job = await self.store.get(job_id)
-        if job is None:
-            return  # deleted after its retention: the attempt is only logged
-        job.webhook_attempts.append(attempt)
-        save = asyncio.create_task(self.store.save(job))
+        # A job deleted after its retention is not written again: the attempt is only logged.
+        save = asyncio.ensure_future(bookkeeping.add_webhook_attempt(self.store, job_id, attempt))
         self._saves.add(save)
         save.add_done_callback(self._saves.discard)
         await asyncio.shield(save)

@@ -36,11 +36,12 @@ from saq.types import Context, PartialTimersDict
 from clipservice.config import Settings
 from clipservice.domain import StreamUrls
 from clipservice.errors import ClipFailure, SourceError
-from clipservice.jobs import clipwork, retention
+from clipservice.jobs import bookkeeping, clipwork, retention
+from clipservice.jobs.bookkeeping import StaleAttempt
 from clipservice.jobs.models import ClipResult, ClipSpec, Job, JobError
 from clipservice.jobs.naming import clip_file_name
 from clipservice.jobs.queue import CLIPS_QUEUE, JOBS_QUEUE, clip_task, make_queue
-from clipservice.jobs.redis_store import RedisJobStore, StaleAttempt
+from clipservice.jobs.redis_store import RedisJobStore, StoredSource
 from clipservice.jobs.webhooks import WebhookSender
 from clipservice.media.cutter import Cutter, warm_join_processes
 from clipservice.media.probe import SourceInfo, probe_source
@@ -97,7 +98,7 @@ class ClipWorker:
 
     async def _prepare(self, job_id: str) -> str:
         with structlog.contextvars.bound_contextvars(job_id=job_id, worker=self.worker_id):
-            job = await self.store.start_processing(job_id)
+            job = await bookkeeping.start_job(self.store, job_id)
             if job is None:
                 return "skipped"
             source = await self.store.get_source(job_id)
@@ -108,7 +109,8 @@ class ClipWorker:
                     info = await probe_source(resolved.video_url, resolved.audio_url)
                 except SourceError as exc:
                     log.warning("source_failed", code=exc.code, error=exc.message)
-                    failed = await self.store.fail(
+                    failed = await bookkeeping.fail_job(
+                        self.store,
                         job_id,
                         JobError(code=exc.code, message=exc.message),
                         self.settings.jobs.retention_s,
@@ -116,7 +118,7 @@ class ClipWorker:
                     if failed is not None:
                         self._ended(failed)
                     return "failed"
-                source = {"video_url": resolved.video_url, "audio_url": resolved.audio_url}
+                source = StoredSource(StreamUrls(resolved.video_url, resolved.audio_url))
                 await self.store.set_source(job_id, source)
                 log.info(
                     "source_ready",
@@ -137,7 +139,7 @@ class ClipWorker:
         with structlog.contextvars.bound_contextvars(
             job_id=job_id, clip_index=index, worker=self.worker_id, task_attempt=task.attempts
         ):
-            attempt = await self.store.claim_clip(job_id, index, self.worker_id)
+            attempt = await bookkeeping.claim_clip(self.store, job_id, index, self.worker_id)
             if attempt is None:
                 return "skipped"  # done already, or the job ended or is gone
             job = await self.store.get(job_id)
@@ -146,7 +148,7 @@ class ClipWorker:
                 return "skipped"
             clip = job.clips[index]
             if task.attempts > self.settings.queue.clip_attempts:
-                outcome: clipwork.ClipOutcome = clipwork.clip_error(
+                outcome: bookkeeping.ClipOutcome = bookkeeping.clip_error(
                     clip,
                     "interrupted",
                     f"the workers cutting this clip stopped {task.attempts - 1} times",
@@ -154,8 +156,8 @@ class ClipWorker:
             else:
                 outcome = await self._cut(task, job, clip, source, attempt)
             try:
-                after = await self.store.record_clip(
-                    job_id, attempt, outcome, self.settings.jobs.retention_s
+                after = await bookkeeping.record_clip(
+                    self.store, job_id, attempt, outcome, self.settings.jobs.retention_s
                 )
             except StaleAttempt:
                 log.warning("clip_stale", attempt=attempt)
@@ -172,10 +174,10 @@ class ClipWorker:
         task: SaqJob,
         job: Job,
         clip: ClipSpec,
-        source: dict[str, Any],
+        source: StoredSource,
         attempt: int,
-    ) -> clipwork.ClipOutcome:
-        src = StreamUrls(source["video_url"], source.get("audio_url"))
+    ) -> bookkeeping.ClipOutcome:
+        src = source.urls
         name = clip_file_name(job.source, clip)
         timeout_s = self.settings.jobs.clip_timeout_s
         last_write = 0.0
@@ -191,7 +193,9 @@ class ClipWorker:
             fraction = min(1.0, out_s / max(clip.end - clip.start, 1e-3))
             # FFmpeg progress is the heartbeat: it proves the cut is moving.
             self._spawn(task.update(progress=fraction))
-            self._spawn(self.store.clip_progress(job.job_id, clip.index, attempt, fraction))
+            self._spawn(
+                bookkeeping.clip_progress(self.store, job.job_id, clip.index, attempt, fraction)
+            )
 
         keepalive = self._start_keepalive(task)
         try:
@@ -215,10 +219,10 @@ class ClipWorker:
                 return result
             except ClipFailure as exc:
                 code = exc.code
-                return clipwork.clip_error(clip, exc.code, exc.message)
+                return bookkeeping.clip_error(clip, exc.code, exc.message)
             except TimeoutError:
                 code = "timeout"
-                return clipwork.clip_error(clip, "timeout", f"clip took over {timeout_s}s")
+                return bookkeeping.clip_error(clip, "timeout", f"clip took over {timeout_s}s")
             except asyncio.CancelledError:
                 # Aborted (job cancelled) or the worker is stopping (SAQ queues
                 # the clip again): the cutter has killed FFmpeg and removed the
@@ -228,7 +232,7 @@ class ClipWorker:
             except Exception as exc:
                 code = "ffmpeg_failed"
                 log.exception("clip_crashed")
-                return clipwork.clip_error(clip, "ffmpeg_failed", f"internal error: {exc}")
+                return bookkeeping.clip_error(clip, "ffmpeg_failed", f"internal error: {exc}")
         finally:
             keepalive.cancel()
             with contextlib.suppress(asyncio.CancelledError):
