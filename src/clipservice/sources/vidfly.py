@@ -17,13 +17,21 @@ import structlog
 
 from clipservice.domain import JobSource
 from clipservice.errors import SourceError
-from clipservice.sources.base import ResolvedSource
+from clipservice.sources.base import ResolvedSource, StreamInfo
 
 log = structlog.get_logger(__name__)
 
 YOUTUBE_WATCH = "https://www.youtube.com/watch?v={video_id}"
 _HEIGHT_RE = re.compile(r"(\d{3,4})\s*[pP]")
 _BITRATE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*k", re.IGNORECASE)
+_LABEL_FPS_RE = re.compile(r"\d{3,4}\s*[pP]\s*(\d{2,3})\b")
+_MIME_CODECS_RE = re.compile(r'codecs\s*=\s*"?([^";]+)', re.IGNORECASE)
+# Codec strings (RFC 6381, as in a MIME type, or yt-dlp's names) → FFmpeg's names.
+_CODEC_PREFIXES = (
+    ("avc", "h264"), ("h264", "h264"), ("hvc1", "hevc"), ("hev1", "hevc"), ("hevc", "hevc"),
+    ("h265", "hevc"), ("vp09", "vp9"), ("vp9", "vp9"), ("vp8", "vp8"), ("av01", "av1"),
+    ("av1", "av1"), ("mp4a", "aac"), ("aac", "aac"), ("opus", "opus"), ("vorbis", "vorbis"),
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -36,6 +44,14 @@ class StreamItem:
     height: int | None
     bitrate_k: float | None
     filesize: int | None
+    codec: str | None = None  # FFmpeg's name when recognised
+    fps: float | None = None
+
+    def info(self) -> StreamInfo:
+        """What the answer says of this stream, without its URL."""
+        return StreamInfo(
+            self.kind, self.ext, self.height, self.codec, self.fps, self.bitrate_k, self.filesize
+        )
 
 
 def _first(d: dict[str, Any], *names: str) -> Any:
@@ -55,6 +71,32 @@ def _norm_kind(raw: Any, item: dict[str, Any]) -> str | None:
     if text in ("audio", "audio_only"):
         return "audio"
     return None
+
+
+def _codec(raw: dict[str, Any], kind: str) -> str | None:
+    """The stream's codec from a codec field or a MIME type's ``codecs=``."""
+    names = ("acodec", "codec", "codecs") if kind == "audio" else ("vcodec", "codec", "codecs")
+    text = _first(raw, *names)
+    if not isinstance(text, str):
+        mime = _first(raw, "mime", "mime_type", "mimeType")
+        match = _MIME_CODECS_RE.search(mime) if isinstance(mime, str) else None
+        text = match.group(1) if match else None
+    if not isinstance(text, str) or not text.strip():
+        return None
+    # A muxed stream's list names the video first ("avc1.42001E, mp4a.40.2").
+    first = text.split(",")[0].strip().lower()
+    return next((name for prefix, name in _CODEC_PREFIXES if first.startswith(prefix)), first)
+
+
+def _fps(raw: dict[str, Any], label: str) -> float | None:
+    value = _first(raw, "fps", "frame_rate", "framerate")
+    try:
+        fps = float(value) if value is not None else None
+    except (TypeError, ValueError):
+        fps = None
+    if fps is None and (m := _LABEL_FPS_RE.search(label)):
+        fps = float(m.group(1))
+    return fps if fps is not None and 0 < fps < 1000 else None
 
 
 def _to_int(v: Any) -> int | None:
@@ -94,9 +136,9 @@ def parse_items(payload: Any) -> tuple[list[StreamItem], dict[str, Any]]:
         if m := _BITRATE_RE.search(label):
             bitrate = float(m.group(1))
         ext = str(_first(raw, "ext", "extension", "container") or "").lower().lstrip(".")
-        items.append(
-            StreamItem(kind, url, ext, height, bitrate, _to_int(_first(raw, "filesize", "size")))
-        )
+        size = _to_int(_first(raw, "filesize", "size"))
+        fps = None if kind == "audio" else _fps(raw, label)
+        items.append(StreamItem(kind, url, ext, height, bitrate, size, _codec(raw, kind), fps))
     return items, data
 
 
@@ -107,7 +149,13 @@ def _is_http(url: str) -> bool:
 
 def choose_streams(items: list[StreamItem], max_height: int) -> tuple[str, str | None]:
     """Best video_only at or below max_height (MP4 first) + best audio (m4a first),
-    else the best video_with_audio stream."""
+    else the best video_with_audio stream: their URLs."""
+    video, audio = choose_items(items, max_height)
+    return video.url, audio.url if audio is not None else None
+
+
+def choose_items(items: list[StreamItem], max_height: int) -> tuple[StreamItem, StreamItem | None]:
+    """The streams :func:`choose_streams` picks (a video, and a separate audio or None)."""
 
     def video_key(i: StreamItem) -> tuple[int, int, int]:
         h = i.height or 0
@@ -130,12 +178,32 @@ def choose_streams(items: list[StreamItem], max_height: int) -> tuple[str, str |
             "URLs are fetched",
         )
     if videos and audios:
-        return max(videos, key=video_key).url, max(audios, key=audio_key).url
+        return max(videos, key=video_key), max(audios, key=audio_key)
     if muxed:
-        return max(muxed, key=video_key).url, None
+        return max(muxed, key=video_key), None
     if videos:
-        return max(videos, key=video_key).url, None
+        return max(videos, key=video_key), None
     raise SourceError("source_unavailable", "resolver answer has no usable video stream")
+
+
+def choose_preview(items: list[StreamItem]) -> StreamItem | None:
+    """The preview stream: the lowest video_with_audio stream (a player shows it
+    with sound), else the smallest video-only one; None if there is neither.
+
+    Lowest by height; streams without one come last; then the smaller file,
+    then MP4 (H.264, which every browser plays).
+    """
+
+    def small_key(i: StreamItem) -> tuple[bool, int, float, bool]:
+        size = float(i.filesize) if i.filesize is not None else float("inf")
+        return (i.height is None, i.height or 0, size, i.ext != "mp4")
+
+    fetchable = [i for i in items if _is_http(i.url)]
+    for kind in ("video_with_audio", "video_only"):
+        candidates = [i for i in fetchable if i.kind == kind]
+        if candidates:
+            return min(candidates, key=small_key)
+    return None
 
 
 class VidflyResolver:
@@ -173,16 +241,29 @@ class VidflyResolver:
         except (aiohttp.ClientError, ValueError) as exc:
             raise SourceError("source_unavailable", f"resolver request failed: {exc}") from exc
         items, data = parse_items(payload)
-        video_url, audio_url = choose_streams(items, self._max_height)
-        duration = data.get("duration")
-        try:
-            duration_s = float(duration) if duration is not None else None
-        except (TypeError, ValueError):
-            duration_s = None
-        title = data.get("title")
-        return ResolvedSource(
-            video_url=video_url,
-            audio_url=audio_url,
-            title=title if isinstance(title, str) else None,
-            duration_s=duration_s,
-        )
+        return resolved_from(items, data, self._max_height)
+
+
+def resolved_from(items: list[StreamItem], data: dict[str, Any], max_height: int) -> ResolvedSource:
+    """The resolved source an answer's streams and data object describe."""
+    video, audio = choose_items(items, max_height)
+    preview = choose_preview(items)
+    duration = data.get("duration")
+    try:
+        duration_s = float(duration) if duration is not None else None
+    except (TypeError, ValueError):
+        duration_s = None
+    title = data.get("title")
+    # The cover goes to a browser as an image URL: http(s) only.
+    cover = _first(data, "cover", "thumbnail", "thumb", "cover_url", "thumbnail_url", "image")
+    return ResolvedSource(
+        video_url=video.url,
+        audio_url=audio.url if audio is not None else None,
+        title=title if isinstance(title, str) else None,
+        duration_s=duration_s,
+        cover_url=cover.strip() if isinstance(cover, str) and _is_http(cover) else None,
+        preview_url=preview.url if preview is not None else None,
+        video=video.info(),
+        audio=audio.info() if audio is not None else None,
+        preview=preview.info() if preview is not None else None,
+    )
