@@ -39,6 +39,14 @@ def _remove_old_parts(clips_dir: Path, older_than_s: float) -> int:
 class ClipStorage(Protocol):
     """Where clip outputs are kept; every method takes a checked clip file name."""
 
+    async def open(self) -> None:
+        """Get ready to store clips (create the folder)."""
+        ...
+
+    async def remove_stale_parts(self, older_than_s: float | None = None) -> int:
+        """Drop temporary outputs of crashed cuts (all, or those older than ``older_than_s``)."""
+        ...
+
     def staging_path(self, name: str) -> Path:
         """The local path the cutter writes the final, validated file to."""
         ...

@@ -134,8 +134,7 @@ class DistributedRunner:
 
     async def delete_ended(self, job: Job) -> None:
         """Delete an ended job and its files now."""
-        await self.store.take_due(job.job_id)
-        await retention.delete_job_and_files(self.store, self.storage, job.job_id)
+        await retention.delete_now(self.store, self.storage, job)
 
     async def check_queue(self) -> str | None:
         """The /readyz check: None when Redis answers, else why not."""

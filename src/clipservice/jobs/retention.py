@@ -1,25 +1,28 @@
 """Retention: ended jobs and their clip files are deleted ``retention_s`` after they end.
 
-Every node runs :func:`reap_forever`: whoever takes an expired job off the
-store's expiry list deletes it and its files, keeping any file another stored
-job still names. The loop also removes temporary outputs that crashed cuts
-left behind.
+Both runners run :func:`reap_forever` (the in-process one, and every node of
+the distributed mode): whoever takes an expired job off the store's expiry
+list (:meth:`JobStore.take_due <clipservice.jobs.store.JobStore.take_due>`)
+deletes it and its files, keeping every file another stored job still uses
+(:func:`still_used`). The loop also removes temporary outputs that crashed
+cuts left behind.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 import structlog
 from redis.exceptions import RedisError
 
 from clipservice.config import Settings
+from clipservice.jobs.models import Job
 from clipservice.jobs.naming import clip_file_name
 from clipservice.jobs.queue import TASK_TIMEOUT_MARGIN_S
-from clipservice.jobs.redis_store import RedisJobStore
-from clipservice.storage import SharedFolderStorage
+from clipservice.jobs.store import JobStore
+from clipservice.storage import ClipStorage
 
 log = structlog.get_logger(__name__)
 
@@ -33,31 +36,43 @@ def part_age_s(settings: Settings) -> float:
     return settings.jobs.clip_timeout_s + TASK_TIMEOUT_MARGIN_S * 2
 
 
-async def delete_job_and_files(
-    store: RedisJobStore, storage: SharedFolderStorage, job_id: str
-) -> int:
-    """Delete a job and every file of it no other stored job names; files removed."""
+def still_used(jobs: Iterable[Job], but: str) -> set[str]:
+    """The clip files the jobs other than ``but`` still use.
+
+    An ended job uses the files of its results; a live job any file of its
+    clips, since it may be cutting one or about to reuse it.
+    """
+    used: set[str] = set()
+    for job in jobs:
+        if job.job_id == but:
+            continue
+        if job.status.ended:
+            used |= job.files()
+        else:
+            used |= {clip_file_name(job.source, c) for c in job.clips}
+    return used
+
+
+async def delete_job_and_files(store: JobStore, storage: ClipStorage, job_id: str) -> int:
+    """Delete a job and every file of it no other stored job uses; files removed."""
     job = await store.get(job_id)
     if job is None:
         return 0
-    still_used: set[str] = set()
-    for other in await store.all():
-        if other.job_id == job_id:
-            continue
-        if other.status.ended:
-            still_used |= other.files()
-        else:
-            # A live job may be cutting or about to reuse any of its clips.
-            still_used |= {clip_file_name(other.source, c) for c in other.clips}
     removed = 0
-    for name in sorted(job.files() - still_used):
+    for name in sorted(job.files() - still_used(await store.all(), job_id)):
         removed += await storage.delete(name)
     await store.delete(job_id)
     log.info("job_deleted", job_id=job_id, files_removed=removed)
     return removed
 
 
-async def reap_expired(store: RedisJobStore, storage: SharedFolderStorage) -> int:
+async def delete_now(store: JobStore, storage: ClipStorage, job: Job) -> None:
+    """Delete an ended job and its files before its retention ends (DELETE on an ended job)."""
+    await store.take_due(job.job_id)  # the reaper must not take it too
+    await delete_job_and_files(store, storage, job.job_id)
+
+
+async def reap_expired(store: JobStore, storage: ClipStorage) -> int:
     """Delete the jobs whose retention ran out; each by exactly one node."""
     count = 0
     for job_id in await store.due(time.time()):
@@ -68,8 +83,8 @@ async def reap_expired(store: RedisJobStore, storage: SharedFolderStorage) -> in
 
 
 async def reap_forever(
-    store: RedisJobStore,
-    storage: SharedFolderStorage,
+    store: JobStore,
+    storage: ClipStorage,
     settings: Settings,
     also: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
@@ -79,8 +94,9 @@ async def reap_forever(
             if also is not None:
                 await also()
             await reap_expired(store, storage)
-            # A worker killed mid-cut leaves its temporary file on the shared
-            # volume; one older than any clip may run belongs to nobody.
+            # A process killed mid-cut leaves its temporary file behind (on the
+            # shared volume, in the distributed mode); one older than any clip
+            # may run belongs to nobody.
             await storage.remove_stale_parts(older_than_s=part_age_s(settings))
         except (RedisError, OSError) as exc:  # Redis away for a moment: next round
             log.warning("reaper_failed", error=str(exc))

@@ -3,9 +3,8 @@
 A job resolves its source once, probes it once, then cuts its clips
 concurrently under the shared :class:`FairLimiter`. Every clip ends in
 ``results`` or ``errors`` whatever happens to it, and the job document is
-saved after each one. Ended jobs are deleted ``retention_s`` after they end,
-scheduled with ``loop.call_later``; a clip file another live job still uses
-is kept.
+saved after each one. Ended jobs are deleted ``retention_s`` after they end
+by the reaper of :mod:`clipservice.jobs.retention`.
 
 Durability: the job file records each clip's ``attempts`` (saved before its
 FFmpeg starts), so after a crash a resumed job redoes the clip that was
@@ -30,12 +29,12 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import aiofiles.os
 import structlog
 
 from clipservice.config import Settings
 from clipservice.domain import StreamUrls
 from clipservice.errors import ClipFailure, SourceError
+from clipservice.jobs import retention
 from clipservice.jobs.clipwork import check_range, produce_clip
 from clipservice.jobs.events import JobEvents, LocalJobEvents
 from clipservice.jobs.limiter import FairLimiter
@@ -50,7 +49,7 @@ from clipservice.jobs.models import (
 )
 from clipservice.jobs.naming import clip_file_name
 from clipservice.jobs.store import FileJobStore
-from clipservice.media.cutter import Cutter, remove_stale_parts, warm_join_processes
+from clipservice.media.cutter import Cutter, warm_join_processes
 from clipservice.media.ffmpeg import running_processes, terminate
 from clipservice.media.probe import SourceInfo, probe_source
 from clipservice.media.source import SourceIndex
@@ -144,9 +143,8 @@ class LocalRunner:
         self.storage = SharedFolderStorage(self.clips_dir)
         self.limiter = FairLimiter(settings.jobs.max_concurrent_clips)
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._cleanup_handles: dict[str, asyncio.TimerHandle] = {}
+        self._reaper: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
-        self._files_in_use: Counter[str] = Counter()
         self._cancel_requested: set[str] = set()
         self._clip_progress: dict[str, dict[int, float]] = {}
         self._last_progress_save: dict[str, float] = {}
@@ -169,18 +167,20 @@ class LocalRunner:
     # -- life cycle -------------------------------------------------------
 
     async def start(self) -> None:
-        """Resume unfinished jobs and reschedule cleanups (at once if overdue)."""
-        await aiofiles.os.makedirs(self.clips_dir, exist_ok=True)
-        stale = await asyncio.to_thread(remove_stale_parts, self.clips_dir)
+        """Resume unfinished jobs and start the reaper (which deletes overdue jobs at once)."""
+        await self.storage.open()
+        # No cut runs yet: every temporary output is a crashed one.
+        stale = await self.storage.remove_stale_parts()
         if stale:
             log.info("stale_parts_removed", count=stale)
         warm_join_processes(self.settings.jobs.max_concurrent_clips)
         for job in await self.store.all():
-            if job.status.ended:
-                self._schedule_cleanup(job)
-            else:
+            if not job.status.ended:
                 log.info("job_resumed", job_id=job.job_id, done=len(job.done_indexes()))
                 await self.submit(job)
+        self._reaper = asyncio.create_task(
+            retention.reap_forever(self.store, self.storage, self.settings), name="reaper"
+        )
 
     @property
     def draining(self) -> bool:
@@ -228,11 +228,10 @@ class LocalRunner:
         attempts given back.
         """
         self._draining = self._stopping = True
-        for handle in self._cleanup_handles.values():
-            handle.cancel()
-        self._cleanup_handles.clear()
         unfinished = list(self._live_jobs.values())
         tasks = [*self._tasks.values(), *self._background]
+        if self._reaper is not None:
+            tasks.append(self._reaper)
         for task in tasks:
             task.cancel("service stopping")
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -272,10 +271,7 @@ class LocalRunner:
 
     async def delete_ended(self, job: Job) -> None:
         """Delete an ended job and its files now."""
-        handle = self._cleanup_handles.pop(job.job_id, None)
-        if handle:
-            handle.cancel()
-        await self._cleanup(job.job_id)
+        await retention.delete_now(self.store, self.storage, job)
 
     # -- running a job ----------------------------------------------------
 
@@ -378,7 +374,6 @@ class LocalRunner:
     ) -> None:
         with structlog.contextvars.bound_contextvars(clip_index=clip.index):
             name = clip_file_name(job.source, clip)
-            self._files_in_use[name] += 1
             t_queued = time.monotonic()
             t_started: float | None = None
             outcome_code = "ok"
@@ -426,9 +421,6 @@ class LocalRunner:
                 log.exception("clip_crashed")
                 self._record_error(job, clip, "ffmpeg_failed", f"internal error: {exc}")
             finally:
-                self._files_in_use[name] -= 1
-                if self._files_in_use[name] <= 0:
-                    del self._files_in_use[name]
                 now = time.monotonic()
                 if outcome_code != "cancelled" or not self._stopping:
                     self.metrics.clips.labels(outcome_code, clip.mode).inc()
@@ -541,7 +533,6 @@ class LocalRunner:
             results=len(job.results),
             errors=len(job.errors),
         )
-        self._schedule_cleanup(job)
         self._job_ended(job)
 
     async def _finish_cancelled(self, job: Job) -> None:
@@ -562,7 +553,6 @@ class LocalRunner:
         self._finalize(job, utcnow())
         await self._save(job)
         log.info("job_cancelled")
-        self._schedule_cleanup(job)
         self._job_ended(job)
 
     def _job_ended(self, job: Job) -> None:
@@ -580,39 +570,7 @@ class LocalRunner:
         )
         job.progress = 1.0 if job.status is not JobStatus.CANCELLED else job.progress
 
-    # -- cleanup ----------------------------------------------------------
-
-    def _schedule_cleanup(self, job: Job) -> None:
-        assert job.expires_at is not None or job.finished_at is None
-        expires = job.expires_at or utcnow()
-        delay = max(0.0, (expires - utcnow()).total_seconds())
-        loop = asyncio.get_running_loop()
-        old = self._cleanup_handles.pop(job.job_id, None)
-        if old:
-            old.cancel()
-        self._cleanup_handles[job.job_id] = loop.call_later(delay, self._start_cleanup, job.job_id)
-
-    def _start_cleanup(self, job_id: str) -> None:
-        self._spawn(self._cleanup(job_id))
-
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-
-    async def _cleanup(self, job_id: str) -> None:
-        self._cleanup_handles.pop(job_id, None)
-        job = await self.store.get(job_id)
-        if job is None or not job.status.ended:
-            return
-        still_used = set(self._files_in_use)
-        for other in await self.store.all():
-            if other.job_id != job_id:
-                still_used |= other.files()
-        removed = []
-        for name in sorted(job.files() - still_used):
-            with contextlib.suppress(FileNotFoundError):
-                await aiofiles.os.remove(self.clips_dir / name)
-                removed.append(name)
-        await self.store.delete(job_id)
-        log.info("job_deleted", job_id=job_id, files_removed=len(removed))
