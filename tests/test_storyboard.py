@@ -201,6 +201,15 @@ async def test_vtt_cues_cover_the_duration_and_point_at_their_tiles(
     assert (board.width, board.height) == (160, 92)
 
 
+async def test_jpeg_quality_sets_the_quantiser(shapes: Shapes, media_server: MediaServer) -> None:
+    """A coarser quantiser makes a smaller sprite of the same tiles."""
+    url = _serve(media_server, shapes.get("progressive").files["video"])
+    fine = await build_storyboard(url, count=4, jpeg_quality=2)
+    coarse = await build_storyboard(url, count=4, jpeg_quality=20)
+    assert len(coarse.sprite) * 2 < len(fine.sprite)
+    assert (coarse.width, coarse.height) == (fine.width, fine.height)
+
+
 def test_cue_spans_and_vtt_times() -> None:
     """Cues split the duration evenly (count) or by interval (the last one
     shorter), and VTT times carry hours."""

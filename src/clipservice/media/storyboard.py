@@ -172,7 +172,7 @@ async def build_storyboard(
     sprite_url: str = "sprite.jpg",
     connections: int = DEFAULT_CONNECTIONS,
     timeout_s: float = DEFAULT_TIMEOUT_S,
-    jpeg_quality: int = 5,
+    jpeg_quality: int = 8,
 ) -> Storyboard:
     """The storyboard of ``source``'s video: ``count`` thumbnails (or one every
     ``interval_s``; neither: ``DEFAULT_COUNT``), ``thumb_width`` pixels wide,
@@ -693,7 +693,11 @@ def _compose(
     encoder.width, encoder.height = sprite.width, sprite.height
     encoder.pix_fmt = "yuvj420p"
     encoder.time_base = Fraction(1, 1)
+    # A fixed quantiser: PyAV's qscale turns on fixed quality, but the frame
+    # carries none (it would be 0: the best, clipped to qmin), so qmin and
+    # qmax pin it.
     encoder.qscale = quality
+    encoder.qmin = encoder.qmax = quality
     packets = encoder.encode(sprite) + encoder.encode(None)
     jpeg = b"".join(bytes(p) for p in packets)
     return jpeg, tuple(thumbs), (sprite.width, sprite.height), len(frames)
