@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from clipservice.api.appkeys import RUNNER
+from clipservice.config import Settings
 from clipservice.jobs.models import (
     ClipResult,
     ClipSpec,
@@ -20,7 +21,6 @@ from clipservice.jobs.models import (
     new_job_id,
     utcnow,
 )
-from clipservice.jobs.runner import MAX_CLIP_ATTEMPTS
 from clipservice.media import ffmpeg
 from tests.conftest import MediaServer, ServiceFactory
 
@@ -57,11 +57,11 @@ def make_job(video_id: str, clips: list[tuple[float, float]], **fields: Any) -> 
 async def test_clip_begun_too_often_ends_interrupted(
     make_service: ServiceFactory, tmp_path: Path
 ) -> None:
-    """A resumed job's clip that already began MAX_CLIP_ATTEMPTS times without an outcome
+    """A resumed job's clip that already began queue.clip_attempts times without an outcome
     ends with code "interrupted"; its other clips are cut and the job finishes."""
     data = tmp_path / "data"
     job = make_job("resume1", [(1, 2), (3, 4)], status=JobStatus.PROCESSING)
-    job.clips[0].attempts = MAX_CLIP_ATTEMPTS
+    job.clips[0].attempts = Settings().queue.clip_attempts
     write_job(data, job)
     service = await make_service(data)
     doc = await service.wait(job.job_id)

@@ -71,13 +71,12 @@ async def _url_guard(app: web.Application) -> AsyncIterator[None]:
 
 async def _jobs(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    store = FileJobStore(settings.jobs_dir)
+    events = LocalJobEvents()
+    # Every change the store writes reaches this node's SSE listeners.
+    store = FileJobStore(settings.jobs_dir, on_change=events.notify)
     await store.open()
     resolver = make_resolver(settings, app[HTTP], app[GUARD])
-    events = LocalJobEvents()
-    runner = LocalRunner(
-        settings, store, resolver, Cutter(settings.cut.ffmpeg_path), events, app[METRICS]
-    )
+    runner = LocalRunner(settings, store, resolver, Cutter(settings.cut.ffmpeg_path), app[METRICS])
     app[EVENTS] = events
     # Webhook URLs come from clients: checked by the guard, posted through its
     # session, whose resolver refuses forbidden addresses at connect time too.
@@ -92,6 +91,7 @@ async def _jobs(app: web.Application) -> AsyncIterator[None]:
     yield
     await runner.stop()
     await webhooks.close()
+    await store.close()
 
 
 async def _distributed_jobs(app: web.Application) -> AsyncIterator[None]:

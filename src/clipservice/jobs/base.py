@@ -9,10 +9,14 @@ tasks of the serving process, the embedded default) and
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
+import structlog
+
 from clipservice.jobs.models import Job
+
+log = structlog.get_logger(__name__)
 
 
 class Runner(Protocol):
@@ -39,3 +43,19 @@ class Runner(Protocol):
     async def delete_ended(self, job: Job) -> None:
         """Delete an ended job and its files now."""
         ...
+
+
+def announce_end(job: Job, hooks: Iterable[Callable[[Job], None]]) -> None:
+    """Log the end of a job (once, by whoever ended it) and tell the ``on_job_end`` hooks."""
+    log.info(
+        "job_ended",
+        job_id=job.job_id,
+        status=job.status.value,
+        results=len(job.results),
+        errors=len(job.errors),
+    )
+    for hook in hooks:
+        try:
+            hook(job)
+        except Exception:  # a broken hook must not break the job's end
+            log.exception("job_end_hook_failed")

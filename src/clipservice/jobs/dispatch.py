@@ -21,6 +21,7 @@ from saq.job import TERMINAL_STATUSES
 
 from clipservice.config import Settings
 from clipservice.jobs import bookkeeping, retention
+from clipservice.jobs.base import announce_end
 from clipservice.jobs.models import Job, JobStatus
 from clipservice.jobs.queue import (
     CLIPS_QUEUE,
@@ -128,8 +129,7 @@ class DistributedRunner:
                 await queue.abort(task, "cancelled")
         log.info("job_cancelled", job_id=job_id)
         if job is not None:
-            for hook in self.on_job_end:
-                hook(job)
+            announce_end(job, self.on_job_end)
         return True
 
     async def delete_ended(self, job: Job) -> None:

@@ -21,6 +21,7 @@ resolved again after expiring.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
@@ -32,7 +33,7 @@ from typing import TypeVar
 
 import redis.asyncio as aioredis
 import structlog
-from redis.exceptions import WatchError
+from redis.exceptions import LockError, WatchError
 
 from clipservice.domain import StreamUrls
 from clipservice.jobs.models import JOB_ID_PATTERN, Job
@@ -236,10 +237,13 @@ class RedisJobStore:
 
         Waits while another node holds it; a holder that died loses it after ``timeout_s``.
         """
-        async with self.redis.lock(
-            f"{self.prefix}source-lock:{job_id}", timeout=timeout_s, sleep=0.1
-        ):
+        lock = self.redis.lock(f"{self.prefix}source-lock:{job_id}", timeout=timeout_s, sleep=0.1)
+        await lock.acquire()
+        try:
             yield
+        finally:
+            with contextlib.suppress(LockError):  # it expired: another node may hold it now
+                await lock.release()
 
     # -- expiry --------------------------------------------------------------
 

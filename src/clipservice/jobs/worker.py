@@ -5,14 +5,20 @@ A worker runs SAQ workers for both queues (see :mod:`clipservice.jobs.queue`):
 - ``prepare_job`` resolves the job's source once, probes it, stores the
   stream URLs for every worker and enqueues one ``cut_clip`` task per clip
   (or fails the job when the source is unusable).
-- ``cut_clip`` claims its clip in the job store, cuts it and records the
-  outcome; the store ends the job when its last clip has one.
+- ``cut_clip`` claims its clip in the job store, makes one attempt at it
+  (:func:`~clipservice.jobs.attempt.attempt_clip`, as the in-process runner
+  does) and records the outcome; the store ends the job when its last clip
+  has one.
 
-A clip task keeps its heartbeat while it runs (FFmpeg progress, and a
-keep-alive while the cut coroutine lives). A worker that dies stops its
-heartbeat; another worker's sweep aborts the task and queues it again, and the
-clip's attempt number in the job store fences off anything the old worker
-might still write (see :mod:`clipservice.jobs.redis_store`).
+Stream URLs that expire mid-job are resolved again by one worker under a
+Redis lock and stored with the next generation number; the job's other
+workers pick that generation up instead of resolving again.
+
+What only the workers do: the heartbeat (FFmpeg progress, and a keep-alive
+while the cut coroutine lives) and the SAQ retries. A worker that dies stops
+its heartbeat; another worker's sweep aborts the task and queues it again, and
+the clip's attempt number in the job store fences off anything the old worker
+might still write (see :mod:`clipservice.jobs.bookkeeping`).
 """
 
 from __future__ import annotations
@@ -34,18 +40,19 @@ from saq.job import Job as SaqJob
 from saq.types import Context, PartialTimersDict
 
 from clipservice.config import Settings
-from clipservice.domain import StreamUrls
-from clipservice.errors import ClipFailure, SourceError
-from clipservice.jobs import bookkeeping, clipwork, retention
+from clipservice.domain import JobSource, StreamUrls
+from clipservice.errors import SourceError
+from clipservice.jobs import bookkeeping, retention
+from clipservice.jobs.attempt import ClipWork, attempt_clip
+from clipservice.jobs.base import announce_end
 from clipservice.jobs.bookkeeping import StaleAttempt
-from clipservice.jobs.models import ClipResult, ClipSpec, Job, JobError
-from clipservice.jobs.naming import clip_file_name
+from clipservice.jobs.models import ClipResult, Job, JobError
 from clipservice.jobs.queue import CLIPS_QUEUE, JOBS_QUEUE, clip_task, make_queue
 from clipservice.jobs.redis_store import RedisJobStore, StoredSource
+from clipservice.jobs.streams import JobStreams, resolve_source
 from clipservice.jobs.webhooks import WebhookSender
 from clipservice.media.cutter import Cutter, warm_join_processes
-from clipservice.media.probe import SourceInfo, probe_source
-from clipservice.media.source import SourceIndex
+from clipservice.metrics import Metrics
 from clipservice.sources.base import Resolver
 from clipservice.sources.factory import make_resolver
 from clipservice.sources.guard import UrlGuard
@@ -53,11 +60,8 @@ from clipservice.storage import SharedFolderStorage
 
 log = structlog.get_logger(__name__)
 
-# Progress is written to the job store at most this often per clip.
-_PROGRESS_INTERVAL_S = 0.5
-_PROBE_CACHE_SIZE = 64
-# Open source containers kept for keyframe lookups (jobs this worker cuts).
-_KEYFRAME_CACHE_SIZE = 16
+# Jobs whose streams (source index and probe) this process keeps.
+_STREAMS_CACHE_SIZE = 16
 
 
 class ClipWorker:
@@ -71,6 +75,7 @@ class ClipWorker:
         resolver: Resolver,
         clips_queue: Queue,
         worker_id: str,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -78,9 +83,11 @@ class ClipWorker:
         self.resolver = resolver
         self.clips_queue = clips_queue
         self.worker_id = worker_id
-        self.cutter = Cutter(settings.cut.ffmpeg_path)
-        self._probes: OrderedDict[str, asyncio.Future[SourceInfo]] = OrderedDict()
-        self._keyframes: OrderedDict[str, SourceIndex] = OrderedDict()
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.work = ClipWork.of(settings, Cutter(settings.cut.ffmpeg_path), storage, self.metrics)
+        # Set when the worker process stops: the clips it cancels are cut again elsewhere.
+        self.stopping = False
+        self._streams: OrderedDict[str, JobStreams] = OrderedDict()
         self._background: set[asyncio.Task[Any]] = set()
         # Called with the job when this worker ended it (its webhook).
         self.on_job_end: list[Callable[[Job], None]] = []
@@ -101,12 +108,15 @@ class ClipWorker:
             job = await bookkeeping.start_job(self.store, job_id)
             if job is None:
                 return "skipped"
-            source = await self.store.get_source(job_id)
-            if source is None:
+            if await self.store.get_source(job_id) is None:
                 t0 = time.monotonic()
                 try:
-                    resolved = await self.resolver.resolve(job.source)
-                    info = await probe_source(resolved.video_url, resolved.audio_url)
+                    stored = StoredSource(
+                        await resolve_source(self.resolver, job.source, self.metrics)
+                    )
+                    await self.store.set_source(job_id, stored)
+                    # Read through the job's streams here: this worker's clips reuse them.
+                    info = await self._streams_for(job_id, job.source, stored).info()
                 except SourceError as exc:
                     log.warning("source_failed", code=exc.code, error=exc.message)
                     failed = await bookkeeping.fail_job(
@@ -116,16 +126,21 @@ class ClipWorker:
                         self.settings.jobs.retention_s,
                     )
                     if failed is not None:
-                        self._ended(failed)
+                        await self._ended(failed)
                     return "failed"
-                source = StoredSource(StreamUrls(resolved.video_url, resolved.audio_url))
-                await self.store.set_source(job_id, source)
                 log.info(
                     "source_ready",
                     duration_s=info.duration_s,
                     codec=info.video.codec,
                     resolve_probe_s=round(time.monotonic() - t0, 3),
                 )
+            # A job whose every clip has an outcome (a prepare run again) ends here.
+            ended = await bookkeeping.finish_if_done(
+                self.store, job_id, self.settings.jobs.retention_s
+            )
+            if ended is not None:
+                await self._ended(ended)
+                return "ended"
             done = job.done_indexes()
             for clip in job.clips:
                 if clip.index not in done:
@@ -143,18 +158,35 @@ class ClipWorker:
             if attempt is None:
                 return "skipped"  # done already, or the job ended or is gone
             job = await self.store.get(job_id)
-            source = await self.store.get_source(job_id)
-            if job is None or source is None:
+            stored = await self.store.get_source(job_id)
+            if job is None or stored is None:
                 return "skipped"
-            clip = job.clips[index]
-            if task.attempts > self.settings.queue.clip_attempts:
-                outcome: bookkeeping.ClipOutcome = bookkeeping.clip_error(
-                    clip,
-                    "interrupted",
-                    f"the workers cutting this clip stopped {task.attempts - 1} times",
+
+            def on_progress(fraction: float) -> None:
+                # FFmpeg progress is the heartbeat: it proves the cut is moving.
+                self._spawn(task.update(progress=fraction))
+                self._spawn(bookkeeping.clip_progress(self.store, job_id, index, attempt, fraction))
+
+            keepalive = self._start_keepalive(task)
+            try:
+                # Cancelled (job cancelled, or this worker stopping: SAQ queues
+                # the clip again): the cutter kills FFmpeg and removes the
+                # partial file; nothing to record.
+                outcome = await attempt_clip(
+                    self.work,
+                    job.source,
+                    job.clips[index],
+                    self._streams_for(job_id, job.source, stored),
+                    # Each claim is a begin: the ones before this ended without an outcome.
+                    begun_before=attempt - 1,
+                    on_progress=on_progress,
+                    waited_s=(task.duration("start") or 0) / 1000,
+                    stopping=lambda: self.stopping,
                 )
-            else:
-                outcome = await self._cut(task, job, clip, source, attempt)
+            finally:
+                keepalive.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await keepalive
             try:
                 after = await bookkeeping.record_clip(
                     self.store, job_id, attempt, outcome, self.settings.jobs.retention_s
@@ -163,100 +195,56 @@ class ClipWorker:
                 log.warning("clip_stale", attempt=attempt)
                 return "stale"
             if after.status.ended:
-                self._ended(after)
-                kf = self._keyframes.pop(job_id, None)
-                if kf is not None:
-                    await kf.aclose()
+                await self._ended(after)
             return "ok" if isinstance(outcome, ClipResult) else outcome.code
 
-    async def _cut(
-        self,
-        task: SaqJob,
-        job: Job,
-        clip: ClipSpec,
-        source: StoredSource,
-        attempt: int,
-    ) -> bookkeeping.ClipOutcome:
-        src = source.urls
-        name = clip_file_name(job.source, clip)
-        timeout_s = self.settings.jobs.clip_timeout_s
-        last_write = 0.0
-        t0 = time.monotonic()
-        code = "ok"
+    async def _ended(self, job: Job) -> None:
+        announce_end(job, self.on_job_end)
+        streams = self._streams.pop(job.job_id, None)
+        if streams is not None:
+            await streams.aclose()
 
-        def on_progress(out_s: float) -> None:
-            nonlocal last_write
-            now = time.monotonic()
-            if now - last_write < _PROGRESS_INTERVAL_S:
-                return
-            last_write = now
-            fraction = min(1.0, out_s / max(clip.end - clip.start, 1e-3))
-            # FFmpeg progress is the heartbeat: it proves the cut is moving.
-            self._spawn(task.update(progress=fraction))
-            self._spawn(
-                bookkeeping.clip_progress(self.store, job.job_id, clip.index, attempt, fraction)
+    # -- the job's streams, shared through Redis --------------------------------
+
+    def _streams_for(self, job_id: str, source: JobSource, stored: StoredSource) -> JobStreams:
+        """One set of streams per job in this process, at the newest generation stored."""
+        streams = self._streams.get(job_id)
+        if streams is None:
+            streams = self._streams[job_id] = JobStreams(
+                stored.urls,
+                lambda generation: self._renew(job_id, source, generation),
+                generation=stored.generation,
+                allow_private=self.settings.security.allow_private_sources,
             )
+            while len(self._streams) > _STREAMS_CACHE_SIZE:
+                _, old = self._streams.popitem(last=False)
+                # Closing is safe mid-lookup: an index reopens on its next use.
+                self._spawn(old.aclose())
+        else:
+            streams.adopt(stored.urls, stored.generation)
+        self._streams.move_to_end(job_id)
+        return streams
 
-        keepalive = self._start_keepalive(task)
-        try:
-            try:
-                info = await self._probe(job.job_id, src)
-                clipwork.check_range(clip, info)
-                result = await asyncio.wait_for(
-                    clipwork.produce_clip(
-                        self.cutter,
-                        self.storage,
-                        clip,
-                        src,
-                        info,
-                        name,
-                        timeout_s=timeout_s,
-                        on_progress=on_progress,
-                        keyframes=self._keyframes_for(job.job_id, src),
-                    ),
-                    timeout_s,
-                )
-                return result
-            except ClipFailure as exc:
-                code = exc.code
-                return bookkeeping.clip_error(clip, exc.code, exc.message)
-            except TimeoutError:
-                code = "timeout"
-                return bookkeeping.clip_error(clip, "timeout", f"clip took over {timeout_s}s")
-            except asyncio.CancelledError:
-                # Aborted (job cancelled) or the worker is stopping (SAQ queues
-                # the clip again): the cutter has killed FFmpeg and removed the
-                # partial file; nothing to record.
-                code = "cancelled"
-                raise
-            except Exception as exc:
-                code = "ffmpeg_failed"
-                log.exception("clip_crashed")
-                return bookkeeping.clip_error(clip, "ffmpeg_failed", f"internal error: {exc}")
-        finally:
-            keepalive.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await keepalive
-            log.info(
-                "clip_done",
-                outcome=code,
-                mode=clip.mode,
-                start=clip.start,
-                end=clip.end,
-                attempt=attempt,
-                cut_s=round(time.monotonic() - t0, 3),
+    async def _renew(
+        self, job_id: str, source: JobSource, generation: int
+    ) -> tuple[StreamUrls, int]:
+        """Stream URLs newer than ``generation``: resolved here, unless another worker did."""
+        # Long enough for a resolve; a holder that died frees the lock after it.
+        lock_s = self.settings.resolver.timeout_s * 2 + 10
+        async with self.store.source_lock(job_id, lock_s):
+            stored = await self.store.get_source(job_id)
+            if stored is None:
+                raise SourceError("source_unavailable", "the job is gone")
+            if stored.generation > generation:
+                return stored.urls, stored.generation
+            fresh = StoredSource(
+                await resolve_source(self.resolver, source, self.metrics), generation + 1
             )
+            await self.store.set_source(job_id, fresh)
+            log.info("source_renewed", generation=fresh.generation)
+            return fresh.urls, fresh.generation
 
-    def _ended(self, job: Job) -> None:
-        log.info(
-            "job_ended",
-            job_id=job.job_id,
-            status=job.status.value,
-            results=len(job.results),
-            errors=len(job.errors),
-        )
-        for hook in self.on_job_end:
-            hook(job)
+    # -- heartbeat ----------------------------------------------------------------
 
     def _start_keepalive(self, task: SaqJob) -> asyncio.Task[None]:
         owner = asyncio.current_task()
@@ -284,30 +272,6 @@ class ClipWorker:
                     owner.cancel()
                     return
 
-    async def _probe(self, job_id: str, src: StreamUrls) -> SourceInfo:
-        """Probe a job's source once per worker process (clips of a job share it)."""
-        fut = self._probes.get(job_id)
-        if fut is None or (fut.done() and fut.exception() is not None):
-            index = self._keyframes_for(job_id, src)  # the probe reads through it
-            fut = asyncio.ensure_future(probe_source(src.video_url, src.audio_url, index))
-            self._probes[job_id] = fut
-            while len(self._probes) > _PROBE_CACHE_SIZE:
-                self._probes.popitem(last=False)
-        self._probes.move_to_end(job_id)
-        return await asyncio.shield(fut)
-
-    def _keyframes_for(self, job_id: str, src: StreamUrls) -> SourceIndex:
-        """One keyframe index per job in this process, shared by its clips here."""
-        index = self._keyframes.get(job_id)
-        if index is None:
-            index = self._keyframes[job_id] = SourceIndex(src.video_url, src.audio_url)
-            while len(self._keyframes) > _KEYFRAME_CACHE_SIZE:
-                _, old = self._keyframes.popitem(last=False)
-                # Closing is safe mid-lookup: the index reopens on its next use.
-                self._spawn(old.aclose())
-        self._keyframes.move_to_end(job_id)
-        return index
-
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
@@ -319,13 +283,12 @@ class ClipWorker:
             log.warning("progress_write_failed", error=str(task.exception()))
 
     async def close(self) -> None:
-        tasks = [*self._background, *self._probes.values()]
-        for t in tasks:
+        for t in self._background:
             t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for index in self._keyframes.values():
-            await index.aclose()
-        self._keyframes.clear()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        for streams in self._streams.values():
+            await streams.aclose()
+        self._streams.clear()
 
 
 def default_worker_id() -> str:
@@ -361,7 +324,14 @@ async def run_worker(settings: Settings, *, worker_id: str | None = None) -> Non
         ) as guard,
     ):
         state = ClipWorker(
-            settings, store, storage, make_resolver(settings, http, guard), clips_queue, worker_id
+            settings,
+            store,
+            storage,
+            make_resolver(settings, http, guard),
+            clips_queue,
+            worker_id,
+            # Recorded like the in-process runner's; this process serves no /metrics.
+            Metrics(),
         )
         warm_join_processes(settings.jobs.max_concurrent_clips)
         # The worker that ends a job sends its webhook. Unlike the embedded
@@ -411,6 +381,7 @@ async def run_worker(settings: Settings, *, worker_id: str | None = None) -> Non
             await stop.wait()
         finally:
             log.info("worker_stopping", worker=worker_id, grace_s=grace_s)
+            state.stopping = True
             for w in workers:
                 w.event.set()
             await asyncio.gather(*runs, return_exceptions=True)
