@@ -16,7 +16,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from clipservice.domain import CutMode
 
@@ -57,10 +64,100 @@ class ServerSettings(_Section):
         return value
 
 
-class StorageSettings(_Section):
-    """Where job documents and clip files live."""
+MIB = 1024 * 1024
+# S3's own floor for every part of a multipart upload but the last.
+S3_MIN_PART_BYTES = 5 * MIB
+# SigV4 presigned URLs live at most seven days.
+S3_MAX_PRESIGN_S = 7 * 24 * 3600
 
-    data_dir: Path = Field(Path("./data"), description="Holds jobs/ and clips/.")
+
+class StorageSettings(_Section):
+    """Where job documents and clip files live (clips: a local folder or an S3 bucket)."""
+
+    data_dir: Path = Field(
+        Path("./data"),
+        description="Holds jobs/ and clips/ (with kind = s3, clips/ only stages outputs "
+        "until they are uploaded).",
+    )
+    kind: Literal["local", "s3"] = Field(
+        "local",
+        description="local: clips stay in data_dir/clips (shared by every node in the "
+        "distributed mode); s3: clips are uploaded to an S3-compatible bucket.",
+    )
+    bucket: str = Field("", description="s3: the bucket holding the clips (required).")
+    prefix: str = Field(
+        "", description='s3: key prefix inside the bucket, e.g. "clipservice/"; "" = the root.'
+    )
+    endpoint_url: str = Field(
+        "",
+        description='s3: the store\'s URL (MinIO, R2, GCS interop…); "" = AWS S3 for the region.',
+    )
+    public_endpoint_url: str = Field(
+        "",
+        description="s3, serve = redirect: the store's URL as clients reach it, used to sign "
+        'download links; "" = endpoint_url.',
+    )
+    region: str = Field(
+        "", description='s3: region; "" = from AWS_REGION / the shared AWS config (else us-east-1).'
+    )
+    addressing_style: Literal["auto", "path", "virtual"] = Field(
+        "auto",
+        description="s3: bucket in the path (path, what MinIO usually needs) or in the host "
+        "name (virtual); auto lets botocore choose.",
+    )
+    serve: Literal["stream", "redirect"] = Field(
+        "stream",
+        description="s3: GET /api/clips/{file} streams the object through the API node (with "
+        "Range), or redirects to a presigned URL valid presign_expiry_s.",
+    )
+    presign_expiry_s: int = Field(
+        300, ge=1, le=S3_MAX_PRESIGN_S, description="s3, serve = redirect: presigned URL lifetime."
+    )
+    multipart_threshold_bytes: int = Field(
+        16 * MIB,
+        ge=S3_MIN_PART_BYTES,
+        description="s3: outputs this big or bigger are uploaded in parts; smaller ones in one "
+        "request (held in memory, so this bounds memory too).",
+    )
+    part_size_bytes: int = Field(
+        8 * MIB,
+        ge=S3_MIN_PART_BYTES,
+        le=5 * 1024 * MIB,
+        description="s3: size of one multipart part, read from disk one at a time.",
+    )
+    request_timeout_s: float = Field(
+        60, gt=0, description="s3: connect and read timeout of one request to the store."
+    )
+    max_attempts: int = Field(
+        3,
+        ge=1,
+        le=10,
+        description="s3: attempts per request (retried with backoff on throttling, 5xx and "
+        "connection errors).",
+    )
+
+    @field_validator("endpoint_url", "public_endpoint_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError('expected "" or an http:// or https:// URL')
+        return value.rstrip("/")
+
+    @field_validator("prefix")
+    @classmethod
+    def _key_prefix(cls, value: str) -> str:
+        # Keys are prefix + "/" + name: slashes at either end are noise, and a ".."
+        # segment would only confuse stores that map keys onto file systems.
+        value = value.strip("/")
+        if ".." in value.split("/"):
+            raise ValueError('a key prefix must not contain a ".." segment')
+        return value
+
+    @model_validator(mode="after")
+    def _s3_needs_bucket(self) -> StorageSettings:
+        if self.kind == "s3" and not self.bucket:
+            raise ValueError('storage.bucket is required when storage.kind = "s3"')
+        return self
 
 
 class JobsSettings(_Section):
@@ -130,6 +227,12 @@ class QueueSettings(_Section):
     )
     retry_delay_s: float = Field(
         1.0, ge=0, description="First delay before a clip is retried (doubles, with jitter)."
+    )
+    max_depth: int = Field(
+        0,
+        ge=0,
+        description="Backpressure: while more clips than this wait in the queue, creating a "
+        "job answers 503 with Retry-After; 0 = no limit.",
     )
 
     @field_validator("url")

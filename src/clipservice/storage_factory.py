@@ -1,0 +1,54 @@
+"""The one place that turns ``[storage]`` settings into a clip storage.
+
+API nodes, workers and the in-process runner all build their storage here,
+so ``storage.kind`` means the same thing wherever it is read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Protocol
+
+from clipservice.config import Settings
+from clipservice.s3storage import S3Storage
+from clipservice.storage import ClipStorage, SharedFolderStorage
+
+
+class ManagedClipStorage(ClipStorage, Protocol):
+    """A :class:`ClipStorage` with the life cycle and upkeep every kind offers."""
+
+    async def open(self) -> None:
+        """Create the local folder (and, for S3, the client)."""
+        ...
+
+    async def remove_stale_parts(self, older_than_s: float | None = None) -> int:
+        """Drop temporary outputs of crashed cuts from the local folder."""
+        ...
+
+    def writable(self) -> bool:
+        """True when the local folder accepts new files (for /readyz)."""
+        ...
+
+
+def make_storage(settings: Settings) -> ManagedClipStorage:
+    """The clip storage ``settings.storage.kind`` names, not yet opened.
+
+    Prefer :func:`open_storage`, which also closes what needs closing.
+    """
+    if settings.storage.kind == "s3":
+        return S3Storage(settings.storage, settings.clips_dir)
+    return SharedFolderStorage(settings.clips_dir)
+
+
+@asynccontextmanager
+async def open_storage(settings: Settings) -> AsyncIterator[ManagedClipStorage]:
+    """The configured storage, opened for the block and closed after it."""
+    storage = make_storage(settings)
+    await storage.open()
+    try:
+        yield storage
+    finally:
+        # Only the S3 storage holds a client; the shared folder has nothing to close.
+        if isinstance(storage, S3Storage):
+            await storage.close()
