@@ -8,11 +8,12 @@ coroutine here runs its work in a thread.
 from __future__ import annotations
 
 import asyncio
+import io
 from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import av
 
@@ -188,12 +189,28 @@ class OutputInfo:
     has_audio: bool
     frames: int
     size_bytes: int
+    width: int = 0
+    height: int = 0
+    subtitle_streams: int = 0
 
 
-def _validate_sync(path: Path, expected_s: float, expect_audio: bool, tol_s: float) -> OutputInfo:
+def _size_of(path: Path) -> int:
     size = path.stat().st_size if path.is_file() else 0
     if size == 0:
         raise ClipFailure("output_invalid", "output file is missing or empty")
+    return size
+
+
+def _check_duration(got_s: float, expected_s: float, tol_s: float) -> None:
+    if abs(got_s - expected_s) > tol_s:
+        raise ClipFailure(
+            "output_invalid",
+            f"output lasts {got_s:.3f}s, expected {expected_s:.3f}s (±{tol_s:.3f}s)",
+        )
+
+
+def _validate_sync(path: Path, expected_s: float, expect_audio: bool, tol_s: float) -> OutputInfo:
+    size = _size_of(path)
     try:
         with av.open(str(path)) as c:
             if not c.streams.video:
@@ -208,14 +225,11 @@ def _validate_sync(path: Path, expected_s: float, expect_audio: bool, tol_s: flo
             if first is None:
                 raise ClipFailure("output_invalid", "output's first video frame does not decode")
             frames = vs.frames
+            subtitles = len(c.streams.subtitles)
     except av.FFmpegError as exc:
         raise ClipFailure("output_invalid", f"output does not decode: {exc}") from exc
-    if abs(vdur - expected_s) > tol_s:
-        raise ClipFailure(
-            "output_invalid",
-            f"output lasts {vdur:.3f}s, expected {expected_s:.3f}s (±{tol_s:.3f}s)",
-        )
-    return OutputInfo(duration, vdur, has_audio, frames, size)
+    _check_duration(vdur, expected_s, tol_s)
+    return OutputInfo(duration, vdur, has_audio, frames, size, first.width, first.height, subtitles)
 
 
 async def validate_output(
@@ -223,3 +237,145 @@ async def validate_output(
 ) -> OutputInfo:
     """Check a cut output: non-empty, streams present, first frame decodes, duration right."""
     return await asyncio.to_thread(_validate_sync, path, expected_s, expect_audio, tol_s)
+
+
+# -- outputs that are not an MP4 clip ---------------------------------------------
+
+OutputKind = Literal["video", "audio", "animation", "image"]
+
+
+def _validate_audio(path: Path, expected_s: float, tol_s: float) -> OutputInfo:
+    size = _size_of(path)
+    try:
+        with av.open(str(path)) as c:
+            if c.streams.video:
+                raise ClipFailure("output_invalid", "audio output has a video stream")
+            if not c.streams.audio:
+                raise ClipFailure("output_invalid", "output has no audio stream")
+            a = c.streams.audio[0]
+            duration = float(c.duration / av.time_base) if c.duration else 0.0
+            if a.duration and a.time_base:
+                duration = float(a.duration * a.time_base)
+            if next(c.decode(audio=0), None) is None:
+                raise ClipFailure("output_invalid", "output's first audio frame does not decode")
+    except av.FFmpegError as exc:
+        raise ClipFailure("output_invalid", f"output does not decode: {exc}") from exc
+    _check_duration(duration, expected_s, tol_s)
+    return OutputInfo(duration, 0.0, True, 0, size)
+
+
+@dataclass(frozen=True)
+class WebpInfo:
+    """An animated WebP's canvas, its frames' durations, and its first frame as
+    a still WebP (FFmpeg decodes still WebP, not animated)."""
+
+    width: int
+    height: int
+    durations_ms: list[int]
+    first_frame: bytes
+
+
+def webp_info(data: bytes) -> WebpInfo:
+    """Read an animated WebP's RIFF chunks (VP8X canvas, ANMF frames); raise
+    ValueError if it is not one."""
+    if data[:4] != b"RIFF" or data[8:12] != b"WEBP":
+        raise ValueError("not a WebP file")
+    pos, width, height = 12, 0, 0
+    durations: list[int] = []
+    first = b""
+    while pos + 8 <= len(data):
+        fourcc, size = data[pos : pos + 4], int.from_bytes(data[pos + 4 : pos + 8], "little")
+        body = data[pos + 8 : pos + 8 + size]
+        if len(body) < size:
+            raise ValueError("truncated WebP chunk")
+        if fourcc == b"VP8X" and size >= 10:
+            width = int.from_bytes(body[4:7], "little") + 1
+            height = int.from_bytes(body[7:10], "little") + 1
+        elif fourcc == b"ANMF" and size >= 16:
+            durations.append(int.from_bytes(body[12:15], "little"))
+            if not first:
+                frame = body[16:]
+                first = b"RIFF" + (4 + len(frame)).to_bytes(4, "little") + b"WEBP" + frame
+        pos += 8 + size + (size & 1)
+    if not width or not durations:
+        raise ValueError("not an animated WebP (no VP8X canvas or no frames)")
+    return WebpInfo(width, height, durations, first)
+
+
+def _validate_animation(path: Path, expected_s: float, tol_s: float) -> OutputInfo:
+    size = _size_of(path)
+    if path.read_bytes()[:4] == b"RIFF":
+        try:
+            info = webp_info(path.read_bytes())
+            with av.open(io.BytesIO(info.first_frame), "r", format="webp_pipe") as c:
+                if next(c.decode(video=0), None) is None:
+                    raise ClipFailure("output_invalid", "the WebP's first frame does not decode")
+        except (ValueError, av.FFmpegError) as exc:
+            raise ClipFailure("output_invalid", f"output is not an animated WebP: {exc}") from exc
+        duration = sum(info.durations_ms) / 1000
+        frames, width, height = len(info.durations_ms), info.width, info.height
+    else:
+        try:
+            with av.open(str(path)) as c:
+                if not c.streams.video:
+                    raise ClipFailure("output_invalid", "output has no video stream")
+                vs = c.streams.video[0]
+                decoded = list(c.decode(video=0))
+                if not decoded:
+                    raise ClipFailure("output_invalid", "output's first frame does not decode")
+                duration = float(c.duration / av.time_base) if c.duration else 0.0
+                if vs.duration and vs.time_base:
+                    duration = float(vs.duration * vs.time_base)
+                frames, width, height = len(decoded), decoded[0].width, decoded[0].height
+        except av.FFmpegError as exc:
+            raise ClipFailure("output_invalid", f"output does not decode: {exc}") from exc
+    _check_duration(duration, expected_s, tol_s)
+    return OutputInfo(duration, duration, False, frames, size, width, height)
+
+
+def _validate_image(path: Path) -> OutputInfo:
+    size = _size_of(path)
+    try:
+        with av.open(str(path)) as c:
+            frame = next(c.decode(video=0), None)
+    except av.FFmpegError as exc:
+        raise ClipFailure("output_invalid", f"output image does not decode: {exc}") from exc
+    if frame is None:
+        raise ClipFailure("output_invalid", "output image does not decode")
+    return OutputInfo(0.0, 0.0, False, 1, size, frame.width, frame.height)
+
+
+async def validate_media(
+    path: Path,
+    kind: OutputKind,
+    expected_s: float = 0.0,
+    *,
+    tol_s: float = 0.0,
+    expect_audio: bool = False,
+    expect_subtitles: bool = False,
+    size: tuple[int, int] | None = None,
+) -> OutputInfo:
+    """Check an output of any kind: non-empty, the streams its kind has (an
+    audio file has no video; an image or animation its picture), its first
+    frame decodes, its duration is right (not for images), its frame is
+    ``size`` if given, and it has a subtitle track if expected."""
+
+    def check() -> OutputInfo:
+        if kind == "video":
+            info = _validate_sync(path, expected_s, expect_audio, tol_s)
+            if expect_subtitles and not info.subtitle_streams:
+                raise ClipFailure("output_invalid", "output has no subtitle stream")
+        elif kind == "audio":
+            info = _validate_audio(path, expected_s, tol_s)
+        elif kind == "animation":
+            info = _validate_animation(path, expected_s, tol_s)
+        else:
+            info = _validate_image(path)
+        if size is not None and (info.width, info.height) != size:
+            raise ClipFailure(
+                "output_invalid",
+                f"output is {info.width}x{info.height}, expected {size[0]}x{size[1]}",
+            )
+        return info
+
+    return await asyncio.to_thread(check)
