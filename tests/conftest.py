@@ -379,3 +379,21 @@ async def make_service(tmp_path: Path, vidfly: FakeVidfly) -> AsyncIterator[Serv
 @pytest.fixture
 async def service(make_service: ServiceFactory) -> Service:
     return await make_service()
+
+
+def ffmpeg_children(pid: int) -> list[int]:
+    """The FFmpeg processes whose parent is ``pid`` (read from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # the process ended meanwhile
+            continue
+        # The command name sits in parentheses and may hold spaces or ")": split around it.
+        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        if ppid == pid and comm.startswith("ffmpeg"):
+            found.append(int(entry.name))
+    return found

@@ -19,7 +19,7 @@ import pytest
 from clipservice.jobs.models import Job, JobStatus
 from clipservice.jobs.queue import CLIPS_QUEUE, make_queue
 from clipservice.jobs.redis_store import RedisJobStore
-from tests.conftest import FakeVidfly, MediaServer, Service, ServiceFactory
+from tests.conftest import FakeVidfly, MediaServer, Service, ServiceFactory, ffmpeg_children
 
 REDIS_URL = "redis://127.0.0.1:6379/12"
 WAIT_S = 90
@@ -53,24 +53,6 @@ retry_delay_s = 0.2
 """
     )
     return path
-
-
-def ffmpeg_children(pid: int) -> list[int]:
-    """FFmpeg processes whose parent is ``pid`` (from /proc)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as fh:
-                stat = fh.read()
-        except OSError:
-            continue
-        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
-        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-        if ppid == pid and comm.startswith("ffmpeg"):
-            found.append(int(entry))
-    return found
 
 
 @dataclass
@@ -271,6 +253,32 @@ async def test_sigterm_hands_running_clip_to_another_worker(
     assert done.status is JobStatus.FINISHED and done.errors == [], cluster.log(b)
     cut_by = await cluster.store.clip_workers(job_id)
     assert set(cut_by.values()) == {cluster.worker_id(b)}, cut_by
+
+
+async def test_expired_stream_urls_are_resolved_again_once_for_all_workers(
+    cluster: Cluster, vidfly: FakeVidfly, media_server: MediaServer
+) -> None:
+    """Stream URLs that start answering 403 mid-job are resolved again by one worker; the
+    fresh URLs reach the other worker through Redis, and every clip is cut from them."""
+    for _ in range(2):
+        cluster.start_worker()
+    await cluster.wait_workers(2)
+    body = {
+        "video_id": "expiring",  # the fake Vidfly's first answer expires past half the file
+        "clips": [{"start": s, "end": s + 2} for s in (18.0, 20.0, 22.0, 24.0)],
+        "mode": "reencode",
+    }
+    async with await cluster.api.create(body) as resp:
+        assert resp.status == 202, await resp.text()
+        job_id = (await resp.json())["job_id"]
+    done = await cluster.wait(job_id)
+    logs = [cluster.log(w) for w in cluster.workers]
+    assert done.status is JobStatus.FINISHED and done.errors == [], logs
+    assert [r.duration_s for r in done.results] == [pytest.approx(2.0, abs=0.1)] * 4
+    assert len(vidfly.calls) == 2, logs  # the first resolve, and one after the 403s
+    stored = await cluster.store.get_source(job_id)
+    assert stored is not None and stored.generation == 1
+    assert "/expired/" not in stored.urls.video_url
 
 
 async def test_readyz_reports_unreachable_queue(

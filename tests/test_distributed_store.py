@@ -1,6 +1,7 @@
-"""RedisJobStore against the real Redis: documents, concurrent writers, reaping, events
-across nodes, and a worker cut off from Redis. (The bookkeeping rules are tested on both
-stores in test_store.py.)"""
+"""RedisJobStore and worker state against the real Redis: documents, concurrent writers,
+reaping, events across nodes, a worker cut off from Redis, and expired stream URLs resolved
+once for every worker of a job. (The bookkeeping rules are tested on both stores in
+test_store.py.)"""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from saq.job import Job as SaqJob
 
+from clipservice.domain import StreamUrls
 from clipservice.jobs import bookkeeping
 from clipservice.jobs.models import (
     ClipResult,
@@ -20,9 +23,14 @@ from clipservice.jobs.models import (
     new_job_id,
 )
 from clipservice.jobs.naming import clip_file_name
-from clipservice.jobs.redis_store import RedisJobStore
+from clipservice.jobs.queue import CLIPS_QUEUE, make_queue
+from clipservice.jobs.redis_store import RedisJobStore, StoredSource
 from clipservice.jobs.retention import delete_job_and_files, reap_expired
+from clipservice.jobs.worker import ClipWorker
+from clipservice.metrics import Metrics
+from clipservice.sources.base import ResolvedSource
 from clipservice.storage import SharedFolderStorage
+from tests.conftest import MediaServer, settings_for
 
 REDIS_TEST_URL = "redis://127.0.0.1:6379/11"
 
@@ -163,11 +171,7 @@ async def test_worker_cut_off_from_redis_stops_its_clip(
     store: RedisJobStore, tmp_path: Path
 ) -> None:
     """A worker whose heartbeats fail past heartbeat_s cancels its own clip (self-fencing)."""
-    from saq.job import Job as SaqJob
-
     from clipservice.config import Settings
-    from clipservice.jobs.queue import make_queue
-    from clipservice.jobs.worker import ClipWorker
     from clipservice.sources.base import DirectResolver
 
     settings = Settings().replace(queue={"url": REDIS_TEST_URL, "heartbeat_s": 2})
@@ -190,3 +194,74 @@ async def test_worker_cut_off_from_redis_stops_its_clip(
         await asyncio.wait_for(work, 30)
     await worker.close()
     await unreachable.redis.aclose()
+
+
+class CountingResolver:
+    """Hands out the same stream URL every time, and counts the calls."""
+
+    def __init__(self, video_url: str) -> None:
+        self.video_url = video_url
+        self.calls = 0
+
+    async def resolve(self, source: JobSource) -> ResolvedSource:
+        self.calls += 1
+        return ResolvedSource(video_url=self.video_url)
+
+
+async def test_workers_share_one_resolve_of_expired_urls(
+    store: RedisJobStore, tmp_path: Path, media_server: MediaServer
+) -> None:
+    """Two workers whose clips hit expired stream URLs (403) at once: one resolves again,
+    under the job's lock; the other takes the new generation from Redis; both clips are cut
+    from the fresh URLs, and each worker records the clip metrics the in-process runner does."""
+    settings = settings_for(tmp_path / "data").replace(queue={"url": REDIS_TEST_URL})
+    storage = SharedFolderStorage(settings.clips_dir)
+    await storage.open()
+    expired = f"{media_server.base_url}/expired/muxed.mp4"  # ranges past half answer 403
+    resolver = CountingResolver(media_server.url("muxed.mp4"))
+    job = Job(
+        job_id=new_job_id(),
+        source=JobSource(video_url=expired),
+        clips=[ClipSpec(index=i, start=s, end=s + 2, mode="fast") for i, s in enumerate((20, 24))],
+        total=2,
+    )
+    await store.save(job)
+    await store.set_source(job.job_id, StoredSource(StreamUrls(expired)))
+    queue = make_queue(REDIS_TEST_URL, CLIPS_QUEUE)
+    await queue.connect()
+    workers = [
+        ClipWorker(settings, store, storage, resolver, queue, f"w{i}", Metrics()) for i in range(2)
+    ]
+    try:
+        answers = await asyncio.gather(
+            *(
+                w.cut_clip(
+                    {"job": SaqJob(function="cut_clip", key=f"k{i}", queue=queue)},  # type: ignore[typeddict-item]
+                    job_id=job.job_id,
+                    index=i,
+                )
+                for i, w in enumerate(workers)
+            )
+        )
+    finally:
+        for w in workers:
+            await w.close()
+        await queue.disconnect()
+    assert answers == ["ok", "ok"]
+    assert resolver.calls == 1
+    stored = await store.get_source(job.job_id)
+    assert stored is not None and stored.generation == 1
+    assert stored.urls.video_url == resolver.video_url
+    done = await store.get(job.job_id)
+    assert done is not None and done.status is JobStatus.FINISHED and done.errors == []
+    assert [r.duration_s for r in done.results] == [pytest.approx(2.0, abs=0.1)] * 2
+    for w in workers:
+        sample = w.metrics.registry.get_sample_value
+        assert sample("clipservice_clips_total", {"outcome": "ok", "mode": "fast"}) == 1
+        assert sample("clipservice_clip_cut_seconds_count", {"mode": "fast"}) == 1
+        assert sample("clipservice_clip_queue_wait_seconds_count") == 1
+        assert (sample("clipservice_clip_bytes_written_total") or 0) > 0
+    resolves = [
+        w.metrics.registry.get_sample_value("clipservice_resolve_seconds_count") for w in workers
+    ]
+    assert sorted(resolves) == [0, 1]

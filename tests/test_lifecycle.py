@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import FakeVidfly, MediaServer
+from tests.conftest import FakeVidfly, MediaServer, ffmpeg_children
 
 STALLED = {"start": 20, "end": 25, "mode": "reencode"}  # reads past half the file: stalls
 QUICK = {"start": 1, "end": 3, "mode": "reencode"}
@@ -28,24 +28,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def ffmpeg_children(pid: int) -> list[int]:
-    """FFmpeg processes whose parent is ``pid`` (from /proc)."""
-    found = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat") as fh:
-                stat = fh.read()
-        except OSError:
-            continue
-        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
-        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-        if ppid == pid and "ffmpeg" in comm:
-            found.append(int(entry.name))
-    return found
 
 
 def alive(pid: int) -> bool:
