@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import os
 import shutil
 import socket
@@ -420,6 +421,50 @@ async def test_object_deleted_after_head_is_404_problem(s3: S3Storage) -> None:
             await assert_problem(resp, 404)
     finally:
         await runner.cleanup()
+
+
+async def test_store_failing_mid_body_cuts_the_connection(
+    s3: S3Storage, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A store breaking off mid-object ends the download short (never a whole clip), handled."""
+    data = os.urandom(3 * s3storage.STREAM_CHUNK_BYTES)
+    _stage(s3, NAME, data)
+    await s3.publish(NAME)
+    real_get = s3.client.get_object
+
+    class BreaksAfterOneChunk:
+        """The store's body, cut off after its first chunk (what a dropped connection does)."""
+
+        def __init__(self, body: Any) -> None:
+            self.body = body
+
+        async def __aenter__(self) -> BreaksAfterOneChunk:
+            await self.body.__aenter__()
+            return self
+
+        async def __aexit__(self, *exc: object) -> None:
+            await self.body.__aexit__(*exc)
+
+        async def iter_chunks(self, size: int) -> AsyncIterator[bytes]:
+            async for chunk in self.body.iter_chunks(size):
+                yield chunk
+                raise aiohttp.ClientPayloadError("connection to the store lost")
+
+    async def get_object(**params: Any) -> Any:
+        obj = await real_get(**params)
+        obj["Body"] = BreaksAfterOneChunk(obj["Body"])
+        return obj
+
+    monkeypatch.setattr(s3.client, "get_object", get_object)
+    async with serve(s3) as base, get(f"{base}/{NAME}") as resp:
+        assert resp.status == 200 and int(resp.headers["Content-Length"]) == len(data)
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await resp.read()
+    # Handled by the response, not left to aiohttp's "Unhandled exception" log.
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    monkeypatch.setattr(s3.client, "get_object", real_get)
+    async with serve(s3) as base, get(f"{base}/{NAME}") as resp:
+        assert await resp.read() == data
 
 
 @pytest.mark.parametrize(

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiofiles
 import aiofiles.os
+import aiohttp
 import structlog
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
@@ -489,8 +490,14 @@ class S3ObjectResponse(web.StreamResponse):
         self._set_body_headers(byte_range)
         async with obj["Body"] as body:
             writer = await super().prepare(request)
-            async for chunk in body.iter_chunks(STREAM_CHUNK_BYTES):
-                await self.write(chunk)
+            try:
+                async for chunk in body.iter_chunks(STREAM_CHUNK_BYTES):
+                    await self.write(chunk)
+            except (aiohttp.ClientError, TimeoutError, BotoCoreError) as exc:
+                # The status line is gone: all that is left is to end the connection
+                # early, which the client sees as a short body (never as a whole clip).
+                log.warning("clip_stream_cut", key=key, error=f"{type(exc).__name__}: {exc}")
+                self.force_close()
         return writer
 
     def _set_body_headers(self, byte_range: tuple[int, int] | None) -> None:
