@@ -316,6 +316,18 @@ async def test_cancelled_multipart_upload_is_aborted(
     assert uploads.get("Uploads", []) == []
 
 
+@pytest.mark.parametrize("size_bytes", [1000, 5 * MIB + 1])
+async def test_metadata_travels_with_the_object(make_s3: StorageFactory, size_bytes: int) -> None:
+    """Metadata given to publish (one PUT or multipart) comes back from head, for reuse."""
+    s3 = await make_s3(multipart_threshold_bytes=5 * MIB, part_size_bytes=5 * MIB)
+    _stage(s3, NAME, os.urandom(size_bytes))
+    outcome = {"duration_s": "2.002", "actual_start": "0.968", "actual_end": "2.970"}
+    await s3.publish(NAME, metadata=outcome)
+    info = await s3.head(NAME)
+    assert info is not None and info.size_bytes == size_bytes
+    assert dict(info.metadata) == outcome
+
+
 async def test_prefix_places_objects_under_it(make_s3: StorageFactory) -> None:
     """With a prefix, the object key is prefix/name (slashes around the prefix ignored)."""
     s3 = await make_s3(prefix="/deploy/clips/")

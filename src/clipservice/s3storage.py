@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 from collections.abc import Mapping
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import format_datetime, parsedate_to_datetime
 from pathlib import Path
@@ -125,6 +125,8 @@ class ObjectInfo:
     size_bytes: int
     etag: str
     last_modified: datetime
+    # User metadata given to publish (x-amz-meta-*), e.g. the cut's outcome for reuse.
+    metadata: Mapping[str, str] = field(default_factory=dict)
 
 
 class S3Storage:
@@ -250,16 +252,24 @@ class S3Storage:
         except BotoCoreError as exc:
             raise StorageError("HEAD", key, _reason(exc)) from exc
         # botocore's dates carry dateutil's UTC; HTTP dates need the standard library's.
-        return ObjectInfo(head["ContentLength"], head["ETag"], head["LastModified"].astimezone(UTC))
+        return ObjectInfo(
+            head["ContentLength"],
+            head["ETag"],
+            head["LastModified"].astimezone(UTC),
+            head.get("Metadata", {}),
+        )
 
-    async def publish(self, name: str) -> None:
+    async def publish(self, name: str, metadata: Mapping[str, str] | None = None) -> None:
         """Upload the validated file at :meth:`staging_path`, then remove the local copy.
 
         Below ``multipart_threshold_bytes`` one PUT; from there a multipart upload
         whose parts are read from disk one at a time, so memory stays at one part
         whatever the clip's size. A failed or cancelled multipart upload is aborted
-        so the store keeps no orphan parts.
+        so the store keeps no orphan parts. ``metadata`` (short ASCII strings) is
+        stored with the object and comes back in :meth:`head`: a reused output can
+        be described without downloading it.
         """
+        meta = dict(metadata or {})
         path = self.staging_path(name)
         key = self.key(name)
         size_bytes = (await aiofiles.os.stat(path)).st_size
@@ -268,18 +278,24 @@ class S3Storage:
                 async with aiofiles.open(path, "rb") as fh:
                     body = await _read_part(fh, size_bytes)
                 await self.client.put_object(
-                    Bucket=self.bucket, Key=key, Body=body, ContentType=content_type_for(name)
+                    Bucket=self.bucket,
+                    Key=key,
+                    Body=body,
+                    ContentType=content_type_for(name),
+                    Metadata=meta,
                 )
             else:
-                await self._multipart_upload(path, key, content_type_for(name))
+                await self._multipart_upload(path, key, content_type_for(name), meta)
         except (ClientError, BotoCoreError) as exc:
             raise StorageError("upload", key, _reason(exc)) from exc
         await aiofiles.os.remove(path)
         log.info("clip_uploaded", file=name, bucket=self.bucket, key=key, size_bytes=size_bytes)
 
-    async def _multipart_upload(self, path: Path, key: str, content_type: str) -> None:
+    async def _multipart_upload(
+        self, path: Path, key: str, content_type: str, metadata: dict[str, str]
+    ) -> None:
         created = await self.client.create_multipart_upload(
-            Bucket=self.bucket, Key=key, ContentType=content_type
+            Bucket=self.bucket, Key=key, ContentType=content_type, Metadata=metadata
         )
         upload_id = created["UploadId"]
         try:

@@ -16,15 +16,7 @@ from clipservice.storage import ClipStorage, SharedFolderStorage
 
 
 class ManagedClipStorage(ClipStorage, Protocol):
-    """A :class:`ClipStorage` with the life cycle and upkeep every kind offers."""
-
-    async def open(self) -> None:
-        """Create the local folder (and, for S3, the client)."""
-        ...
-
-    async def remove_stale_parts(self, older_than_s: float | None = None) -> int:
-        """Drop temporary outputs of crashed cuts from the local folder."""
-        ...
+    """A :class:`ClipStorage` that also answers the readiness probe's local check."""
 
     def writable(self) -> bool:
         """True when the local folder accepts new files (for /readyz)."""
