@@ -2,13 +2,16 @@
 
 The output is written under a temporary name in the clips folder and renamed
 only once validated, so a file at its final name is always complete. On any
-failure, timeout or cancellation the partial file is removed.
+failure, timeout or cancellation the partial file is removed. A clip's
+output options (shape, format, captions) are made by :mod:`.render`; the
+default options are the plain cut.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import os
 import time
@@ -16,18 +19,22 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from clipservice.domain import CutMode, StreamUrls
+from clipservice.domain import CutMode, OutputFormat, OutputOptions, StreamUrls
 from clipservice.errors import ClipFailure
-from clipservice.media import ffmpeg_args, joinproc
+from clipservice.media import ffmpeg_args, joinproc, render
+from clipservice.media.captions import Cue, load_cues
 from clipservice.media.fetch import FetchError
 from clipservice.media.ffmpeg import FFmpegError, ProgressCallback, run_ffmpeg
 from clipservice.media.join import CutFailed, CutRequest, CutResult
-from clipservice.media.probe import SourceInfo, validate_output
+from clipservice.media.probe import SourceInfo, validate_media, validate_output
 from clipservice.media.source import SourceIndex, SourceUnsupported
+
+if TYPE_CHECKING:
+    from clipservice.sources.guard import UrlGuard
 
 log = structlog.get_logger(__name__)
 
@@ -36,17 +43,26 @@ PART_MARKER = ".part-"
 
 @dataclass(frozen=True)
 class CutOutcome:
-    """Where the output really starts and ends in the source, and what it is."""
+    """Where the output really starts and ends in the source, and what it is.
+
+    A thumbnail starts and ends at the frame it shows (``duration_s`` 0);
+    ``width``/``height`` are the output's frame (0 for audio).
+    """
 
     actual_start: float
     actual_end: float
     duration_s: float
     size_bytes: int
     note: str | None = None
+    format: OutputFormat = "mp4"
+    width: int = 0
+    height: int = 0
 
 
 def part_path(final: Path) -> Path:
-    return final.with_name(f".{final.stem}{PART_MARKER}{uuid.uuid4().hex[:8]}.mp4")
+    """A temporary name beside ``final`` (with its extension: .mp4 if it has none)."""
+    suffix = final.suffix or ".mp4"
+    return final.with_name(f".{final.stem}{PART_MARKER}{uuid.uuid4().hex[:8]}{suffix}")
 
 
 def remove_stale_parts(clips_dir: Path) -> int:
@@ -139,6 +155,11 @@ class CutSpec:
     # source is indexed for this clip.
     source: SourceIndex | None = None
     on_progress: ProgressCallback | None = None
+    # What the clip is made into (default: the plain MP4 cut).
+    options: OutputOptions = dataclasses.field(default_factory=OutputOptions)
+    # Fetches a captions URL under the service's URL rules (without one, a
+    # captions URL is fetched with private addresses refused).
+    url_guard: UrlGuard | None = None
 
 
 @dataclass(frozen=True)
@@ -166,23 +187,31 @@ class Cutter:
         self._running = 0  # cuts in flight here: their encoders share the cores
 
     async def cut(self, spec: CutSpec) -> CutOutcome:
-        """Cut ``spec``'s range into its ``final`` file; raise ClipFailure with a
-        stable code (or TimeoutError past its time limit)."""
+        """Cut ``spec``'s range into its ``final`` file, made as its options say;
+        raise ClipFailure with a stable code (or TimeoutError past its time limit)."""
         work = _Work(spec, part_path(spec.final), _Budget(spec.timeout_s))
         self._running += 1
         try:
-            try:
-                outcome = await self._cut_mode(work)
-            except (CutFailed, SourceUnsupported) as exc:
-                log.info("cut_fallback", mode=spec.mode, reason=str(exc))
-                note = f"{spec.mode} cut not possible ({exc}); the clip was re-encoded"
-                outcome = await self._reencode(work, note)
-            except ClipFailure as exc:
-                if exc.code != "output_invalid" or spec.mode == "reencode":
-                    raise
-                log.warning("output_invalid_retry", mode=spec.mode, reason=exc.message)
-                note = f"the {spec.mode} output failed validation ({exc.message}); re-encoded"
-                outcome = await self._reencode(work, note)
+            path = render.render_path(spec.options)
+            cues = await self._cues(work)
+            if path in ("clip", "soft_captions"):
+                outcome = await self._cut_clip(work)
+                if path == "soft_captions" and cues is not None:
+                    outcome = await self._add_captions(work, outcome, cues)
+            else:
+                made = await render.render(
+                    spec, work.tmp, work.budget, cues, ffmpeg_path=self.ffmpeg_path
+                )
+                outcome = CutOutcome(
+                    made.actual_start,
+                    made.actual_end,
+                    made.duration_s,
+                    made.size_bytes,
+                    made.note,
+                    spec.options.format,
+                    made.width,
+                    made.height,
+                )
             await asyncio.to_thread(os.replace, work.tmp, spec.final)
             return outcome
         except FFmpegError as exc:
@@ -193,6 +222,45 @@ class Cutter:
             self._running -= 1
             with contextlib.suppress(FileNotFoundError):
                 await asyncio.to_thread(os.unlink, work.tmp)
+
+    async def _cues(self, work: _Work) -> list[Cue] | None:
+        """The captions' cues (fetched if they are a URL), before anything is cut:
+        bad captions fail the clip at once."""
+        captions = work.spec.options.captions
+        if captions is None:
+            return None
+        loading = load_cues(captions, guard=work.spec.url_guard)
+        return await asyncio.wait_for(loading, work.budget.left_s())
+
+    async def _cut_clip(self, work: _Work) -> CutOutcome:
+        """The plain cut in the spec's mode, re-encoded when that mode cannot make it."""
+        spec = work.spec
+        try:
+            return await self._cut_mode(work)
+        except (CutFailed, SourceUnsupported) as exc:
+            log.info("cut_fallback", mode=spec.mode, reason=str(exc))
+            note = f"{spec.mode} cut not possible ({exc}); the clip was re-encoded"
+            return await self._reencode(work, note)
+        except ClipFailure as exc:
+            if exc.code != "output_invalid" or spec.mode == "reencode":
+                raise
+            log.warning("output_invalid_retry", mode=spec.mode, reason=exc.message)
+            note = f"the {spec.mode} output failed validation ({exc.message}); re-encoded"
+            return await self._reencode(work, note)
+
+    async def _add_captions(self, work: _Work, outcome: CutOutcome, cues: list[Cue]) -> CutOutcome:
+        out, note = await render.add_soft_captions(
+            work.tmp,
+            cues,
+            outcome.actual_start,
+            outcome.actual_end,
+            work.budget,
+            ffmpeg_path=self.ffmpeg_path,
+        )
+        if out is None:
+            notes = [n for n in (outcome.note, note) if n]
+            return dataclasses.replace(outcome, note="; ".join(notes) or None)
+        return dataclasses.replace(outcome, size_bytes=out.size_bytes)
 
     async def _cut_mode(self, work: _Work) -> CutOutcome:
         spec, budget = work.spec, work.budget
@@ -232,6 +300,8 @@ class Cutter:
             out.video_duration_s,
             out.size_bytes,
             note,
+            width=out.width,
+            height=out.height,
         )
 
     async def _reencode(self, work: _Work, note: str | None = None) -> CutOutcome:
@@ -255,17 +325,46 @@ class Cutter:
             out.video_duration_s,
             out.size_bytes,
             note,
+            width=out.width,
+            height=out.height,
         )
 
     async def describe_existing(
-        self, final: Path, start_s: float, end_s: float, mode: CutMode
+        self,
+        final: Path,
+        start_s: float,
+        end_s: float,
+        mode: CutMode,
+        options: OutputOptions | None = None,
     ) -> CutOutcome:
-        """The outcome of a complete output from an earlier job (reused, not cut again)."""
-        out = await validate_output(final, end_s - start_s, expect_audio=False, tol_s=10.0)
-        actual_start = start_s if mode != "fast" else max(0.0, end_s - out.video_duration_s)
+        """The outcome of a complete output from an earlier job (reused, not cut
+        again: the job layer names outputs by their options' key)."""
+        if options is None or options.is_default:
+            out = await validate_output(final, end_s - start_s, expect_audio=False, tol_s=10.0)
+            actual_start = start_s if mode != "fast" else max(0.0, end_s - out.video_duration_s)
+            return CutOutcome(
+                actual_start,
+                actual_start + out.video_duration_s,
+                out.video_duration_s,
+                out.size_bytes,
+            )
+        kind = render.output_kind(options)
+        out = await validate_media(final, kind, end_s - start_s, tol_s=10.0)
+        fmt = options.format
+        if kind == "image":
+            at = options.thumbnail_at if options.thumbnail_at is not None else start_s
+            return CutOutcome(at, at, 0.0, out.size_bytes, None, fmt, out.width, out.height)
+        duration = out.video_duration_s if kind == "video" else out.duration_s
+        actual_start = start_s
+        if mode == "fast" and render.render_path(options) == "soft_captions":
+            actual_start = max(0.0, end_s - duration)  # the plain fast cut's own start
         return CutOutcome(
             actual_start,
-            actual_start + out.video_duration_s,
-            out.video_duration_s,
+            actual_start + duration,
+            duration,
             out.size_bytes,
+            None,
+            fmt,
+            out.width,
+            out.height,
         )

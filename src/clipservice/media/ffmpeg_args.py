@@ -101,6 +101,11 @@ def even_round(x: float | Fraction) -> int:
     return max(2, round(x / 2) * 2)
 
 
+def _even_offset(x: float | Fraction) -> int:
+    """An offset in pixels, even (4:2:0 chroma), at or below ``x``, at least 0."""
+    return max(0, int(x) // 2 * 2)
+
+
 def aspect_ratio(aspect: Aspect, src_w: int, src_h: int) -> Fraction:
     """Width over height of the output frame ("source": the source's own)."""
     return ASPECTS[aspect] if aspect != "source" else Fraction(src_w, src_h)
@@ -152,9 +157,7 @@ def crop_region(src_w: int, src_h: int, ratio: Fraction, crop_x: float) -> Regio
     else:
         w = even_floor(src_w)
         h = min(even_round(w / ratio), even_floor(src_h))
-    x = even_floor((src_w - w) * crop_x) if src_w - w >= 2 else 0
-    y = even_floor((src_h - h) / 2) if src_h - h >= 2 else 0
-    return Region(x, y, w, h)
+    return Region(_even_offset((src_w - w) * crop_x), _even_offset((src_h - h) / 2), w, h)
 
 
 def fitted(src_w: int, src_h: int, out_w: int, out_h: int) -> Region:
@@ -163,8 +166,7 @@ def fitted(src_w: int, src_h: int, out_w: int, out_h: int) -> Region:
         w, h = out_w, min(out_h, even_round(out_w * src_h / src_w))
     else:
         w, h = min(out_w, even_round(out_h * src_w / src_h)), out_h
-    return Region(even_floor((out_w - w) / 2) if out_w > w else 0,
-                  even_floor((out_h - h) / 2) if out_h > h else 0, w, h)  # fmt: skip
+    return Region(_even_offset((out_w - w) / 2), _even_offset((out_h - h) / 2), w, h)
 
 
 def shape_graph(

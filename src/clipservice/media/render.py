@@ -1,0 +1,820 @@
+"""Clips made ready for where they go: shape, format, captions, and reels.
+
+:class:`~clipservice.domain.OutputOptions` say what one clip becomes; the
+cutter (:mod:`.cutter`) takes each option set down one of these paths
+(:func:`render_path`):
+
+- ``clip``: the default options, today's cut (fast/accurate in a join
+  process, or FFmpeg), unchanged;
+- ``soft_captions``: that same cut, then a mov_text track added by a stream
+  copy remux (:func:`add_soft_captions`): no re-encode;
+- ``audio``: the audio alone. AAC from an indexed source is copied into the
+  m4a from the audio window's own byte ranges (no decode, trimmed to the
+  sample by an edit list); MP3 is encoded from that copy; other audio
+  (Opus) is encoded by FFmpeg from the audio URL with input seeking;
+- ``thumbnail``: one frame. From an indexed source only the GOP holding it
+  is fetched, written to a small local file, and FFmpeg decodes it from its
+  keyframe and keeps the one frame (then shaped); else FFmpeg seeks in the
+  URL;
+- ``reencode``: everything else (a new shape, GIF, WebP, burned captions,
+  soft captions on a reshaped MP4) is one FFmpeg pass over the source URLs
+  with input seeking: frame-accurate, H.264/AAC for MP4, with progress.
+
+:func:`check_options` is the one place that says which option sets are
+refused (the API answers 422 with its field names); :func:`merge_clips`
+joins a job's clips into a reel.
+
+Every file made on the way is a side file of the clip's temporary output
+(its name holds the part marker, so a crash leaves nothing that
+``remove_stale_parts`` does not find) and is removed when the clip ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
+
+import av
+import structlog
+
+from clipservice.domain import OutputFormat, OutputOptions
+from clipservice.errors import ClipFailure
+from clipservice.media import ffmpeg_args
+from clipservice.media.captions import (
+    MAX_CAPTIONS_BYTES,
+    CaptionsError,
+    Cue,
+    cut_cues,
+    parse_captions,
+    to_ass,
+    to_srt,
+)
+from clipservice.media.containers.base import ContainerError, Sample
+from clipservice.media.fetch import Prefetch, RangeFetcher
+from clipservice.media.ffmpeg import FFmpegError, ProgressCallback, run_ffmpeg
+from clipservice.media.join import CutFailed, Feed, Guard, StreamInput
+from clipservice.media.probe import OutputInfo, OutputKind, probe_source, validate_media
+from clipservice.media.source import SourceIndex
+
+if TYPE_CHECKING:
+    from clipservice.media.cutter import CutSpec
+
+log = structlog.get_logger(__name__)
+
+RenderPath = Literal["clip", "soft_captions", "audio", "thumbnail", "reencode"]
+
+EXTENSIONS: dict[OutputFormat, str] = {
+    "mp4": ".mp4",
+    "m4a": ".m4a",
+    "mp3": ".mp3",
+    "gif": ".gif",
+    "webp": ".webp",
+    "jpg": ".jpg",
+    "png": ".png",
+}
+_KINDS: dict[OutputFormat, OutputKind] = {
+    "mp4": "video",
+    "m4a": "audio",
+    "mp3": "audio",
+    "gif": "animation",
+    "webp": "animation",
+    "jpg": "image",
+    "png": "image",
+}
+MAX_FPS = 50.0  # GIF delays are in hundredths of a second: 50 fps is their finest
+MIN_SIZE_PX, MAX_WIDTH_PX, MAX_HEIGHT_PX = 16, 1920, 2160
+MAX_CROSSFADE_S = 5.0
+_AAC_FRAME_S = 1024 / 44100
+_THREAD_STOP_S = 5.0
+
+
+def extension(options: OutputOptions) -> str:
+    """The file extension of the output (with its dot)."""
+    return EXTENSIONS[options.format]
+
+
+def output_kind(options: OutputOptions) -> OutputKind:
+    return _KINDS[options.format]
+
+
+def render_path(options: OutputOptions) -> RenderPath:
+    """Which way an option set is made (see the module's docstring)."""
+    if options.format in ("m4a", "mp3"):
+        return "audio"
+    if options.format in ("jpg", "png"):
+        return "thumbnail"
+    if options.format != "mp4" or options.aspect != "source" or options.max_height is not None:
+        return "reencode"
+    if options.captions is not None:
+        return "soft_captions" if options.captions.mode == "soft" else "reencode"
+    return "clip"
+
+
+# -- which option sets are refused -----------------------------------------------------
+
+
+def check_options(
+    options: OutputOptions, clip_start: float, clip_end: float
+) -> list[tuple[str, str]]:
+    """Every problem with ``options`` for a clip [clip_start, clip_end), as
+    (field, message) pairs (dotted fields: ``captions.mode``); empty if they
+    can be made. Pure: a captions URL is only checked for its scheme here (it
+    is fetched, under the URL guard, when the clip is cut), a captions text
+    is parsed."""
+    o, given = options, options.model_fields_set
+    problems: list[tuple[str, str]] = []
+    animated = o.format in ("gif", "webp")
+    audio = o.format in ("m4a", "mp3")
+    image = o.format in ("jpg", "png")
+    if audio:
+        for field in ("aspect", "fit", "crop_x", "max_height"):
+            if field in given and getattr(o, field) != OutputOptions.model_fields[field].default:
+                problems.append((field, f"an audio output ({o.format}) has no picture to shape"))
+    else:
+        if "fit" in given and o.aspect == "source":
+            problems.append(("fit", "fit needs an aspect other than 'source'"))
+        if "crop_x" in given and (o.aspect == "source" or o.fit != "crop"):
+            problems.append(("crop_x", "crop_x needs fit 'crop' and an aspect other than 'source'"))
+    if o.max_height is not None and not audio:
+        if not MIN_SIZE_PX <= o.max_height <= MAX_HEIGHT_PX:
+            problems.append(
+                ("max_height", f"max_height must be between {MIN_SIZE_PX} and {MAX_HEIGHT_PX}")
+            )
+        elif o.max_height % 2:
+            problems.append(("max_height", "max_height must be even"))
+    if o.fps is not None:
+        if not animated:
+            problems.append(("fps", "fps is for gif and webp outputs only"))
+        elif not 0 < o.fps <= MAX_FPS:
+            problems.append(("fps", f"fps must be above 0 and at most {MAX_FPS:g}"))
+    if o.width is not None:
+        if not animated:
+            problems.append(("width", "width is for gif and webp outputs only"))
+        elif not MIN_SIZE_PX <= o.width <= MAX_WIDTH_PX:
+            problems.append(("width", f"width must be between {MIN_SIZE_PX} and {MAX_WIDTH_PX}"))
+    if o.thumbnail_at is not None:
+        if not image:
+            problems.append(("thumbnail_at", "thumbnail_at is for jpg and png outputs only"))
+        elif not clip_start <= o.thumbnail_at < clip_end:
+            problems.append(
+                (
+                    "thumbnail_at",
+                    f"thumbnail_at must be within the clip [{clip_start:g}, {clip_end:g})",
+                )
+            )
+    if o.captions is not None:
+        problems += _check_captions(o)
+    return problems
+
+
+def _check_captions(o: OutputOptions) -> list[tuple[str, str]]:
+    c = o.captions
+    assert c is not None
+    if o.format in ("m4a", "mp3", "jpg", "png"):
+        return [("captions", f"a {o.format} output cannot carry captions")]
+    if c.mode == "soft" and o.format != "mp4":
+        return [("captions.mode", "soft captions need an mp4 output; burn them into a gif/webp")]
+    if (c.text is None) == (c.url is None):
+        return [("captions", "give the captions as text or as url (one of them)")]
+    if c.url is not None:
+        if not c.url.lower().startswith(("http://", "https://")):
+            return [("captions.url", "the captions URL must be http or https")]
+        return []
+    assert c.text is not None
+    if len(c.text.encode()) > MAX_CAPTIONS_BYTES:
+        return [("captions.text", f"the captions are larger than {MAX_CAPTIONS_BYTES} bytes")]
+    try:
+        parse_captions(c.text)
+    except CaptionsError as exc:
+        return [("captions.text", str(exc))]
+    return []
+
+
+# -- what a render gives back ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """What a path made: where it starts and ends in the source, and its frame."""
+
+    actual_start: float
+    actual_end: float
+    duration_s: float
+    size_bytes: int
+    width: int = 0
+    height: int = 0
+    note: str | None = None
+
+
+class Budget(Protocol):
+    """A clip's time limit (the cutter's)."""
+
+    deadline: float
+
+    def left_s(self) -> float: ...
+
+
+def side_path(tmp: Path, tag: str) -> Path:
+    """A file beside the clip's temporary output, cleaned up with it (and by
+    ``remove_stale_parts`` after a crash: the name holds the part marker)."""
+    return tmp.with_name(f"{tmp.name}-{uuid.uuid4().hex[:6]}-{tag}")
+
+
+@contextlib.contextmanager
+def _side_files() -> Iterator[list[Path]]:
+    files: list[Path] = []
+    try:
+        yield files
+    finally:
+        for path in files:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+
+T = TypeVar("T")
+
+
+async def _in_thread(fn: Callable[[Guard], T], budget: Budget) -> T:
+    """Run ``fn(guard)`` on a thread under the clip's deadline; on timeout or
+    cancellation raise the guard's cancel flag and give the thread a moment
+    to see it (it stops at its next check), so no file is written after the
+    clip has given up."""
+    guard = Guard(budget.deadline)
+    task = asyncio.ensure_future(asyncio.to_thread(fn, guard))
+    try:
+        return await asyncio.wait_for(asyncio.shield(task), budget.left_s())
+    except BaseException:
+        guard.cancel.set()
+        await asyncio.wait({task}, timeout=_THREAD_STOP_S)
+        if task.done() and not task.cancelled():
+            task.exception()  # seen: the clip's own error is the one raised
+        raise
+
+
+def _frame_s(spec: CutSpec) -> float:
+    fps = spec.info.video.fps
+    return 1.0 / fps if fps else 1 / 30
+
+
+async def _source_size(spec: CutSpec) -> tuple[int, int]:
+    v = spec.info.video
+    if v.width and v.height:
+        return v.width, v.height
+    info = await probe_source(spec.streams.video_url, None)
+    if not (info.video.width and info.video.height):
+        raise ClipFailure("source_unavailable", "the source's frame size is unknown")
+    return info.video.width, info.video.height
+
+
+async def _open_index(spec: CutSpec, budget: Budget) -> SourceIndex:
+    source = spec.source or SourceIndex(spec.streams.video_url, spec.streams.audio_url)
+    await asyncio.wait_for(source.open(), budget.left_s())
+    return source
+
+
+async def _ffmpeg(spec: CutSpec, args: list[str], budget: Budget, ffmpeg_path: str) -> None:
+    await run_ffmpeg(
+        args, timeout_s=budget.left_s(), ffmpeg_path=ffmpeg_path, on_progress=spec.on_progress
+    )
+
+
+def _done(spec: CutSpec, seconds: float) -> None:
+    if spec.on_progress is not None:
+        spec.on_progress(seconds)
+
+
+async def render(
+    spec: CutSpec, tmp: Path, budget: Budget, cues: list[Cue] | None, *, ffmpeg_path: str = ""
+) -> Rendered:
+    """Make ``spec``'s clip with its options at ``tmp`` (the audio, thumbnail
+    and reencode paths; the cutter makes the others), validated."""
+    path = render_path(spec.options)
+    with _side_files() as sides:
+        if path == "audio":
+            return await _audio(spec, tmp, budget, sides, ffmpeg_path)
+        if path == "thumbnail":
+            return await _thumbnail(spec, tmp, budget, sides, ffmpeg_path)
+        if path == "reencode":
+            return await _reencode(spec, tmp, budget, cues, sides, ffmpeg_path)
+    raise ValueError(f"render() does not make the {path} path")
+
+
+# -- the one re-encode: shapes, GIF, WebP, burned captions --------------------------------
+
+
+def _output_size(options: OutputOptions, src_w: int, src_h: int) -> tuple[int, int]:
+    size = ffmpeg_args.frame_size(src_w, src_h, options.aspect, options.max_height)
+    if options.format in ("gif", "webp"):
+        size = ffmpeg_args.animation_size(*size, options.width)
+    return size
+
+
+def video_graph(
+    options: OutputOptions,
+    src_w: int,
+    src_h: int,
+    *,
+    source_fps: float | None = None,
+    ass_path: str | None = None,
+) -> tuple[str, tuple[int, int]]:
+    """The filter graph of a clip's picture, and the frame it makes: frame
+    rate first (GIF/WebP: fewer frames to shape), then the shape, then burned
+    captions drawn on the output-size frame, then the GIF palette."""
+    o = options
+    width, height = _output_size(o, src_w, src_h)
+    parts = []
+    fps = None
+    if o.format in ("gif", "webp"):
+        fps = o.fps or ffmpeg_args.ANIMATION_FPS
+        if source_fps:
+            fps = min(fps, source_fps)
+        parts.append(f"fps={fps:g}")
+    parts.append(
+        ffmpeg_args.shape_graph(
+            src_w, src_h, width, height, aspect=o.aspect, fit=o.fit, crop_x=o.crop_x
+        )
+    )
+    if ass_path is not None:
+        parts.append(ffmpeg_args.burn_filter(ass_path))
+    if o.format == "gif":
+        parts.append(ffmpeg_args.gif_palette_graph())
+    elif o.format == "mp4":
+        parts.append("format=yuv420p")
+    return ",".join(parts), (width, height)
+
+
+def animation_fps(options: OutputOptions, source_fps: float | None) -> float:
+    fps = options.fps or ffmpeg_args.ANIMATION_FPS
+    return min(fps, source_fps) if source_fps else fps
+
+
+async def _reencode(
+    spec: CutSpec,
+    tmp: Path,
+    budget: Budget,
+    cues: list[Cue] | None,
+    sides: list[Path],
+    ffmpeg_path: str,
+) -> Rendered:
+    o = spec.options
+    src_w, src_h = await _source_size(spec)
+    start, end = spec.start_s, spec.end_s
+    size = _output_size(o, src_w, src_h)
+    clip_cues = cut_cues(cues, start, end) if cues else []
+    note = None
+    if o.captions is not None and not clip_cues:
+        note = "no caption cue falls within the clip"
+    ass = srt = None
+    if clip_cues and o.captions is not None and o.captions.mode == "burn":
+        ass = side_path(tmp, "captions.ass")
+        sides.append(ass)
+        await asyncio.to_thread(ass.write_text, to_ass(clip_cues, *size), "utf-8")
+    elif clip_cues:
+        srt = side_path(tmp, "captions.srt")
+        sides.append(srt)
+        await asyncio.to_thread(srt.write_text, to_srt(clip_cues), "utf-8")
+    graph, size = video_graph(
+        o, src_w, src_h, source_fps=spec.info.video.fps, ass_path=str(ass) if ass else None
+    )
+    if o.format in ("gif", "webp"):
+        fmt: Literal["gif", "webp"] = "gif" if o.format == "gif" else "webp"
+        args = ffmpeg_args.animation_args(spec.streams.video_url, start, end, str(tmp), graph, fmt)
+        await _ffmpeg(spec, args, budget, ffmpeg_path)
+        fps = animation_fps(o, spec.info.video.fps)
+        out = await validate_media(tmp, "animation", end - start, tol_s=1.5 / fps + 0.02, size=size)
+    else:
+        args = ffmpeg_args.mp4_args(
+            spec.streams, start, end, str(tmp), graph, subtitles=str(srt) if srt else None
+        )
+        await _ffmpeg(spec, args, budget, ffmpeg_path)
+        out = await validate_media(
+            tmp,
+            "video",
+            end - start,
+            tol_s=2 * _frame_s(spec),
+            expect_audio=spec.info.audio is not None,
+            expect_subtitles=srt is not None,
+            size=size,
+        )
+    duration = out.video_duration_s
+    return Rendered(start, start + duration, duration, out.size_bytes, *size, note=note)
+
+
+# -- soft captions on a cut clip ------------------------------------------------------------
+
+
+async def add_soft_captions(
+    clip: Path,
+    cues: list[Cue],
+    actual_start: float,
+    actual_end: float,
+    budget: Budget,
+    *,
+    ffmpeg_path: str = "",
+) -> tuple[OutputInfo | None, str | None]:
+    """Add the cues shown in [actual_start, actual_end) to ``clip`` as a mov_text
+    track (shifted to the clip's first frame), by a stream-copy remux that
+    replaces the file. Returns the new file's validation (None if no cue
+    falls in the clip: the file is left as it is) and a note."""
+    clip_cues = cut_cues(cues, actual_start, actual_end)
+    if not clip_cues:
+        return None, "no caption cue falls within the clip"
+    with _side_files() as sides:
+        srt = side_path(clip, "captions.srt")
+        remuxed = side_path(clip, "captions.mp4")
+        sides += [srt, remuxed]
+        await asyncio.to_thread(srt.write_text, to_srt(clip_cues), "utf-8")
+        args = ffmpeg_args.captions_remux_args(str(clip), str(srt), str(remuxed))
+        await run_ffmpeg(args, timeout_s=budget.left_s(), ffmpeg_path=ffmpeg_path)
+        out = await validate_media(
+            remuxed,
+            "video",
+            actual_end - actual_start,
+            tol_s=0.1,
+            expect_subtitles=True,
+        )
+        await asyncio.to_thread(os.replace, remuxed, clip)
+    return out, None
+
+
+# -- byte ranges of one stream, fetched and written without decoding -----------------------
+
+
+@contextlib.contextmanager
+def _feed(stream: StreamInput, guard: Guard, spill: Path) -> Iterator[Feed]:
+    fetcher = RangeFetcher(stream.url, connect_to=stream.connect_to)
+    prefetch = Prefetch(
+        fetcher,
+        list(stream.window.spans),
+        connections=2,
+        check=guard.check,
+        spill_path=str(spill),
+    )
+    try:
+        yield Feed(stream, prefetch)
+    finally:
+        prefetch.close()
+        fetcher.close()
+
+
+def _template(init: bytes, stream: StreamInput) -> tuple[Any, Any]:
+    """The source's stream, opened from its header bytes (for its parameters)."""
+    container = av.open(io.BytesIO(init))
+    kind = stream.track.kind
+    streams = [s for s in container.streams if s.type == kind]
+    chosen = next((s for s in streams if s.id == stream.track.track_id), None)
+    if chosen is None and streams:
+        chosen = streams[0]
+    if chosen is None:
+        container.close()
+        raise CutFailed(f"the source's header has no {kind} stream")
+    return container, chosen
+
+
+def _audio_input(source: SourceIndex, start_s: float, end_s: float) -> StreamInput | None:
+    """The audio window of [start_s, end_s) (user time), if the source is indexed
+    and has audio there."""
+    if source.video is None or source.audio is None:
+        return None
+    a = source.audio
+    origin = source.audio_origin_ticks()
+    offset = origin / a.track.timescale
+    end = a.track.duration_s
+    if end is not None and start_s + offset >= end:
+        return None
+    window = a.index.window(a.track.track_id, start_s + offset, end_s + offset)
+    return StreamInput(
+        a.url, a.track, window, a.index.init, origin, connect_to=source.addresses.get(a.url)
+    )
+
+
+def copy_aac(
+    stream: StreamInput, start_s: float, end_s: float, out: Path, guard: Guard
+) -> tuple[float, float]:
+    """The AAC samples of [start_s, end_s) (user time) copied into an m4a at
+    ``out``, trimmed to the sample at both ends by the MP4 edit list (the
+    first sample starts early: its negative time; the last one's duration
+    is cut). Returns the user times the audio really covers. Blocking."""
+    track = stream.track
+    tb = Fraction(1, track.timescale)
+    start = round(start_s * track.timescale) + stream.origin_ticks
+    end = round(end_s * track.timescale) + stream.origin_ticks
+    last_end = start
+    with _feed(stream, guard, side_path(out, "spill")) as feed:
+        samples = feed.samples()
+        container, template = _template(stream.init, stream)
+        try:
+            with av.open(str(out), "w", format="ipod", options={"movflags": "+faststart"}) as oc:
+                aout = oc.add_stream_from_template(template)
+                aout.time_base = tb
+                for sample in samples:
+                    if sample.pts >= end:
+                        break
+                    if sample.pts + max(sample.duration, 1) <= start:
+                        continue
+                    guard.check()
+                    packet = av.Packet(feed.data(sample))
+                    packet.stream = aout
+                    packet.time_base = tb
+                    packet.pts = packet.dts = sample.pts - start
+                    if sample.duration > 0:
+                        packet.duration = min(sample.duration, end - sample.pts)
+                    oc.mux(packet)
+                    last_end = sample.pts + max(packet.duration or 0, 0)
+        finally:
+            container.close()
+    if last_end <= start:
+        out.unlink(missing_ok=True)
+        raise ClipFailure("no_audio", "the source has no audio in this range")
+    return start_s, min(end_s, (last_end - stream.origin_ticks) / track.timescale)
+
+
+async def _audio(
+    spec: CutSpec, tmp: Path, budget: Budget, sides: list[Path], ffmpeg_path: str
+) -> Rendered:
+    fmt: Literal["m4a", "mp3"] = "mp3" if spec.options.format == "mp3" else "m4a"
+    start, end = spec.start_s, spec.end_s
+    if spec.info.audio is None:
+        raise ClipFailure("no_audio", "the source has no audio")
+    source = await _open_index(spec, budget)
+    stream = await asyncio.to_thread(_audio_input, source, start, end)
+    covered: tuple[float, float] | None = None
+    if stream is not None and stream.track.codec == "aac":
+        target = tmp if fmt == "m4a" else side_path(tmp, "copy.m4a")
+        if target != tmp:
+            sides.append(target)
+        try:
+            covered = await _in_thread(
+                lambda guard: copy_aac(stream, start, end, target, guard), budget
+            )
+        except (CutFailed, ContainerError, av.FFmpegError) as exc:
+            log.info("audio_copy_fallback", reason=str(exc))
+            covered = None
+        if covered is not None and fmt == "mp3":
+            args = ffmpeg_args.transcode_audio_args(str(target), str(tmp), fmt)
+            await _ffmpeg(spec, args, budget, ffmpeg_path)
+    if covered is None:
+        url = spec.streams.audio_url or spec.streams.video_url
+        await _ffmpeg(
+            spec, ffmpeg_args.audio_args(url, start, end, str(tmp), fmt), budget, ffmpeg_path
+        )
+        audio_end = spec.info.audio.duration_s
+        covered = (start, min(end, audio_end) if audio_end else end)
+    first, last = covered
+    tol = 2 * _AAC_FRAME_S + (0.05 if fmt == "mp3" else 0.0)
+    out = await validate_media(tmp, "audio", last - first, tol_s=tol)
+    _done(spec, out.duration_s)
+    return Rendered(first, first + out.duration_s, out.duration_s, out.size_bytes)
+
+
+# -- thumbnails: one frame ------------------------------------------------------------------
+
+
+def write_gop(
+    stream: StreamInput, at_s: float, out: Path, guard: Guard
+) -> tuple[int, float] | None:
+    """The GOP holding the frame shown at ``at_s`` (user time) copied into a
+    Matroska file at ``out`` (no decoding here). Returns that frame's number
+    among the GOP's frames in presentation order and its user time; None
+    when the GOP cannot be used alone (it has leading pictures that refer to
+    the GOP before). Blocking."""
+    track = stream.track
+    at = round(at_s * track.timescale) + stream.origin_ticks
+    with _feed(stream, guard, side_path(out, "spill")) as feed:
+        samples = feed.samples()
+        key = next((s for s in samples if s.key), None)
+        if key is None:
+            return None
+        gop: list[Sample] = []
+        for s in samples[samples.index(key) :]:
+            if s.key and s is not key:
+                break
+            gop.append(s)
+        if any(s.pts < key.pts for s in gop):
+            return None  # an open GOP's leading pictures: FFmpeg seeks in the URL instead
+        shown = sorted(s.pts for s in gop)
+        wanted = next((i for i, pts in enumerate(shown) if pts >= at), len(shown) - 1)
+        container, template = _template(stream.init, stream)
+        try:
+            with av.open(str(out), "w", format="matroska") as oc:
+                vout = oc.add_stream_from_template(template, opaque=True)
+                tb = Fraction(1, track.timescale)
+                vout.time_base = tb
+                for s in gop:
+                    guard.check()
+                    packet = av.Packet(feed.data(s))
+                    packet.stream = vout
+                    packet.time_base = tb
+                    packet.pts, packet.dts = s.pts, s.dts
+                    packet.is_keyframe = s.key
+                    if s.duration > 0:
+                        packet.duration = s.duration
+                    oc.mux(packet)
+        finally:
+            container.close()
+    return wanted, (shown[wanted] - stream.origin_ticks) / track.timescale
+
+
+def _video_input(source: SourceIndex, at_s: float) -> StreamInput | None:
+    if source.video is None:
+        return None
+    v = source.video
+    offset = source.video_origin_ticks / v.track.timescale
+    window = v.index.window(v.track.track_id, at_s + offset, at_s + offset)
+    return StreamInput(
+        v.url,
+        v.track,
+        window,
+        v.index.init,
+        source.video_origin_ticks,
+        connect_to=source.addresses.get(v.url),
+    )
+
+
+async def _thumbnail(
+    spec: CutSpec, tmp: Path, budget: Budget, sides: list[Path], ffmpeg_path: str
+) -> Rendered:
+    o = spec.options
+    fmt: Literal["jpg", "png"] = "png" if o.format == "png" else "jpg"
+    at = o.thumbnail_at if o.thumbnail_at is not None else spec.start_s
+    at = min(max(at, spec.start_s), spec.end_s)
+    src_w, src_h = await _source_size(spec)
+    graph, size = video_graph(o, src_w, src_h)
+    source = await _open_index(spec, budget)
+    stream = await asyncio.to_thread(_video_input, source, at)
+    picked: tuple[int, float] | None = None
+    if stream is not None:
+        gop = side_path(tmp, "gop.mkv")
+        sides.append(gop)
+        try:
+            picked = await _in_thread(lambda guard: write_gop(stream, at, gop, guard), budget)
+        except (CutFailed, ContainerError, av.FFmpegError) as exc:
+            log.info("thumbnail_gop_fallback", reason=str(exc))
+        if picked is not None:
+            args = ffmpeg_args.local_thumbnail_args(str(gop), picked[0], str(tmp), graph, fmt)
+            await run_ffmpeg(args, timeout_s=budget.left_s(), ffmpeg_path=ffmpeg_path)
+    if picked is None:
+        args = ffmpeg_args.thumbnail_args(spec.streams.video_url, at, str(tmp), graph, fmt)
+        await run_ffmpeg(args, timeout_s=budget.left_s(), ffmpeg_path=ffmpeg_path)
+    out = await validate_media(tmp, "image", size=size)
+    shown = picked[1] if picked is not None else at
+    _done(spec, spec.end_s - spec.start_s)  # the clip's whole work is this one frame
+    return Rendered(shown, shown, 0.0, out.size_bytes, out.width, out.height)
+
+
+# -- reels ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MergeOutcome:
+    """The reel: its length, size, and whether it was joined by stream copy."""
+
+    duration_s: float
+    size_bytes: int
+    copied: bool
+    width: int = 0
+    height: int = 0
+
+
+@dataclass(frozen=True)
+class _Clip:
+    path: Path
+    duration_s: float
+    has_video: bool
+    has_audio: bool
+    # Everything a stream copy must find equal in every clip.
+    signature: tuple[Any, ...]
+    width: int
+    height: int
+    fps: Fraction | None
+
+
+def _describe_clip(path: Path) -> _Clip:
+    try:
+        with av.open(str(path)) as c:
+            v = c.streams.video[0] if c.streams.video else None
+            a = c.streams.audio[0] if c.streams.audio else None
+            duration = float(c.duration / av.time_base) if c.duration else 0.0
+            if v is not None and v.duration and v.time_base:
+                duration = float(v.duration * v.time_base)
+            sig: list[Any] = []
+            for s in (v, a):
+                if s is None:
+                    sig.append(None)
+                    continue
+                cc = s.codec_context
+                sig.append(
+                    (
+                        s.type, cc.name, bytes(cc.extradata or b""), s.time_base,
+                        getattr(cc, "width", 0), getattr(cc, "height", 0),
+                        getattr(cc, "pix_fmt", None), getattr(cc, "sample_rate", 0),
+                        getattr(getattr(cc, "layout", None), "name", None),
+                    )
+                )  # fmt: skip
+            rate = v.average_rate if v is not None else None
+            return _Clip(
+                path,
+                duration,
+                v is not None,
+                a is not None,
+                tuple(sig),
+                v.codec_context.width if v is not None else 0,
+                v.codec_context.height if v is not None else 0,
+                Fraction(rate) if rate else None,
+            )
+    except (av.FFmpegError, IndexError) as exc:
+        raise ClipFailure("output_invalid", f"a clip of the reel does not open: {exc}") from exc
+
+
+def _concat_list(paths: list[Path]) -> str:
+    lines = []
+    for path in paths:
+        escaped = str(path.resolve()).replace("'", "'\\''")
+        lines.append(f"file '{escaped}'")
+    return "\n".join(lines) + "\n"
+
+
+async def merge_clips(
+    paths: list[Path],
+    out: Path,
+    *,
+    crossfade_s: float = 0.0,
+    timeout_s: float,
+    ffmpeg_path: str = "",
+    on_progress: ProgressCallback | None = None,
+) -> MergeOutcome:
+    """Join MP4 clips, in order, into one reel at ``out`` (written under a
+    temporary name, validated, then renamed; nothing left on failure).
+
+    A stream copy (the concat demuxer) when every clip has the same codec
+    parameters (codec, extradata, frame size, pixel format, time base,
+    audio rate and layout) and no crossfade is asked; else one re-encode
+    that fits every clip to the first one's frame and rate (padded), gives
+    silent audio to clips without, and joins them with ``concat``, or with
+    ``xfade``/``acrossfade`` of ``crossfade_s`` seconds (the reel is then
+    (n-1) crossfades shorter than the sum). Raise ValueError for a bad call
+    (no clips, a crossfade longer than a clip), ClipFailure otherwise.
+    """
+    if not paths:
+        raise ValueError("a reel needs at least one clip")
+    if not 0 <= crossfade_s <= MAX_CROSSFADE_S:
+        raise ValueError(f"crossfade_s must be between 0 and {MAX_CROSSFADE_S:g}")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    clips = [await asyncio.to_thread(_describe_clip, p) for p in paths]
+    if not all(c.has_video for c in clips):
+        raise ValueError("a reel joins video clips (mp4)")
+    if crossfade_s > 0 and len(clips) > 1 and crossfade_s >= min(c.duration_s for c in clips):
+        raise ValueError("the crossfade must be shorter than every clip")
+    tmp = out.with_name(f".{out.stem}.part-{uuid.uuid4().hex[:8]}{out.suffix or '.mp4'}")
+    copied = crossfade_s <= 0 and len({c.signature for c in clips}) == 1
+    n = len(clips)
+    if n == 1 or crossfade_s <= 0:
+        expected = sum(c.duration_s for c in clips)
+    else:
+        expected = sum(c.duration_s for c in clips) - (n - 1) * crossfade_s
+    first = clips[0]
+    fps = first.fps or Fraction(30)
+    with _side_files() as sides:
+        sides.append(tmp)
+        try:
+            if copied:
+                listing = side_path(tmp, "concat.txt")
+                sides.append(listing)
+                await asyncio.to_thread(listing.write_text, _concat_list(paths), "utf-8")
+                args = ffmpeg_args.concat_copy_args(str(listing), str(tmp))
+            else:
+                parts = [
+                    ffmpeg_args.MergePart(str(c.path), c.duration_s, c.has_audio) for c in clips
+                ]
+                args = ffmpeg_args.merge_args(
+                    parts,
+                    str(tmp),
+                    width=ffmpeg_args.even_floor(first.width),
+                    height=ffmpeg_args.even_floor(first.height),
+                    fps=fps,
+                    crossfade_s=crossfade_s if n > 1 else 0.0,
+                    audio=any(c.has_audio for c in clips),
+                )
+            await run_ffmpeg(
+                args,
+                timeout_s=max(0.001, deadline - loop.time()),
+                ffmpeg_path=ffmpeg_path,
+                on_progress=on_progress,
+            )
+        except FFmpegError as exc:
+            raise ClipFailure("ffmpeg_failed", exc.stderr_tail or str(exc)) from exc
+        tol = len(clips) * 2 / float(fps) + 0.05
+        info = await validate_media(
+            tmp, "video", expected, tol_s=tol, expect_audio=any(c.has_audio for c in clips)
+        )
+        await asyncio.to_thread(os.replace, tmp, out)
+    return MergeOutcome(info.video_duration_s, info.size_bytes, copied, info.width, info.height)
