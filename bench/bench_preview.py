@@ -171,7 +171,7 @@ def _storyboard(url: str) -> Callable[[], str]:
         )
         return (
             f"{board.width}x{board.height}, {len(board.sprite) // 1000} kB JPEG, "
-            f"{board.keyframes} keyframes"
+            f"{board.keyframes} keyframes of {board.keyframe_bytes / 1e6:.2f} MB"
         )
 
     return run

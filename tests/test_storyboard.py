@@ -274,7 +274,8 @@ async def test_only_keyframe_bytes_are_fetched(
     assert len(reads) == board.requests <= 2 * len(shown)
     assert all(b <= c for (_, b), (c, _) in pairwise(reads)), reads
     assert sum(b - a for a, b in reads) == board.bytes_fetched
-    assert board.bytes_fetched <= sum(k.size + HEAD_BYTES for k in shown)
+    assert board.keyframe_bytes == sum(k.size for k in shown)
+    assert board.bytes_fetched <= board.keyframe_bytes + len(shown) * HEAD_BYTES
     for a, b in reads:
         assert any(a < k.pos + k.size and k.pos < b for k in shown), (a, b)
     for k in shown:
@@ -572,5 +573,5 @@ async def test_ttl_cache_makes_each_value_once() -> None:
 def test_storyboard_result_shape() -> None:
     """A Storyboard lists the tiles left blank."""
     thumbs = (Thumb(0, 1, 0.0, 0, 0, 2, 2), Thumb(1, 2, None, 2, 0, 2, 2))
-    board = Storyboard(b"", "", thumbs, 4, 2, 2, 1, 2.0, 1, 0, 0, 0.0)
+    board = Storyboard(b"", "", thumbs, 4, 2, 2, 1, 2.0, 1, 10, 0, 0, 0.0)
     assert board.missing == (1,)

@@ -34,6 +34,7 @@ about a millisecond and the sprite's encode a few: not worth a process.
 from __future__ import annotations
 
 import asyncio
+import collections
 import math
 import struct
 import threading
@@ -73,9 +74,15 @@ MAX_THUMB_WIDTH = 1280
 MAX_SPRITE_SIDE = 16384
 DEFAULT_CONNECTIONS = 8
 DEFAULT_TIMEOUT_S = 20.0
-# The first read at a fragment or Cluster: a moof of a few seconds of video
-# and, most of the time, the whole low-resolution keyframe after it.
+# The first reads at a fragment or Cluster: a moof of a few seconds of video
+# and, most of the time, the whole low-resolution keyframe after it. Later
+# reads are sized after the keyframes found so far (HEAD_MARGIN over the
+# largest of the last HEAD_HISTORY), between MIN_ and MAX_HEAD_BYTES.
 HEAD_BYTES = 16 * 1024
+MIN_HEAD_BYTES = 4 * 1024
+MAX_HEAD_BYTES = 1024 * 1024
+HEAD_MARGIN = 1.15
+HEAD_HISTORY = 16
 # A WebM keyframe not found within this much of its Cluster: damage.
 MAX_KEY_SEARCH_BYTES = 16 * 1024 * 1024
 MAX_BOXES_TO_MOOF = 64
@@ -125,6 +132,7 @@ class Storyboard:
     rows: int
     duration_s: float
     keyframes: int  # distinct keyframes fetched and decoded
+    keyframe_bytes: int  # their sizes: what bytes_fetched would be with a free index and no headers
     bytes_fetched: int  # every byte read for it, opening the index included
     # Range requests on its own connections: opening the index included when it
     # was given a URL; a given SourceIndex's own reads (its searches) not.
@@ -241,6 +249,7 @@ async def build_storyboard(
         rows=rows,
         duration_s=total_s,
         keyframes=keyframes,
+        keyframe_bytes=builder.keyframe_bytes,
         bytes_fetched=builder.bytes_fetched,
         requests=builder.requests,
         elapsed_s=time.monotonic() - started,
@@ -356,6 +365,8 @@ class _Builder:
         self.decoder = _DECODERS.get(video.track.codec, video.track.codec)
         # Keyframes being found or found, by the offset of the window they start.
         self._keys: dict[int, Future[_Key]] = {}
+        self.keyframe_bytes = 0
+        self._recent: collections.deque[int] = collections.deque(maxlen=HEAD_HISTORY)
         # Windows of a WebM index with Cues cost no read.
         self._cues_in_memory = isinstance(video.index, WebmIndex) and video.index.has_cues
         self._lock = threading.Lock()
@@ -501,11 +512,11 @@ class _Builder:
         """The first sync sample of the window's first fragments, from their moof
         boxes: the fragment's head is read, then only what the moof says."""
         offset, size = window.spans[0]
-        buf = self.read(offset, min(HEAD_BYTES, size))
+        buf = self.read(offset, min(self._head_bytes(), size))
         pos = 0
         for _ in range(MAX_BOXES_TO_MOOF):
             if pos + 16 > len(buf) and len(buf) < size:
-                buf += self.read(offset + len(buf), min(HEAD_BYTES, size - len(buf)))
+                buf += self.read(offset + len(buf), min(self._head_bytes(), size - len(buf)))
             if pos + 8 > len(buf):
                 break
             box_bytes, kind = _MP4_HEADER.unpack_from(buf, pos)
@@ -525,6 +536,7 @@ class _Builder:
                 )  # fmt: skip
                 key = next((s for s in parsed[0] if s.key), None) if parsed else None
                 if key is not None:
+                    self._needed(key.offset + key.size - offset)
                     return _Key(key, _held(buf, offset, key))
             pos += box_bytes
         raise ContainerError(f"no sync sample in the fragment at {offset}")
@@ -534,15 +546,31 @@ class _Builder:
         (more, doubling, while the keyframe is not whole in what was read)."""
         offset, size = window.spans[0]
         partial = replace(reader, partial_tail=True, trim_to_key=False, stop_key_pts=None)
-        buf = self.read(offset, min(HEAD_BYTES, size))
+        buf = self.read(offset, min(self._head_bytes(), size))
         while True:
             head = Window(window.track_id, ((offset, len(buf)),), partial)
             key = next((s for s in partial.samples(head, {offset: buf}) if s.key), None)
             if key is not None:
+                self._needed(key.offset + key.size - offset)
                 return _Key(key, _held(buf, offset, key))
             if len(buf) >= min(size, MAX_KEY_SEARCH_BYTES):
                 raise ContainerError(f"no key frame in the Cluster at {offset}")
             buf += self.read(offset + len(buf), min(len(buf), size - len(buf)))
+
+    def _head_bytes(self) -> int:
+        """How much to read at a fragment's or Cluster's start: a little more
+        than the recent keyframes needed (one read each, most of the time,
+        and not much past the keyframe)."""
+        with self._lock:
+            recent = list(self._recent)
+        if not recent:
+            return HEAD_BYTES
+        return min(MAX_HEAD_BYTES, max(MIN_HEAD_BYTES, math.ceil(max(recent) * HEAD_MARGIN)))
+
+    def _needed(self, size: int) -> None:
+        """A keyframe ended ``size`` bytes into its fragment or Cluster."""
+        with self._lock:
+            self._recent.append(size)
 
     # -- decoding ---------------------------------------------------------------
 
@@ -555,6 +583,7 @@ class _Builder:
         """Each distinct keyframe fetched (those not read already) and decoded:
         decoded frames by sample offset (a frame that did not decode is absent)."""
         distinct = list({k.sample.offset: k for k in keys}.values())
+        self.keyframe_bytes = sum(k.sample.size for k in distinct)
         short = [k for k in distinct if len(k.head) < k.sample.size]
         rest = self._map(pool, self._rest, short)
         data = {k.sample.offset: k.head for k in distinct}
