@@ -1,9 +1,12 @@
 """The application factory: ``create_app(settings) -> web.Application``.
 
 Nothing runs at import time. Each resource has one ``cleanup_ctx`` entry, so
-its start-up and shutdown sit together: the outbound HTTP session, the job
-store, and the runner (which resumes unfinished jobs on start and stops its
-tasks on shutdown) with the webhook sender it tells of every ended job.
+its start-up and shutdown sit together: the outbound HTTP session, the URL
+guard, and the jobs: the job store, the event hub SSE listens to, the runner
+(which resumes unfinished jobs on start and stops its tasks on shutdown) and
+the webhook sender it tells of every ended job. Without ``[queue] url`` the
+runner is the in-process one (:mod:`clipservice.jobs.runner`); with it, jobs
+go to ``clipservice worker`` processes (:mod:`clipservice.jobs.dispatch`).
 """
 
 from __future__ import annotations

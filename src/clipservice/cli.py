@@ -1,4 +1,4 @@
-"""The ``clipservice`` command line: serve, clip (and, as it lands, worker)."""
+"""The ``clipservice`` command line: serve, worker, clip."""
 
 from __future__ import annotations
 

@@ -2,9 +2,12 @@
 
 Each app owns a :class:`Metrics` with its own ``CollectorRegistry``, so two
 services in one process (tests, benchmarks) never share or collide on
-counters. The runner records clips, cuts, queue waits, resolver calls and
-bytes; the HTTP middleware records requests; gauges that describe the
-present (jobs by state, FFmpeg processes) are read when scraped.
+counters. Every clip attempt (:mod:`clipservice.jobs.attempt`, in either
+runner) records clips, cuts, queue waits and bytes, and every resolve its
+time and errors; the HTTP middleware records requests; gauges that describe
+the present (jobs by state, FFmpeg processes) are read when scraped. A
+``clipservice worker`` records into a registry of its own, which no endpoint
+serves yet.
 """
 
 from __future__ import annotations

@@ -12,8 +12,9 @@ That leaves nothing to answer ``/readyz`` with 503 while clips finish, so
    started stay queued. A second signal ends the grace at once.
 3. Close the listeners, end SSE streams, give in-flight requests
    ``HTTP_CLOSE_S``, then run the app's cleanup: the runner cancels what is
-   left (FFmpeg terminated, killed, reaped; the clips resume on the next
-   start) and saves each unfinished job.
+   left (FFmpeg terminated, killed, reaped; the attempts given back, so the
+   clips resume on the next start as if never begun) and the job store
+   finishes its writes.
 """
 
 from __future__ import annotations

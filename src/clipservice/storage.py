@@ -3,9 +3,9 @@
 The cutter always writes into a local folder (FFmpeg needs a file path). A
 storage decides what happens next: the shared-folder storage here keeps the
 file where the cutter renamed it, on a volume every node mounts at
-``storage.data_dir``. An S3-compatible storage would implement the same
-protocol by uploading in :meth:`publish`, answering :meth:`exists` with a HEAD
-request, and answering downloads with a redirect to a presigned URL.
+``storage.data_dir``; :class:`~clipservice.s3storage.S3Storage` uploads it in
+:meth:`~ClipStorage.publish`. The runners reach their storage only through
+:class:`ClipStorage` (the clip attempt and retention).
 """
 
 from __future__ import annotations

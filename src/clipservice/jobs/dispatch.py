@@ -32,7 +32,7 @@ from clipservice.jobs.queue import (
 )
 from clipservice.jobs.redis_store import RedisJobStore
 from clipservice.metrics import Metrics
-from clipservice.storage import SharedFolderStorage
+from clipservice.storage import ClipStorage
 
 log = structlog.get_logger(__name__)
 
@@ -53,7 +53,7 @@ class DistributedRunner:
         self,
         settings: Settings,
         store: RedisJobStore,
-        storage: SharedFolderStorage,
+        storage: ClipStorage,
         metrics: Metrics | None = None,
     ):
         self.settings = settings

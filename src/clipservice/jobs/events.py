@@ -1,15 +1,17 @@
-"""Job change notifications: the runner publishes, SSE listeners subscribe.
+"""Job change notifications: the job store tells, SSE listeners subscribe.
 
 Every change of a job (state, a clip done, progress within a clip) is
-published as the whole job. A listener only ever needs the newest document,
+delivered as the whole job. A listener only ever needs the newest document,
 so a subscription keeps just the latest job and wakes its reader: a slow
-listener skips intermediate states instead of buffering them, and a publish
+listener skips intermediate states instead of buffering them, and a change
 never waits for a listener.
 
-:class:`JobEvents` is the interface; :class:`LocalJobEvents` serves one
-process. The distributed mode provides the same interface over Redis
-pub/sub (``publish`` sends the document to a per-job channel, ``subscribe``
-listens on it), so the SSE route works unchanged on any ``serve`` node.
+:class:`JobEvents` is the interface SSE subscribes through.
+:class:`LocalJobEvents` serves one process: the file store calls its
+:meth:`~LocalJobEvents.notify` with every change it stores. The distributed
+mode's :class:`~clipservice.jobs.redis_events.RedisJobEvents` listens to what
+the Redis store publishes, so the SSE route works unchanged on any ``serve``
+node.
 """
 
 from __future__ import annotations
@@ -32,11 +34,7 @@ class Subscription(Protocol):
 
 
 class JobEvents(Protocol):
-    """Publish job changes; subscribe to the changes of one job."""
-
-    async def publish(self, job: Job) -> None:
-        """Tell every subscriber of ``job.job_id`` about its new state (never blocks on them)."""
-        ...
+    """Subscribe to the changes of one job."""
 
     def subscribe(self, job_id: str) -> AbstractAsyncContextManager[Subscription]:
         """Subscribe for the lifetime of the ``async with`` block.
@@ -86,17 +84,10 @@ class LocalJobEvents:
         self._subscribers: dict[str, set[Mailbox]] = {}
         self._closed = False
 
-    @property
-    def listeners(self) -> int:
-        return sum(len(s) for s in self._subscribers.values())
-
     def notify(self, job: Job) -> None:
-        """Synchronous publish, for callers that are not coroutines (progress callbacks)."""
+        """Tell every subscriber of ``job.job_id`` about its new state (never blocks on them)."""
         for sub in self._subscribers.get(job.job_id, ()):
             sub.put(job)
-
-    async def publish(self, job: Job) -> None:
-        self.notify(job)
 
     @contextlib.asynccontextmanager
     async def _subscription(self, job_id: str) -> AsyncIterator[Subscription]:

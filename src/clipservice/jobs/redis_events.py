@@ -17,8 +17,7 @@ from typing import Any
 import structlog
 
 from clipservice.jobs.events import LocalJobEvents
-from clipservice.jobs.models import Job
-from clipservice.jobs.redis_store import RedisJobStore, dump_job, load_job
+from clipservice.jobs.redis_store import RedisJobStore, load_job
 
 log = structlog.get_logger(__name__)
 
@@ -29,8 +28,8 @@ class RedisJobEvents(LocalJobEvents):
     """Publish and subscribe to job changes through Redis (all nodes see all changes).
 
     This node's subscribers are kept as in :class:`LocalJobEvents`; what differs
-    is that ``publish`` goes through Redis and a reader task delivers every
-    node's changes to them.
+    is that a reader task delivers every node's changes to them, as the Redis
+    store publishes them.
     """
 
     def __init__(self, store: RedisJobStore) -> None:
@@ -79,9 +78,6 @@ class RedisJobEvents(LocalJobEvents):
             return
         for sub in subs:
             sub.put(job)
-
-    async def publish(self, job: Job) -> None:
-        await self.store.redis.publish(self.store.events_channel(job.job_id), dump_job(job))
 
     async def close(self) -> None:
         """Wake every subscriber with None and stop listening."""

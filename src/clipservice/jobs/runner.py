@@ -44,7 +44,7 @@ from clipservice.media.cutter import Cutter, warm_join_processes
 from clipservice.media.ffmpeg import running_processes, terminate
 from clipservice.metrics import Metrics
 from clipservice.sources.base import Resolver
-from clipservice.storage import SharedFolderStorage
+from clipservice.storage import ClipStorage, SharedFolderStorage
 
 # source_expired lives in jobs/streams.py; the cut engine's tests import it from here.
 __all__ = ["LocalRunner", "source_expired"]
@@ -65,12 +65,13 @@ class LocalRunner:
         resolver: Resolver,
         cutter: Cutter,
         metrics: Metrics | None = None,
+        storage: ClipStorage | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.resolver = resolver
         self.metrics = metrics if metrics is not None else Metrics()
-        self.storage = SharedFolderStorage(settings.clips_dir)
+        self.storage = storage if storage is not None else SharedFolderStorage(settings.clips_dir)
         self.work = ClipWork.of(settings, cutter, self.storage, self.metrics)
         self.limiter = FairLimiter(settings.jobs.max_concurrent_clips)
         # Called with each job once it has ended and been saved (webhooks); must not block.

@@ -56,7 +56,7 @@ from clipservice.metrics import Metrics
 from clipservice.sources.base import Resolver
 from clipservice.sources.factory import make_resolver
 from clipservice.sources.guard import UrlGuard
-from clipservice.storage import SharedFolderStorage
+from clipservice.storage import ClipStorage, SharedFolderStorage
 
 log = structlog.get_logger(__name__)
 
@@ -71,7 +71,7 @@ class ClipWorker:
         self,
         settings: Settings,
         store: RedisJobStore,
-        storage: SharedFolderStorage,
+        storage: ClipStorage,
         resolver: Resolver,
         clips_queue: Queue,
         worker_id: str,
