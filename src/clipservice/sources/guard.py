@@ -29,6 +29,7 @@ one step. All of them resolve through :func:`lookup`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import socket
 from collections.abc import Awaitable, Callable
@@ -371,9 +372,13 @@ class GuardedResolver:
         resolved = await self.inner.resolve(source)
         video_url = await self.guard.final_url(resolved.video_url)
         audio_url = await self.guard.final_url(resolved.audio_url) if resolved.audio_url else None
-        return ResolvedSource(
-            video_url=video_url,
-            audio_url=audio_url,
-            title=resolved.title,
-            duration_s=resolved.duration_s,
+        preview_url = None
+        if resolved.preview_url:
+            if resolved.preview_url == resolved.video_url:
+                preview_url = video_url
+            else:
+                preview_url = await self.guard.final_url(resolved.preview_url)
+        # Every other field of the answer (title, cover, stream descriptions) kept.
+        return dataclasses.replace(
+            resolved, video_url=video_url, audio_url=audio_url, preview_url=preview_url
         )
