@@ -31,7 +31,7 @@ CLIPS_QUEUE = "clipservice-clips"
 
 # Clip task timeout on top of clip_timeout_s: resolving, probing and
 # validating happen outside the FFmpeg bound.
-TASK_TIMEOUT_MARGIN_S = 60
+_TASK_TIMEOUT_MARGIN_S = 60
 _PREPARE_TIMEOUT_S = 120
 # How long SAQ keeps a finished task's record (ours lives in the job store).
 _TASK_TTL_S = 600
@@ -107,7 +107,7 @@ def clip_task(settings: Settings, job_id: str, index: int) -> SaqJob:
         function="cut_clip",
         kwargs={"job_id": job_id, "index": index},
         key=clip_task_key(job_id, index),
-        timeout=int(settings.jobs.clip_timeout_s) + TASK_TIMEOUT_MARGIN_S,
+        timeout=int(settings.jobs.clip_timeout_s) + _TASK_TIMEOUT_MARGIN_S,
         heartbeat=q.heartbeat_s,
         # One more than clip_attempts: the last run only records "interrupted".
         retries=q.clip_attempts + 1,

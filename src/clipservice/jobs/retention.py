@@ -20,11 +20,14 @@ from redis.exceptions import RedisError
 from clipservice.config import Settings
 from clipservice.jobs.models import Job
 from clipservice.jobs.naming import clip_file_name
-from clipservice.jobs.queue import TASK_TIMEOUT_MARGIN_S
 from clipservice.jobs.store import JobStore
 from clipservice.storage import ClipStorage
 
 log = structlog.get_logger(__name__)
+
+# A clip's work outside clip_timeout_s (resolving, probing, validating) takes
+# far less than this; a temporary output untouched this much longer is stale.
+_PART_GRACE_S = 120
 
 
 def reap_interval_s(settings: Settings) -> float:
@@ -33,7 +36,7 @@ def reap_interval_s(settings: Settings) -> float:
 
 def part_age_s(settings: Settings) -> float:
     """Age past which a temporary output belongs to no live cut."""
-    return settings.jobs.clip_timeout_s + TASK_TIMEOUT_MARGIN_S * 2
+    return settings.jobs.clip_timeout_s + _PART_GRACE_S
 
 
 def still_used(jobs: Iterable[Job], but: str) -> set[str]:

@@ -29,8 +29,8 @@ import os
 import signal
 import socket
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Coroutine
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 import aiohttp
@@ -88,6 +88,7 @@ class ClipWorker:
         # Set when the worker process stops: the clips it cancels are cut again elsewhere.
         self.stopping = False
         self._streams: OrderedDict[str, JobStreams] = OrderedDict()
+        self._users: Counter[str] = Counter()  # clips (and prepares) using each job's streams
         self._background: set[asyncio.Task[Any]] = set()
         # Called with the job when this worker ended it (its webhook).
         self.on_job_end: list[Callable[[Job], None]] = []
@@ -116,7 +117,8 @@ class ClipWorker:
                     )
                     await self.store.set_source(job_id, stored)
                     # Read through the job's streams here: this worker's clips reuse them.
-                    info = await self._streams_for(job_id, job.source, stored).info()
+                    with self._streams_of(job_id, job.source, stored) as streams:
+                        info = await streams.info()
                 except SourceError as exc:
                     log.warning("source_failed", code=exc.code, error=exc.message)
                     failed = await bookkeeping.fail_job(
@@ -172,17 +174,18 @@ class ClipWorker:
                 # Cancelled (job cancelled, or this worker stopping: SAQ queues
                 # the clip again): the cutter kills FFmpeg and removes the
                 # partial file; nothing to record.
-                outcome = await attempt_clip(
-                    self.work,
-                    job.source,
-                    job.clips[index],
-                    self._streams_for(job_id, job.source, stored),
-                    # Each claim is a begin: the ones before this ended without an outcome.
-                    begun_before=attempt - 1,
-                    on_progress=on_progress,
-                    waited_s=(task.duration("start") or 0) / 1000,
-                    stopping=lambda: self.stopping,
-                )
+                with self._streams_of(job_id, job.source, stored) as streams:
+                    outcome = await attempt_clip(
+                        self.work,
+                        job.source,
+                        job.clips[index],
+                        streams,
+                        # Each claim is a begin: the ones before ended without an outcome.
+                        begun_before=attempt - 1,
+                        on_progress=on_progress,
+                        waited_s=(task.duration("start") or 0) / 1000,
+                        stopping=lambda: self.stopping,
+                    )
             finally:
                 keepalive.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -200,14 +203,22 @@ class ClipWorker:
 
     async def _ended(self, job: Job) -> None:
         announce_end(job, self.on_job_end)
-        streams = self._streams.pop(job.job_id, None)
-        if streams is not None:
-            await streams.aclose()
+        if not self._users[job.job_id]:  # a stale attempt may still be reading them
+            streams = self._streams.pop(job.job_id, None)
+            if streams is not None:
+                await streams.aclose()
 
     # -- the job's streams, shared through Redis --------------------------------
 
-    def _streams_for(self, job_id: str, source: JobSource, stored: StoredSource) -> JobStreams:
-        """One set of streams per job in this process, at the newest generation stored."""
+    @contextlib.contextmanager
+    def _streams_of(
+        self, job_id: str, source: JobSource, stored: StoredSource
+    ) -> Iterator[JobStreams]:
+        """The job's streams in this process, at the newest generation stored, while in use.
+
+        One set per job, shared by its clips here; the least recently used
+        sets no clip is using are closed past :data:`_STREAMS_CACHE_SIZE`.
+        """
         streams = self._streams.get(job_id)
         if streams is None:
             streams = self._streams[job_id] = JobStreams(
@@ -216,14 +227,19 @@ class ClipWorker:
                 generation=stored.generation,
                 allow_private=self.settings.security.allow_private_sources,
             )
-            while len(self._streams) > _STREAMS_CACHE_SIZE:
-                _, old = self._streams.popitem(last=False)
-                # Closing is safe mid-lookup: an index reopens on its next use.
-                self._spawn(old.aclose())
         else:
             streams.adopt(stored.urls, stored.generation)
         self._streams.move_to_end(job_id)
-        return streams
+        self._users[job_id] += 1
+        try:
+            yield streams
+        finally:
+            self._users[job_id] -= 1
+            if not self._users[job_id]:
+                del self._users[job_id]
+            idle = [j for j in self._streams if not self._users[j]]  # oldest first
+            for old in idle[: max(0, len(self._streams) - _STREAMS_CACHE_SIZE)]:
+                self._spawn(self._streams.pop(old).aclose())
 
     async def _renew(
         self, job_id: str, source: JobSource, generation: int
