@@ -476,6 +476,29 @@ async def test_gif_frame_count_size_and_content(
         assert here < 10 and here < other / 2, (i, here, other)
 
 
+async def test_gif_reads_only_the_clip(
+    media_server: MediaServer, media: dict[str, Path], tmp_path: Path
+) -> None:
+    """A GIF of 2 s from a 120 s source reads the bytes around the clip, not the
+    source to its end (the palette waits for its input's end: the input is
+    limited, not the output)."""
+    url = media_server.url("long-video.mp4")
+    index = SourceIndex(url, None)
+    info = await probe_source(url, None, index)
+    seen = len(media_server.requests)
+    final = _prepared(tmp_path) / "g.gif"
+    await Cutter().cut(
+        CutSpec(StreamUrls(url), info, 10.0, 12.0, "accurate", final, 60, source=index,
+                options=OutputOptions(format="gif", width=160))
+    )  # fmt: skip
+    with av.open(str(media["long-video"])) as c:
+        v = c.streams.video[0]
+        around = sum(
+            p.size for p in c.demux(v) if p.pts is not None and 8.0 <= p.pts * v.time_base < 14.0
+        )
+    assert sum(r["bytes"] for r in media_server.requests[seen:]) < 2 * around
+
+
 async def test_animated_webp(media_server: MediaServer, progressive: Shape, tmp_path: Path) -> None:
     """An animated WebP at 8 fps, 160 wide: 16 frames on a 160x90 canvas lasting
     2 s, its first frame the clip's first."""

@@ -279,7 +279,11 @@ def animation_args(
     video_filter: str,
     fmt: Literal["gif", "webp"],
 ) -> list[str]:
-    """A GIF or animated WebP of the clip (no audio; the video input only)."""
+    """A GIF or animated WebP of the clip (no audio; the video input only).
+
+    The length is an input option: the GIF palette is made once its input
+    ends, so an output limit would let FFmpeg decode the source to its end.
+    """
     codec = (
         ["-c:v", "gif", "-loop", "0", "-f", "gif"]
         if fmt == "gif"
@@ -287,9 +291,13 @@ def animation_args(
               "-compression_level", "3", "-pix_fmt", "yuv420p", "-f", "webp"]
     )  # fmt: skip
     return [
-        *_inputs(StreamUrls(video_url), start_s),
+        *_NET_INPUT,
+        "-ss",
+        ts(start_s),
         "-t",
         ts(end_s - start_s),
+        "-i",
+        video_url,
         "-map",
         "0:v:0",
         "-an",
