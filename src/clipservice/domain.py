@@ -76,7 +76,14 @@ class OutputOptions(_Model):
     aspect: Aspect = "source"
     fit: Fit = "crop"
     crop_x: float = Field(0.5, ge=0, le=1, description="Horizontal crop position, 0 = left.")
-    max_height: int | None = Field(None, description="Output height at most this (even).")
+    max_height: int | None = Field(
+        None,
+        description=(
+            "Output height (even): the frame is scaled to it, up as well as down (9:16 at"
+            " 1920 is 1080x1920). Without it, the largest frame of the aspect that fits in"
+            " the source's (never scaled up)."
+        ),
+    )
     format: OutputFormat = "mp4"
     fps: float | None = Field(None, description="Frame rate of a GIF or animated WebP.")
     width: int | None = Field(None, description="Width of a GIF or animated WebP.")
