@@ -768,6 +768,32 @@ async def test_stalled_source_ends_at_the_limit_and_leaves_nothing(
     assert await _no_leftovers_once_released(media_server, out_dir) == []
 
 
+async def test_audio_of_a_silent_source_is_no_audio(
+    media_server: MediaServer, tmp_path: Path
+) -> None:
+    """An m4a of a source without audio fails as no_audio, leaving no file."""
+    url = media_server.url("video.mp4")
+    index = SourceIndex(url, None)
+    info = await probe_source(url, None, index)
+    folder = _prepared(tmp_path / "clips")
+    with pytest.raises(ClipFailure) as failure:
+        await Cutter().cut(
+            CutSpec(StreamUrls(url), info, 2.0, 4.0, "accurate", folder / "a.m4a", 60,
+                    source=index, options=OutputOptions(format="m4a"))
+        )  # fmt: skip
+    assert failure.value.code == "no_audio"
+    assert _leftovers(folder) == []
+
+
+def test_webp_reader_refuses_what_is_not_an_animated_webp() -> None:
+    """webp_info reads RIFF chunks only as far as they are there: a still WebP,
+    a truncated chunk or another file is a ValueError."""
+    still = b"RIFF" + (12).to_bytes(4, "little") + b"WEBPVP8 " + (0).to_bytes(4, "little")
+    for data in (b"", b"GIF89a....", still, b"RIFF\x00\x00\x00\x00WEBPANMF\xff\xff\x00\x00"):
+        with pytest.raises(ValueError):
+            webp_info(data)
+
+
 async def test_existing_outputs_are_described_by_kind(
     media_server: MediaServer, progressive: Shape, tmp_path: Path
 ) -> None:
