@@ -16,7 +16,8 @@ from aiohttp import web
 
 from clipservice.api.appkeys import STORE
 from clipservice.client import ClipClient, ClipServiceError
-from clipservice.jobs.models import Job, JobStatus
+from clipservice.jobs.models import JobDocument, JobStatus
+from clipservice.jobs.models import JobDocument as Job
 from tests.conftest import Service, _start_site
 
 
@@ -27,7 +28,7 @@ async def test_create_wait_download(service: Service, tmp_path: Path) -> None:
         job = await client.create_clips(
             video_id="dQw4w9WgXcQ", clips=[(1, 3), {"start": "0:05", "end": "0:07"}], mode="fast"
         )
-        assert isinstance(job, Job) and job.total == 2
+        assert isinstance(job, JobDocument) and job.total == 2
         done = await client.wait(job.job_id, on_progress=seen.append)
         assert done.status is JobStatus.FINISHED and done.processed == 2
         assert seen and seen[-1] == done

@@ -138,12 +138,6 @@ async def test_no_internal_field_leaves_the_service(
         _check_public(where, doc)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="issue 12: the document still shows callback_url, which is no contract field "
-    "(jobs/models.py must exclude it from Job.public(), or the contract document it)",
-)
 async def test_only_contract_fields_leave_the_service(
     documents: list[tuple[str, dict[str, Any]]],
 ) -> None:
@@ -152,12 +146,6 @@ async def test_only_contract_fields_leave_the_service(
         assert set(doc) == PUBLIC_FIELDS, (where, set(doc) ^ PUBLIC_FIELDS)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="issue 12: jobs/models.py's Job, which the client returns, still declares "
-    "idempotency_key, request_hash, client_id and callback_url",
-)
 async def test_client_job_model_has_public_fields_only(service: Service) -> None:
     """The Job the Python client returns declares the public fields only, none of the service's own."""
     async with ClipClient(service.base_url) as client:

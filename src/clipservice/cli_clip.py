@@ -146,7 +146,8 @@ async def _run(args: argparse.Namespace, fields: dict[str, str], clips: list[Any
     from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 
     from clipservice.client import ClipClient, ClipServiceError
-    from clipservice.jobs.models import Job, JobStatus
+    from clipservice.jobs.models import JobDocument as Job
+    from clipservice.jobs.models import JobStatus
 
     console = Console(stderr=True)
     async with contextlib.AsyncExitStack() as stack:

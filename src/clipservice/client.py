@@ -7,8 +7,8 @@
         job = await client.wait(job.job_id, on_progress=print)
         paths = await client.download(job, "clips/")
 
-Jobs come back as :class:`~clipservice.jobs.models.Job`, the model the server
-itself stores, so client and server never disagree on a field. Every error
+Jobs come back as :class:`~clipservice.jobs.models.JobDocument`, the model the server
+answers with, so client and server never disagree on a field. Every error
 answer raises :class:`ClipServiceError` carrying the RFC 9457 problem body.
 503 and 429 answers are retried a bounded number of times, honouring
 ``Retry-After``. Progress comes from the job's Server-Sent Events stream;
@@ -35,7 +35,7 @@ import aiofiles
 import aiofiles.os
 import aiohttp
 
-from clipservice.jobs.models import Job
+from clipservice.jobs.models import JobDocument as Job
 
 __all__ = ["ClipClient", "ClipRange", "ClipServiceError"]
 

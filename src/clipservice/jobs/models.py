@@ -89,8 +89,10 @@ class WebhookAttempt(_Model):
     error: str | None = None
 
 
-class Job(_Model):
-    """The job document, as stored in ``jobs/{job_id}.json`` and served by the API."""
+class JobDocument(_Model):
+    """The job document as it leaves the service: the API's answers, SSE events,
+    webhook bodies, and the Python client's model. Contract fields, and the
+    documented additions (``source``, ``clips``, ``webhook_attempts``)."""
 
     job_id: str
     status: JobStatus = JobStatus.PENDING
@@ -103,11 +105,7 @@ class Job(_Model):
     results: list[ClipResult] = Field(default_factory=list)
     errors: list[ClipError] = Field(default_factory=list)
     error: JobError | None = None
-    callback_url: str | None = None
     webhook_attempts: list[WebhookAttempt] = Field(default_factory=list)
-    idempotency_key: str | None = Field(None, exclude=True)
-    request_hash: str | None = Field(None, exclude=True)
-    client_id: str | None = Field(None, exclude=True)
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
     finished_at: datetime | None = None
@@ -119,17 +117,30 @@ class Job(_Model):
     def files(self) -> set[str]:
         return {r.file for r in self.results}
 
+
+_PUBLIC_FIELDS = frozenset(JobDocument.model_fields)
+
+
+class Job(JobDocument):
+    """The job as the service keeps it (``jobs/{job_id}.json``, Redis): the
+    document and what only the service reads — where to deliver the webhook
+    (a callback URL may carry the receiver's token), the idempotency key and
+    request hash, and whose job it is."""
+
+    callback_url: str | None = None
+    idempotency_key: str | None = None
+    request_hash: str | None = None
+    # A short hash of the API key that created the job (None without keys):
+    # the job and its clips are that key's.
+    owner: str | None = None
+
     def stored(self) -> dict[str, Any]:
-        """Everything, including the fields the API does not show."""
-        data = self.model_dump(mode="json")
-        data["idempotency_key"] = self.idempotency_key
-        data["request_hash"] = self.request_hash
-        data["client_id"] = self.client_id
-        return data
+        """Everything, as the stores write it."""
+        return self.model_dump(mode="json")
 
     def public(self, public_url: str = "") -> dict[str, Any]:
         """The document as the API returns it; clip URLs absolute when ``public_url`` is set."""
-        data = self.model_dump(mode="json")
+        data = self.model_dump(mode="json", include=set(_PUBLIC_FIELDS))
         if public_url:
             base = public_url.rstrip("/")
             for r in data["results"]:
@@ -143,6 +154,7 @@ __all__ = [
     "ClipSpec",
     "CutMode",
     "Job",
+    "JobDocument",
     "JobError",
     "JobSource",
     "JobStatus",
