@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from clipservice.api.protocol import make_runner
 from clipservice.app import create_app
 from clipservice.config import Settings
 from clipservice.media.ffmpeg import bundled_ffmpeg
@@ -178,7 +179,7 @@ class MediaServer:
 
 
 async def _start_site(app: web.Application) -> tuple[web.AppRunner, str]:
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+    runner = make_runner(app, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

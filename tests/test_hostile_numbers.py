@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from clipservice.api.schemas import MAX_TIME_S, CreateClipsRequest, parse_time
 from clipservice.config import Settings
-from tests.conftest import Service, assert_problem
+from tests.conftest import MediaServer, Service, ServiceFactory, assert_problem
 
 NUMBERS = st.one_of(
     st.integers(),  # unbounded: thousands of digits
@@ -160,3 +160,73 @@ async def test_negative_zero_and_exponents_are_just_numbers(
     clip = stored["clips"][0]
     assert clip["start"] == float(start) + 0.0 and clip["end"] == float(end)
     assert math.copysign(1.0, clip["start"]) == 1.0
+
+
+async def _a_clip(service: Service, media_server: MediaServer) -> str:
+    async with await service.create(
+        {
+            "video_url": media_server.url("video.mp4"),
+            "clips": [{"start": 1, "end": 2, "mode": "fast"}],
+        }
+    ) as resp:
+        job_id = (await resp.json())["job_id"]
+    doc = await service.wait(job_id)
+    assert doc["status"] == "finished", doc
+    return str(doc["results"][0]["url"])
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        {"Range": "bytes=0-" + "9" * 400},
+        {"Range": "bytes=" + "9" * 400 + "-"},
+        {"Range": "bytes=-" + "9" * 400},
+        {"Range": "bytes=18446744073709551616-18446744073709551617"},
+        {"Range": "bytes=1e3-2e3"},
+        {"Range": "bytes=-0"},
+        {"Range": "bytes=5-1"},
+        {"If-Range": "9" * 400},
+        {"If-Modified-Since": "Mon, 01 Jan 99999 00:00:00 GMT"},
+        {"If-None-Match": "9" * 5000},
+    ],
+)
+async def test_hostile_headers_on_clip_downloads(
+    make_service: ServiceFactory, media_server: MediaServer, header: dict[str, str]
+) -> None:
+    """Ranges and conditional headers with numbers past any file or timestamp
+    answer 206, 200, 304 or a 416/400 problem: never a 5xx."""
+    service = await make_service()
+    url = await _a_clip(service, media_server)
+    async with service.http.get(f"{service.base_url}{url}", headers=header) as resp:
+        if resp.status >= 400:
+            await assert_problem(resp)
+        else:
+            assert resp.status in (200, 206, 304), resp.status
+            await resp.read()
+    async with service.http.get(f"{service.base_url}/healthz") as resp:
+        assert resp.status == 200
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        {"Idempotency-Key": "9" * 5000},
+        {"Idempotency-Key": "1e400"},
+        {"Last-Event-ID": "9" * 5000},
+        {"Content-Length": "9" * 40},
+        {"X-Request-ID": "9" * 5000},
+    ],
+)
+async def test_hostile_numeric_headers_on_the_api(service: Service, header: dict[str, str]) -> None:
+    """Numeric-looking headers of any size get a 4xx problem or are ignored, never
+    a 5xx."""
+    body = {"video_url": "https://cdn.example/v.mp4", "clips": [{"start": 0, "end": 1}]}
+    async with service.http.post(
+        f"{service.base_url}/api/create-clips", json=body, headers=header
+    ) as resp:
+        if resp.status >= 400:
+            await assert_problem(resp)
+        else:
+            assert resp.status == 202
+    async with service.http.get(f"{service.base_url}/healthz") as resp:
+        assert resp.status == 200

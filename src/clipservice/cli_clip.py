@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from clipservice.api.protocol import make_runner
 from clipservice.api.schemas import VIDEO_ID_PATTERN, parse_time
 from clipservice.config import ConfigError, Settings, StorageSettings, load_settings
 
@@ -128,7 +129,7 @@ async def embedded_service(settings: Settings) -> AsyncIterator[str]:
             # No data_dir configured: keep jobs and clips only while this command runs.
             tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="clipservice-"))
             settings = settings.replace(storage={"data_dir": Path(tmp)})
-        runner = web.AppRunner(create_app(settings), access_log=None)
+        runner = make_runner(create_app(settings), access_log=None)
         await runner.setup()
         try:
             site = web.TCPSite(runner, "127.0.0.1", 0)

@@ -27,6 +27,7 @@ import structlog
 from aiohttp import web
 
 from clipservice.api.appkeys import READINESS, RUNNER
+from clipservice.api.protocol import make_runner
 from clipservice.app import create_app
 from clipservice.config import Settings
 
@@ -66,7 +67,8 @@ async def serve(settings: Settings) -> None:
     """Serve ``settings`` until SIGTERM/SIGINT, then drain and stop."""
     signals = _Signals()
     app = create_app(settings)
-    runner = web.AppRunner(
+    # (Problem JSON even for what aiohttp's HTTP parser refuses: api/protocol.py.)
+    runner = make_runner(
         app, access_log=None, handle_signals=False, shutdown_timeout=HTTP_CLOSE_S
     )
     try:
