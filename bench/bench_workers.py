@@ -27,8 +27,9 @@ from typing import Any
 from aiohttp import web
 
 from clipservice.config import Settings
-from clipservice.jobs.distributed import CLIPS_QUEUE, DistributedRunner, make_queue
+from clipservice.jobs.dispatch import DistributedRunner
 from clipservice.jobs.models import ClipSpec, Job, JobSource, new_job_id
+from clipservice.jobs.queue import CLIPS_QUEUE, make_queue
 from clipservice.jobs.redis_store import RedisJobStore
 from clipservice.jobs.runner import LocalRunner
 from clipservice.jobs.store import FileJobStore
