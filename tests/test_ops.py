@@ -199,3 +199,30 @@ async def test_public_url_makes_clip_urls_absolute(make_service: ServiceFactory)
         text = await resp.text()
     event = json.loads(next(line[6:] for line in text.splitlines() if line.startswith("data: ")))
     assert event["results"][0]["url"] == url
+
+
+async def test_file_answers_are_logged_with_their_real_status(
+    service: Service, media_server: Any, logs: list[dict[str, Any]]
+) -> None:
+    """A clip download's access line and metric say what was really sent: 206 and the
+    range's length for a Range request, 304 for a matching If-None-Match."""
+    async with await service.create(
+        {
+            "video_url": media_server.url("video.mp4"),
+            "clips": [{"start": 1, "end": 2, "mode": "fast"}],
+        }
+    ) as resp:
+        job_id = (await resp.json())["job_id"]
+    doc = await service.wait(job_id)
+    url = f"{service.base_url}{doc['results'][0]['url']}"
+    async with service.http.get(url, headers={"Range": "bytes=10-109"}) as resp:
+        assert resp.status == 206 and len(await resp.read()) == 100
+        etag = resp.headers["ETag"]
+    async with service.http.get(url, headers={"If-None-Match": etag}) as resp:
+        assert resp.status == 304
+    lines = [e for e in logs if e["event"] == "request" and e["route"] == "/api/clips/{file}"]
+    assert (lines[-2]["status"], lines[-2]["bytes"]) == (206, 100)
+    assert lines[-1]["status"] == 304
+    async with service.http.get(f"{service.base_url}/metrics") as resp:
+        text = await resp.text()
+    assert 'route="/api/clips/{file}",status="206"' in text

@@ -99,6 +99,10 @@ def make_context_middleware(trusted_proxies: Iterable[str]) -> Middleware:
         with structlog.contextvars.bound_contextvars(request_id=rid):
             try:
                 response = await handler(request)
+                if isinstance(response, web.FileResponse) and not response.prepared:
+                    # A file's answer (200, 206, 304, 416) is decided when it
+                    # is prepared: do it here so the log and metrics say it.
+                    await response.prepare(request)
                 status = response.status
                 return response
             except web.HTTPException as exc:  # redirects; the problem middleware took the rest
@@ -120,13 +124,23 @@ def make_context_middleware(trusted_proxies: Iterable[str]) -> Middleware:
                     route=route,
                     status=status,
                     duration_ms=round(elapsed_s * 1000, 2),
-                    bytes=getattr(response, "body_length", None),
+                    bytes=_body_bytes(response),
                     remote=request.remote,
                     scheme=request.scheme,
                     user_agent=request.headers.get("User-Agent"),
                 )
 
     return context_middleware
+
+
+def _body_bytes(response: web.StreamResponse | None) -> int | None:
+    """The response body's size as far as it is known when the request is logged."""
+    if response is None:
+        return None
+    if response.content_length is not None:
+        return response.content_length
+    body = getattr(response, "body", None)
+    return len(body) if isinstance(body, bytes | bytearray) else None
 
 
 async def add_request_id_header(request: web.Request, response: web.StreamResponse) -> None:
