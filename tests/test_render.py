@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import io
 import itertools
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -31,14 +32,16 @@ import pytest
 from clipservice.domain import Captions, CutMode, OutputOptions, StreamUrls
 from clipservice.errors import ClipFailure
 from clipservice.media import ffmpeg_args as fa
-from clipservice.media.captions import caption_style
+from clipservice.media.captions import Cue, caption_style
 from clipservice.media.cutter import CutOutcome, CutSpec, Cutter
+from clipservice.media.ffmpeg import bundled_ffmpeg
 from clipservice.media.probe import probe_source, webp_info
 from clipservice.media.render import (
     check_options,
     extension,
     merge_clips,
     render_path,
+    text_samples,
 )
 from clipservice.media.source import SourceIndex
 from clipservice.sources.guard import UrlGuard
@@ -302,6 +305,17 @@ async def make(
     assert final.is_file() and outcome.size_bytes == final.stat().st_size
     assert _parts(folder) == []
     return Made(outcome, final, media_server.requests[seen:])
+
+
+def ffmpeg_errors(path: Path) -> str:
+    """What FFmpeg says decoding the picture and sound of ``path`` with -xerror,
+    the text track read into ASS (empty: clean)."""
+    run = subprocess.run(
+        [bundled_ffmpeg(), "-v", "error", "-xerror", "-i", str(path), "-map", "0", "-c:s", "ass",
+         "-f", "null", "-"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    return f"rc={run.returncode} {run.stderr}" if run.returncode or run.stderr else ""
 
 
 def streams(path: Path) -> dict[str, Any]:
@@ -574,6 +588,20 @@ def _cues(path: Path) -> list[tuple[float, float, str]]:
         return out
 
 
+def _audio_timing(path: Path) -> tuple[Any, ...]:
+    with av.open(str(path)) as c:
+        a = c.streams.audio[0]
+        packets = [bytes(p) for p in c.demux(a) if p.size]
+        return a.start_time, float(a.duration * a.time_base), a.frames, packets
+
+
+def testtext_samples_merge_cues_that_start_together() -> None:
+    """mov_text samples: a 16-bit length and UTF-8 text, millisecond times; cues
+    starting at the same time are one sample (a track shows one at a time)."""
+    cues = [Cue(1.0, 2.0, "b"), Cue(0.0, 0.5, "é"), Cue(1.0, 3.0, "c")]
+    assert text_samples(cues) == [(0, 500, b"\x00\x02\xc3\xa9"), (1000, 2000, b"\x00\x03b\nc")]
+
+
 def _video_packets(path: Path) -> list[bytes]:
     with av.open(str(path)) as c:
         return [bytes(p) for p in c.demux(c.streams.video[0]) if p.size]
@@ -595,6 +623,11 @@ async def test_soft_captions_on_the_fast_cut(
     assert plain.actual_start == outcome.actual_start == pytest.approx(2.0, abs=1e-3)
     assert streams(out)["subtitles"] == ["mov_text"]
     assert _video_packets(out) == _video_packets(plain_out)
+    assert ffmpeg_errors(out) == ""
+    # The audio copied, packet for packet, trimmed alike (the edit list to 2 ms).
+    (start, duration, frames, packets), plain_audio = _audio_timing(out), _audio_timing(plain_out)
+    assert (start, frames, packets) == (plain_audio[0], *plain_audio[2:])
+    assert duration == pytest.approx(plain_audio[1], abs=0.002)
     end = outcome.actual_end - 2.0
     cues = _cues(out)
     assert [text for _, _, text in cues] == ["Hello there", "Second cue"]
@@ -674,7 +707,7 @@ async def test_reel_by_stream_copy_is_the_sum_in_order(
         assert mad(got, firsts[i]) < 1
         assert all(mad(got, firsts[j]) > 3 for j in range(3) if j != i)
         at += outcome.duration_s
-    assert streams(reel)["audio"] == "aac"
+    assert streams(reel)["audio"] == "aac" and ffmpeg_errors(reel) == ""
     assert _parts(tmp_path) == []
 
 

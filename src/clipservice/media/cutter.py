@@ -250,17 +250,12 @@ class Cutter:
 
     async def _add_captions(self, work: _Work, outcome: CutOutcome, cues: list[Cue]) -> CutOutcome:
         out, note = await render.add_soft_captions(
-            work.tmp,
-            cues,
-            outcome.actual_start,
-            outcome.actual_end,
-            work.budget,
-            ffmpeg_path=self.ffmpeg_path,
+            work.tmp, cues, outcome.actual_start, outcome.actual_end, work.budget
         )
         if out is None:
             notes = [n for n in (outcome.note, note) if n]
             return dataclasses.replace(outcome, note="; ".join(notes) or None)
-        return dataclasses.replace(outcome, size_bytes=out.size_bytes)
+        return dataclasses.replace(outcome, size_bytes=out)
 
     async def _cut_mode(self, work: _Work) -> CutOutcome:
         spec, budget = work.spec, work.budget

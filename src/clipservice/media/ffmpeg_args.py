@@ -370,14 +370,6 @@ def local_thumbnail_args(
     ]  # fmt: skip
 
 
-def captions_remux_args(clip: str, srt: str, out: str) -> list[str]:
-    """A clip with a mov_text track added, every other stream copied."""
-    return [
-        "-i", clip, "-f", "srt", "-i", srt, "-map", "0", "-map", "1:s:0",
-        "-c", "copy", "-c:s", "mov_text", *MP4_OUT, out,
-    ]  # fmt: skip
-
-
 def concat_copy_args(list_file: str, out: str) -> list[str]:
     """Clips joined by stream copy (the concat demuxer over a local list)."""
     return [

@@ -61,7 +61,7 @@ from clipservice.media.containers.base import ContainerError, Sample
 from clipservice.media.fetch import Prefetch, RangeFetcher
 from clipservice.media.ffmpeg import FFmpegError, ProgressCallback, run_ffmpeg
 from clipservice.media.join import CutFailed, Feed, Guard, StreamInput
-from clipservice.media.probe import OutputInfo, OutputKind, probe_source, validate_media
+from clipservice.media.probe import OutputKind, probe_source, validate_media
 from clipservice.media.source import SourceIndex
 
 if TYPE_CHECKING:
@@ -331,12 +331,8 @@ def video_graph(
     o = options
     width, height = _output_size(o, src_w, src_h)
     parts = []
-    fps = None
     if o.format in ("gif", "webp"):
-        fps = o.fps or ffmpeg_args.ANIMATION_FPS
-        if source_fps:
-            fps = min(fps, source_fps)
-        parts.append(f"fps={fps:g}")
+        parts.append(f"fps={animation_fps(o, source_fps):g}")
     parts.append(
         ffmpeg_args.shape_graph(
             src_w, src_h, width, height, aspect=o.aspect, fit=o.fit, crop_x=o.crop_x
@@ -352,6 +348,7 @@ def video_graph(
 
 
 def animation_fps(options: OutputOptions, source_fps: float | None) -> float:
+    """A GIF's or WebP's frame rate: as asked (default 12), never above the source's."""
     fps = options.fps or ffmpeg_args.ANIMATION_FPS
     return min(fps, source_fps) if source_fps else fps
 
@@ -410,6 +407,112 @@ async def _reencode(
 
 # -- soft captions on a cut clip ------------------------------------------------------------
 
+# The default style FFmpeg gives a text track (its mov_text encoder reads the
+# track's sample description from an ASS header): players draw soft captions
+# in their own style, this is only the fallback.
+_MOV_TEXT_HEADER = "\n".join(
+    (
+        "[Script Info]",
+        "ScriptType: v4.00+",
+        "PlayResX: 384",
+        "PlayResY: 288",
+        "",
+        "[V4+ Styles]",
+        "Format: Name, Fontname, Fontsize, PrimaryColour, SecondaryColour, OutlineColour,"
+        " BackColour, Bold, Italic, Underline, StrikeOut, ScaleX, ScaleY, Spacing, Angle,"
+        " BorderStyle, Outline, Shadow, Alignment, MarginL, MarginR, MarginV, Encoding",
+        "Style: Default,Arial,16,&Hffffff,&Hffffff,&H0,&H0,0,0,0,0,100,100,0,0,1,1,0,2,10,10,10,0",
+        "",
+        "[Events]",
+        "Format: Layer, Start, End, Style, Name, MarginL, MarginR, MarginV, Effect, Text",
+        "",
+    )
+).encode()
+_MS = Fraction(1, 1000)
+_MAX_SAMPLE_TEXT = 0xFFFF  # a mov_text sample's text length is 16 bits
+
+
+def text_samples(cues: list[Cue]) -> list[tuple[int, int, bytes]]:
+    """(start ms, duration ms, sample) of each cue: a 16-bit length and the UTF-8
+    text (3GPP timed text). Cues starting at the same millisecond become one
+    sample (a track shows one sample at a time; a cue that starts while
+    another shows cuts it short)."""
+    merged: list[tuple[int, int, str]] = []
+    for cue in sorted(cues, key=lambda c: c.start_s):
+        start, end = round(cue.start_s * 1000), round(cue.end_s * 1000)
+        if merged and merged[-1][0] == start:
+            _, last_end, text = merged[-1]
+            merged[-1] = (start, max(end, last_end), f"{text}\n{cue.text}")
+        elif end > start:
+            merged.append((start, end, cue.text))
+    out = []
+    for start, end, text in merged:
+        data = text.encode()[:_MAX_SAMPLE_TEXT].decode(errors="ignore").encode()
+        out.append((start, end - start, len(data).to_bytes(2, "big") + data))
+    return out
+
+
+def _summary(streams: list[Any]) -> list[tuple[str, int, float]]:
+    return [
+        (s.type, s.frames, float(s.duration * s.time_base) if s.duration else 0.0) for s in streams
+    ]
+
+
+def _same_streams(a: list[tuple[str, int, float]], b: list[tuple[str, int, float]]) -> bool:
+    """Same streams, frames and durations (to 2 ms: the muxer writes the edit
+    list that trims the audio again, in the movie's millisecond timescale)."""
+    return len(a) == len(b) and all(
+        x[:2] == y[:2] and abs(x[2] - y[2]) <= 0.002 for x, y in zip(a, b, strict=True)
+    )
+
+
+def remux_with_cues(clip: Path, cues: list[Cue], out: Path, guard: Guard) -> None:
+    """``clip``'s streams copied into ``out`` with a mov_text track of ``cues``
+    (times from the clip's first frame), interleaved by time. Blocking: a
+    few hundred packets copied, nothing decoded."""
+    samples = text_samples(cues)
+    with (
+        av.open(str(clip)) as ic,
+        av.open(str(out), "w", format="mp4", options={"movflags": "+faststart"}) as oc,
+    ):
+        inputs = [s for s in ic.streams if s.type in ("video", "audio")]
+        outs = {s.index: oc.add_stream_from_template(s, opaque=True) for s in inputs}
+        text = oc.add_stream("mov_text")
+        text.codec_context.subtitle_header = _MOV_TEXT_HEADER
+        text.time_base = _MS
+        pending = list(reversed(samples))
+
+        def flush_until(ms: float) -> None:
+            while pending and pending[-1][0] <= ms:
+                start, duration, data = pending.pop()
+                packet = av.Packet(data)
+                packet.stream = text
+                packet.time_base = _MS
+                packet.pts = packet.dts = start
+                packet.duration = duration
+                oc.mux(packet)
+
+        for n, packet in enumerate(ic.demux(*inputs)):
+            if packet.dts is None:
+                continue  # the demuxer's end-of-stream marker
+            if n % 64 == 0:
+                guard.check()
+            flush_until(float(packet.dts * packet.time_base) * 1000)
+            packet.stream = outs[packet.stream.index]
+            oc.mux(packet)
+        flush_until(float("inf"))
+        before = _summary(inputs)
+    # The packets are those of a validated clip: what is left to check is
+    # that the muxer wrote them all, and the text track.
+    try:
+        with av.open(str(out)) as c:
+            after = _summary([s for s in c.streams if s.type in ("video", "audio")])
+            texts = len(c.streams.subtitles)
+    except av.FFmpegError as exc:
+        raise ClipFailure("output_invalid", f"the captioned clip does not open: {exc}") from exc
+    if not _same_streams(before, after) or texts != 1:
+        raise ClipFailure("output_invalid", f"the captioned clip differs: {before} -> {after}")
+
 
 async def add_soft_captions(
     clip: Path,
@@ -417,32 +520,22 @@ async def add_soft_captions(
     actual_start: float,
     actual_end: float,
     budget: Budget,
-    *,
-    ffmpeg_path: str = "",
-) -> tuple[OutputInfo | None, str | None]:
-    """Add the cues shown in [actual_start, actual_end) to ``clip`` as a mov_text
-    track (shifted to the clip's first frame), by a stream-copy remux that
-    replaces the file. Returns the new file's validation (None if no cue
-    falls in the clip: the file is left as it is) and a note."""
+) -> tuple[int | None, str | None]:
+    """Add the cues shown in [actual_start, actual_end) to ``clip`` (a validated
+    cut) as a mov_text track, shifted to the clip's first frame, by a
+    stream-copy remux in a thread that replaces the file. Returns the new
+    file's size (None if no cue falls in the clip: the file is left as it
+    is) and a note."""
     clip_cues = cut_cues(cues, actual_start, actual_end)
     if not clip_cues:
         return None, "no caption cue falls within the clip"
     with _side_files() as sides:
-        srt = side_path(clip, "captions.srt")
         remuxed = side_path(clip, "captions.mp4")
-        sides += [srt, remuxed]
-        await asyncio.to_thread(srt.write_text, to_srt(clip_cues), "utf-8")
-        args = ffmpeg_args.captions_remux_args(str(clip), str(srt), str(remuxed))
-        await run_ffmpeg(args, timeout_s=budget.left_s(), ffmpeg_path=ffmpeg_path)
-        out = await validate_media(
-            remuxed,
-            "video",
-            actual_end - actual_start,
-            tol_s=0.1,
-            expect_subtitles=True,
-        )
+        sides.append(remuxed)
+        await _in_thread(lambda guard: remux_with_cues(clip, clip_cues, remuxed, guard), budget)
+        size = (await asyncio.to_thread(remuxed.stat)).st_size
         await asyncio.to_thread(os.replace, remuxed, clip)
-    return out, None
+    return size, None
 
 
 # -- byte ranges of one stream, fetched and written without decoding -----------------------
