@@ -198,13 +198,27 @@ class ResolverSettings(_Section):
 class SecuritySettings(_Section):
     """Authentication, webhooks, rate limits and the outbound URL guard."""
 
-    api_keys: tuple[str, ...] = Field((), description="Empty: no authentication.")
+    api_keys: tuple[str, ...] = Field(
+        (),
+        description="Empty: no authentication. Else each job and its clips belong to the key "
+        "that created it: another key gets 404 for them.",
+    )
+    admin_keys: tuple[str, ...] = Field(
+        (),
+        description="Keys that see, stream and delete every job and clip (valid API keys too: "
+        "setting only these turns authentication on).",
+    )
     webhook_secret: str = Field("", description="HMAC key for webhook signatures.")
     webhook_retry_s: float = Field(86400, ge=0, description="Retry a failed webhook this long.")
     create_rate_per_min: int = Field(60, ge=0, description="Job creations per key per minute.")
     allow_private_sources: bool = Field(
         False, description="Allow media/webhook URLs on loopback or private addresses."
     )
+
+    @property
+    def all_keys(self) -> tuple[str, ...]:
+        """Every key the API accepts; empty means no authentication and no ownership."""
+        return self.api_keys + self.admin_keys
 
 
 class QueueSettings(_Section):
