@@ -17,6 +17,13 @@ removes one from that set owns its deletion. Every change is published on
 The job's resolved stream URLs (``{prefix}source:{id}``) are shared by every
 worker of the job, with a generation number that grows each time they are
 resolved again after expiring.
+
+Clip files are indexed by name: ``{prefix}file:{name}`` is a sorted set (all
+scores 0) of ``{owner}|{job_id}`` for each stored job whose results name the
+file, written in the same transaction that adds the result and removed in the
+one that deletes the job. Whether a key may read a clip is one ``ZRANGEBYLEX``
+over its owner's prefix (``O(log n)`` however many jobs reuse the file), and
+whether any job uses it one ``EXISTS``. Idempotency keys are per owner.
 """
 
 from __future__ import annotations
@@ -88,9 +95,14 @@ class RedisJobStore:
     def _progress_key(self, job_id: str) -> str:
         return f"{self.prefix}progress:{job_id}"
 
-    def _idempotency_key(self, key: str) -> str:
-        digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
+    def _idempotency_key(self, key: str, owner: str | None = None) -> str:
+        # Without an owner (no API keys) the digest is the key's alone, as before owners.
+        scoped = key if owner is None else f"{owner}\0{key}"
+        digest = hashlib.sha256(scoped.encode("utf-8", "surrogateescape")).hexdigest()
         return f"{self.prefix}idem:{digest}"
+
+    def _file_key(self, name: str) -> str:
+        return f"{self.prefix}file:{name}"
 
     def _source_key(self, job_id: str) -> str:
         return f"{self.prefix}source:{job_id}"
@@ -115,7 +127,9 @@ class RedisJobStore:
             pipe.set(self._job_key(job.job_id), data)
             pipe.sadd(self._index_key, job.job_id)
             if job.idempotency_key:
-                pipe.set(self._idempotency_key(job.idempotency_key), job.job_id)
+                pipe.set(self._idempotency_key(job.idempotency_key, job.owner), job.job_id)
+            for name in job.files():
+                pipe.zadd(self._file_key(name), {_file_member(job): 0})
             if job.status.ended and job.expires_at is not None:
                 pipe.zadd(self.expiry_key, {job.job_id: job.expires_at.timestamp()})
             pipe.publish(self.events_channel(job.job_id), data)
@@ -128,24 +142,52 @@ class RedisJobStore:
         return load_job(raw) if raw else None
 
     async def delete(self, job_id: str) -> None:
-        job = await self.get(job_id)
+        if not _JOB_ID_RE.match(job_id):
+            return
         async with self.redis.pipeline(transaction=True) as pipe:
-            if job is not None and job.idempotency_key:
-                pipe.delete(self._idempotency_key(job.idempotency_key))
-            pipe.delete(
-                self._job_key(job_id),
-                self._attempt_key(job_id),
-                self._progress_key(job_id),
-                self._source_key(job_id),
-            )
-            pipe.srem(self._index_key, job_id)
-            pipe.zrem(self.expiry_key, job_id)
-            await pipe.execute()
+            while True:
+                try:
+                    # Watched, so a result written meanwhile cannot outlive the job in
+                    # the file index.
+                    await pipe.watch(self._job_key(job_id))
+                    raw = await pipe.get(self._job_key(job_id))
+                    job = load_job(raw) if raw else None
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    if job is not None:
+                        if job.idempotency_key:
+                            pipe.delete(self._idempotency_key(job.idempotency_key, job.owner))
+                        for name in job.files():
+                            pipe.zrem(self._file_key(name), _file_member(job))
+                    pipe.delete(
+                        self._job_key(job_id),
+                        self._attempt_key(job_id),
+                        self._progress_key(job_id),
+                        self._source_key(job_id),
+                    )
+                    pipe.srem(self._index_key, job_id)
+                    pipe.zrem(self.expiry_key, job_id)
+                    await pipe.execute()
+                    return
+                except WatchError:
+                    continue
 
-    async def by_idempotency_key(self, key: str) -> Job | None:
-        """The live job created with this Idempotency-Key (one lookup, not a scan)."""
-        job_id = await self.redis.get(self._idempotency_key(key))
+    async def by_idempotency_key(self, key: str, owner: str | None = None) -> Job | None:
+        """The live job ``owner`` created with this Idempotency-Key (one lookup, not a scan)."""
+        job_id = await self.redis.get(self._idempotency_key(key, owner))
         return await self.get(str(job_id)) if job_id else None
+
+    async def file_owned(self, name: str, owner: str | None) -> bool:
+        """Whether a stored job of ``owner`` names ``name`` in its results (one lookup)."""
+        prefix = _owner_prefix(owner)
+        # Every member of this owner sorts from "{owner}|" up to, not including, "{owner}}".
+        found = await self.redis.zrangebylex(
+            self._file_key(name), f"[{prefix}|", f"({prefix}}}", start=0, num=1
+        )
+        return bool(found)
+
+    async def file_used(self, name: str) -> bool:
+        """Whether any stored job names ``name`` in its results (an empty set is no key)."""
+        return bool(await self.redis.exists(self._file_key(name)))
 
     async def all(self) -> list[Job]:
         ids = sorted(await _aw(self.redis.smembers(self._index_key)))
@@ -182,10 +224,12 @@ class RedisJobStore:
                         workers={int(k[2:]): v for k, v in fence.items() if k.startswith("w:")},
                         partials={int(k): float(v) for k, v in partials.items()},
                     )
+                    files_before = tx.job.files()
                     if not change(tx):
                         await pipe.reset()  # type: ignore[no-untyped-call]
                         return tx
                     data = dump_job(tx.job)
+                    files_after = tx.job.files()
                     pipe.multi()  # type: ignore[no-untyped-call]
                     pipe.set(keys[0], data)
                     pipe.delete(keys[1], keys[2])
@@ -197,6 +241,11 @@ class RedisJobStore:
                         pipe.hset(keys[2], mapping={str(i): f for i, f in tx.partials.items()})
                     if tx.job.status.ended and tx.job.expires_at is not None:
                         pipe.zadd(self.expiry_key, {job_id: tx.job.expires_at.timestamp()})
+                    member = _file_member(tx.job)
+                    for name in files_after - files_before:
+                        pipe.zadd(self._file_key(name), {member: 0})
+                    for name in files_before - files_after:
+                        pipe.zrem(self._file_key(name), member)
                     pipe.publish(self.events_channel(job_id), data)
                     await pipe.execute()
                     tx.written = True
@@ -264,6 +313,16 @@ async def _aw(value: Awaitable[T] | T) -> T:
     if inspect.isawaitable(value):
         return await value
     return value
+
+
+def _owner_prefix(owner: str | None) -> str:
+    # Owners are "key:<hex>" (api/auth.key_id), never holding "|"; no owner is "".
+    return owner or ""
+
+
+def _file_member(job: Job) -> str:
+    """A job's member in the index of each file its results name."""
+    return f"{_owner_prefix(job.owner)}|{job.job_id}"
 
 
 def dump_job(job: Job) -> str:

@@ -13,6 +13,10 @@ temporary file in the same folder, is fsynced, then renamed over the old
 file, so a reader (or a restart after ``kill -9``) never sees a torn
 document. Writes of one job are serialised by a per-job lock and always write
 the newest state.
+
+Both stores index the clip files that jobs' results name (file → jobs), kept
+with every change that adds results and every deletion, so "may this key read
+this clip" is one lookup (:meth:`JobStore.file_owned`), not a scan of jobs.
 """
 
 from __future__ import annotations
@@ -73,7 +77,17 @@ class JobStore(Protocol):
     async def get(self, job_id: str) -> Job | None: ...
     async def delete(self, job_id: str) -> None: ...
     async def all(self) -> list[Job]: ...
-    async def by_idempotency_key(self, key: str) -> Job | None: ...
+    async def by_idempotency_key(self, key: str, owner: str | None = None) -> Job | None:
+        """The stored job ``owner`` created with this Idempotency-Key (keys are per owner)."""
+        ...
+
+    async def file_owned(self, name: str, owner: str | None) -> bool:
+        """Whether a stored job of ``owner`` names the clip file ``name`` in its results."""
+        ...
+
+    async def file_used(self, name: str) -> bool:
+        """Whether any stored job names the clip file ``name`` in its results."""
+        ...
 
     async def transact(self, job_id: str, change: Change, *, durable: bool = True) -> JobTx | None:
         """Apply ``change`` to the job's current state and store it, atomically.
@@ -115,7 +129,11 @@ class FileJobStore:
         self._locks: dict[str, asyncio.Lock] = {}
         self._writes: set[asyncio.Future[None]] = set()
         self._taken: set[str] = set()  # ended jobs being deleted
-        self._idempotent: dict[str, str] = {}  # Idempotency-Key -> job id
+        # (owner, Idempotency-Key) -> job id
+        self._idempotent: dict[tuple[str | None, str], str] = {}
+        # Clip file name -> owner -> that owner's jobs whose results name it
+        # (rebuilt at open): whether a key may read a clip is two dict lookups.
+        self._file_jobs: dict[str, dict[str | None, set[str]]] = {}
 
     def _path(self, job_id: str) -> Path:
         if not _JOB_ID_RE.fullmatch(job_id):
@@ -127,8 +145,13 @@ class FileJobStore:
         await aiofiles.os.makedirs(self.jobs_dir, exist_ok=True)
         self._cache = await asyncio.to_thread(self._load_all)
         self._idempotent = {
-            job.idempotency_key: job.job_id for job in self._cache.values() if job.idempotency_key
+            (job.owner, job.idempotency_key): job.job_id
+            for job in self._cache.values()
+            if job.idempotency_key
         }
+        self._file_jobs = {}
+        for job in self._cache.values():
+            self._index_files(job, job.files(), set())
 
     async def close(self) -> None:
         """Wait for the writes still in flight (a cancelled caller does not stop its write)."""
@@ -152,9 +175,11 @@ class FileJobStore:
         return jobs
 
     async def save(self, job: Job) -> None:
+        old = self._cache.get(job.job_id)
         self._cache[job.job_id] = job
         if job.idempotency_key:
-            self._idempotent[job.idempotency_key] = job.job_id
+            self._idempotent[(job.owner, job.idempotency_key)] = job.job_id
+        self._index_files(job, job.files(), old.files() if old else set())
         await self._write(job.job_id)
         self._notify(job.job_id)
 
@@ -166,7 +191,9 @@ class FileJobStore:
     async def delete(self, job_id: str) -> None:
         job = self._cache.pop(job_id, None)
         if job is not None and job.idempotency_key:
-            self._idempotent.pop(job.idempotency_key, None)
+            self._idempotent.pop((job.owner, job.idempotency_key), None)
+        if job is not None:
+            self._index_files(job, set(), job.files())
         self._partials.pop(job_id, None)
         self._workers.pop(job_id, None)
         self._taken.discard(job_id)
@@ -177,10 +204,31 @@ class FileJobStore:
     async def all(self) -> list[Job]:
         return list(self._cache.values())
 
-    async def by_idempotency_key(self, key: str) -> Job | None:
-        """The live job created with this Idempotency-Key (an index, not a scan)."""
-        job_id = self._idempotent.get(key)
+    async def by_idempotency_key(self, key: str, owner: str | None = None) -> Job | None:
+        """The live job ``owner`` created with this Idempotency-Key (an index, not a scan)."""
+        job_id = self._idempotent.get((owner, key))
         return self._cache.get(job_id) if job_id else None
+
+    async def file_owned(self, name: str, owner: str | None) -> bool:
+        return bool(self._file_jobs.get(name, {}).get(owner))
+
+    async def file_used(self, name: str) -> bool:
+        return bool(self._file_jobs.get(name))
+
+    def _index_files(self, job: Job, now: set[str], before: set[str]) -> None:
+        """Keep the file index: ``job``'s results name ``now`` instead of ``before``."""
+        for name in now - before:
+            self._file_jobs.setdefault(name, {}).setdefault(job.owner, set()).add(job.job_id)
+        for name in before - now:
+            owners = self._file_jobs.get(name, {})
+            jobs = owners.get(job.owner)
+            if jobs is None:
+                continue
+            jobs.discard(job.job_id)
+            if not jobs:
+                del owners[job.owner]
+            if not owners:
+                del self._file_jobs[name]
 
     async def transact(self, job_id: str, change: Change, *, durable: bool = True) -> JobTx | None:
         job = await self.get(job_id)
@@ -192,8 +240,10 @@ class FileJobStore:
             workers=dict(self._workers.get(job_id, {})),
             partials=dict(self._partials.get(job_id, {})),
         )
+        files_before = job.files()
         if not change(tx):
             return tx
+        self._index_files(job, job.files(), files_before)
         for clip in job.clips:
             clip.attempts = tx.attempts.get(clip.index, clip.attempts)
         self._workers[job_id] = tx.workers
