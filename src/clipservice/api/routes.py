@@ -13,6 +13,7 @@ import aiofiles.os
 from aiohttp import web
 
 from clipservice.api.appkeys import RUNNER, SETTINGS, STORE
+from clipservice.api.auth import CLIENT_ID, is_admin, job_owner, may_see
 from clipservice.api.ops import refuse_if_draining
 from clipservice.api.schemas import CreateClipsRequest, JobCreated
 from clipservice.errors import ProblemError
@@ -51,9 +52,19 @@ def parse_json_body(body: bytes) -> Any:
         raise ProblemError(400, "Malformed JSON", f"the body is not valid JSON: {exc}") from exc
 
 
-def _job_or_404(job: Job | None, job_id: str) -> Job:
-    if job is None:
-        raise ProblemError(404, "Job not found", f"no job {job_id!r} (it may have expired)")
+def job_not_found(job_id: str) -> ProblemError:
+    """The one answer for a job the caller cannot see: unknown, expired or another key's."""
+    return ProblemError(404, "Job not found", f"no job {job_id!r} (it may have expired)")
+
+
+def visible_job_or_404(request: web.Request, job: Job | None, job_id: str) -> Job:
+    """The job if it exists and the caller may see it; else the unknown job's 404.
+
+    Another key's job answers exactly like a missing one (same status, body and
+    work done: the store was read either way), so ids cannot be probed.
+    """
+    if job is None or not may_see(request, job.owner):
+        raise job_not_found(job_id)
     return job
 
 
@@ -89,11 +100,13 @@ async def create_clips(request: web.Request) -> web.Response:
     body = CreateClipsRequest.model_validate(payload, context={"settings": settings})
 
     idem_key = request.headers.get("Idempotency-Key")
+    owner = job_owner(request)
     req_hash = _request_hash(payload)
     if idem_key is not None:
         if not 1 <= len(idem_key) <= 255 or not idem_key.isprintable():
             raise ProblemError(400, "Bad Idempotency-Key", "1 to 255 printable characters")
-        other = await store.by_idempotency_key(idem_key)
+        # Scoped by key: the same Idempotency-Key from two keys makes two jobs.
+        other = await store.by_idempotency_key(idem_key, owner)
         if other is not None:
             if other.request_hash != req_hash:
                 raise ProblemError(
@@ -119,6 +132,7 @@ async def create_clips(request: web.Request) -> web.Response:
         callback_url=body.callback_url,
         idempotency_key=idem_key,
         request_hash=req_hash,
+        owner=owner,
     )
     await store.save(job)
     await request.app[RUNNER].submit(job)
@@ -141,7 +155,7 @@ def _created_response(job: Job, status: int) -> web.Response:
 @routes.get("/api/jobs/{job_id}")
 async def get_job(request: web.Request) -> web.Response:
     job_id = request.match_info["job_id"]
-    job = _job_or_404(await request.app[STORE].get(job_id), job_id)
+    job = visible_job_or_404(request, await request.app[STORE].get(job_id), job_id)
     return _job_response(request, job)
 
 
@@ -150,12 +164,12 @@ async def delete_job(request: web.Request) -> web.StreamResponse:
     job_id = request.match_info["job_id"]
     store = request.app[STORE]
     runner = request.app[RUNNER]
-    job = _job_or_404(await store.get(job_id), job_id)
+    job = visible_job_or_404(request, await store.get(job_id), job_id)
     if job.status.ended:
         await runner.delete_ended(job)
         return web.Response(status=204)
     await runner.cancel(job_id)
-    job = _job_or_404(await store.get(job_id), job_id)
+    job = visible_job_or_404(request, await store.get(job_id), job_id)
     if job.status is not JobStatus.CANCELLED:
         raise ProblemError(409, "Job ended", f"the job ended as {job.status.value} meanwhile")
     return _job_response(request, job)
@@ -166,14 +180,26 @@ async def get_clip(request: web.Request) -> web.StreamResponse:
     name = request.match_info["file"]
     if not is_clip_file_name(name):
         raise ProblemError(404, "Clip not found", "no such clip")
-    clips_dir = request.app[SETTINGS].clips_dir
-    path = clips_dir / name
+    settings = request.app[SETTINGS]
+    if settings.security.all_keys:
+        # A clip is readable by the owners of the stored jobs whose results name
+        # it (several, through output reuse) and by admins; to anyone else it
+        # answers like a missing file. One index lookup, not a scan of jobs.
+        store = request.app[STORE]
+        caller = request.get(CLIENT_ID)
+        if is_admin(request):
+            readable = await store.file_used(name)
+        else:
+            readable = caller is not None and await store.file_owned(name, caller)
+        if not readable:
+            raise _clip_not_found()
+    path = settings.clips_dir / name
     try:
         st = await aiofiles.os.stat(path)
     except OSError:
         st = None
     if st is None or not stat.S_ISREG(st.st_mode):
-        raise ProblemError(404, "Clip not found", "no such clip (it may have expired)")
+        raise _clip_not_found()
     if _range_unsatisfiable(request, st):
         raise ProblemError(
             416,
@@ -184,6 +210,10 @@ async def get_clip(request: web.Request) -> web.StreamResponse:
     # A clip at its final name never changes (outputs are renamed into place when
     # complete), so the size checked above is the size FileResponse serves.
     return web.FileResponse(path, headers={"Content-Type": "video/mp4"})
+
+
+def _clip_not_found() -> ProblemError:
+    return ProblemError(404, "Clip not found", "no such clip (it may have expired)")
 
 
 def _range_unsatisfiable(request: web.Request, st: os.stat_result) -> bool:

@@ -23,7 +23,7 @@ import structlog
 from aiohttp import web
 
 from clipservice.api.appkeys import EVENTS, METRICS, SETTINGS, STORE
-from clipservice.errors import ProblemError
+from clipservice.api.routes import visible_job_or_404
 from clipservice.jobs.models import Job
 
 log = structlog.get_logger(__name__)
@@ -52,9 +52,8 @@ async def job_events(request: web.Request) -> web.StreamResponse:
     public_url = request.app[SETTINGS].server.public_url
     # Subscribe before reading the current state, so no change falls in between.
     async with request.app[EVENTS].subscribe(job_id) as sub:
-        job = await request.app[STORE].get(job_id)
-        if job is None:
-            raise ProblemError(404, "Job not found", f"no job {job_id!r} (it may have expired)")
+        # Another key's job answers as an unknown one (see api/auth.py).
+        job = visible_job_or_404(request, await request.app[STORE].get(job_id), job_id)
         if job.status.ended and request.headers.get("Last-Event-ID") == event_id(job):
             return web.Response(status=204)
         resp = web.StreamResponse(
