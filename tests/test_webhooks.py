@@ -5,16 +5,21 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
 
 from clipservice.api.appkeys import WEBHOOKS
-from clipservice.jobs.webhooks import SIGNATURE_HEADER, sign, verify
+from clipservice.jobs.webhooks import (
+    ATTEMPT_HEADER,
+    DELIVERY_HEADER,
+    SIGNATURE_HEADER,
+    sign,
+    verify,
+)
 from tests.conftest import Service, ServiceFactory, _start_site
 
 SECRET = "s3cret-for-tests"
@@ -22,10 +27,14 @@ SECRET = "s3cret-for-tests"
 
 @dataclass
 class Receiver:
-    """A loopback webhook receiver; ``plan`` answers the first calls (a status or "drop")."""
+    """A loopback webhook receiver; ``plan`` answers the first calls (a status or "drop"),
+    then 500 while ``failing`` is set, else 200. ``on_call`` runs on each call (its result is
+    kept in the call's "seen")."""
 
     base_url: str = ""
     plan: list[int | str] = field(default_factory=list)
+    failing: bool = False
+    on_call: Callable[[], Any] | None = None
     calls: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -40,9 +49,16 @@ async def receiver() -> AsyncIterator[Receiver]:
     async def hook(request: web.Request) -> web.StreamResponse:
         body = await request.read()
         rec.calls.append(
-            {"at": time.time(), "body": body, "signature": request.headers.get(SIGNATURE_HEADER)}
+            {
+                "at": time.time(),
+                "body": body,
+                "signature": request.headers.get(SIGNATURE_HEADER),
+                "delivery": request.headers.get(DELIVERY_HEADER),
+                "attempt": request.headers.get(ATTEMPT_HEADER),
+                "seen": rec.on_call() if rec.on_call else None,
+            }
         )
-        action = rec.plan.pop(0) if rec.plan else 200
+        action = rec.plan.pop(0) if rec.plan else 500 if rec.failing else 200
         if action == "drop":
             assert request.transport is not None
             request.transport.close()  # a network error for the sender
@@ -100,6 +116,10 @@ async def test_signed_delivery_retried_until_accepted(
     final = json.loads(receiver.calls[-1]["body"])
     assert final["job_id"] == job_id and final["status"] == "finished"
     assert final["results"][0]["url"].startswith("/api/clips/")
+    # One delivery: the same id on every retry, attempts numbered, the same body bytes.
+    assert [c["delivery"] for c in receiver.calls] == [job_id] * 3
+    assert [c["attempt"] for c in receiver.calls] == ["1", "2", "3"]
+    assert len({c["body"] for c in receiver.calls}) == 1
 
     doc = await service.job(job_id)
     attempts = doc["webhook_attempts"]
@@ -147,6 +167,8 @@ async def test_retries_stop_after_webhook_retry_s(
     assert gaps == sorted(gaps) or len(gaps) < 2
     doc = await service.job(job_id)
     assert [a["status"] for a in doc["webhook_attempts"]] == [503] * len(receiver.calls)
+    # Given up: gone from the outbox, so no restart sends it again.
+    assert list((service.settings.storage.data_dir / "webhooks").iterdir()) == []
 
 
 async def test_private_callback_refused_by_url_check(
@@ -182,31 +204,6 @@ async def test_delivery_outlives_the_job(make_service: ServiceFactory, receiver:
         assert gone.status == 404
     last = json.loads(receiver.calls[1]["body"])
     assert last["job_id"] == job_id and last["status"] == "failed"
-
-
-async def test_pending_delivery_resumes_after_restart(
-    make_service: ServiceFactory, receiver: Receiver, tmp_path: Path
-) -> None:
-    """A delivery cut short by shutdown starts again on the next start of the service."""
-    data = tmp_path / "restart"
-    first = await make_service(data, **_sections())
-    first.app[WEBHOOKS].first_delay_s = 3600  # the retry would come long after the shutdown
-    receiver.plan = [500]
-    resp = await first.create(
-        {"video_id": "error500", "clips": [{"start": 1, "end": 2}], "callback_url": receiver.url}
-    )
-    job_id = (await resp.json())["job_id"]
-    await first.wait(job_id)
-    async with asyncio.timeout(60):
-        while not (await first.job(job_id))["webhook_attempts"]:
-            await asyncio.sleep(0.02)
-    await first.stop()
-    assert len(receiver.calls) == 1
-
-    second = await make_service(data, **_sections())
-    await second.app[WEBHOOKS].wait_idle()
-    assert len(receiver.calls) == 2
-    assert [a["status"] for a in (await second.job(job_id))["webhook_attempts"]] == [500, 200]
 
 
 def test_verify_refuses_tampering_and_replays() -> None:

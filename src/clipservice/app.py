@@ -36,6 +36,7 @@ from clipservice.api.routes import MAX_BODY_BYTES, routes
 from clipservice.config import Settings
 from clipservice.jobs.dispatch import DistributedRunner
 from clipservice.jobs.events import LocalJobEvents
+from clipservice.jobs.outbox import FileOutbox, RedisOutbox
 from clipservice.jobs.redis_events import RedisJobEvents
 from clipservice.jobs.redis_store import RedisJobStore
 from clipservice.jobs.runner import LocalRunner
@@ -84,13 +85,16 @@ async def _jobs(app: web.Application) -> AsyncIterator[None]:
     # Webhook URLs come from clients: checked by the guard, posted through its
     # session, whose resolver refuses forbidden addresses at connect time too.
     guard = app[GUARD]
-    webhooks = WebhookSender(settings, guard.session, store, url_check=guard.check)
+    # Deliveries wait in data_dir/webhooks until answered, whatever the job's retention.
+    outbox = FileOutbox(settings.storage.data_dir / "webhooks")
+    webhooks = WebhookSender(settings, guard.session, store, url_check=guard.check, outbox=outbox)
     runner.on_job_end.append(webhooks.job_ended)
     app[STORE] = store
     app[RUNNER] = runner
     app[WEBHOOKS] = webhooks
+    # Started first: jobs the runner resumes may end at once.
+    await webhooks.start()
     await runner.start()
-    await webhooks.resume()
     yield
     await runner.stop()
     await webhooks.close()
@@ -107,7 +111,9 @@ async def _distributed_jobs(app: web.Application) -> AsyncIterator[None]:
         settings, store, SharedFolderStorage(settings.clips_dir), app[METRICS]
     )
     guard = app[GUARD]
-    webhooks = WebhookSender(settings, guard.session, store, url_check=guard.check)
+    # API nodes deliver from the shared outbox too: a worker's delivery outlives the worker.
+    outbox = RedisOutbox(store.redis, store.prefix)
+    webhooks = WebhookSender(settings, guard.session, store, url_check=guard.check, outbox=outbox)
     runner.on_job_end.append(webhooks.job_ended)  # jobs cancelled here
     app[READINESS].add_check("queue", runner.check_queue)
     app[EVENTS] = events
@@ -116,6 +122,7 @@ async def _distributed_jobs(app: web.Application) -> AsyncIterator[None]:
     app[WEBHOOKS] = webhooks
     try:
         await events.start()
+        await webhooks.start()
         await runner.start()
         yield
     finally:

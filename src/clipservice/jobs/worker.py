@@ -47,6 +47,7 @@ from clipservice.jobs.attempt import ClipWork, attempt_clip
 from clipservice.jobs.base import announce_end
 from clipservice.jobs.bookkeeping import StaleAttempt
 from clipservice.jobs.models import ClipResult, Job, JobError
+from clipservice.jobs.outbox import RedisOutbox
 from clipservice.jobs.queue import CLIPS_QUEUE, JOBS_QUEUE, clip_task, make_queue
 from clipservice.jobs.redis_store import RedisJobStore, StoredSource
 from clipservice.jobs.streams import JobStreams, resolve_source
@@ -350,9 +351,16 @@ async def run_worker(settings: Settings, *, worker_id: str | None = None) -> Non
             Metrics(),
         )
         warm_join_processes(settings.jobs.max_concurrent_clips)
-        # The worker that ends a job sends its webhook. Unlike the embedded
-        # mode, a delivery cut short by a worker restart is not resumed.
-        webhooks = WebhookSender(settings, guard.session, store, url_check=guard.check)
+        # The worker that ends a job puts its webhook in the shared outbox;
+        # every worker and API node delivers from it, so a worker that dies
+        # mid-delivery (or mid-backoff) loses nothing.
+        webhooks = WebhookSender(
+            settings,
+            guard.session,
+            store,
+            url_check=guard.check,
+            outbox=RedisOutbox(store.redis, store.prefix),
+        )
         state.on_job_end.append(webhooks.job_ended)
         common: dict[str, Any] = {
             "dequeue_timeout": 1.0,
@@ -391,6 +399,7 @@ async def run_worker(settings: Settings, *, worker_id: str | None = None) -> Non
         await jobs_queue.connect()
         await clips_queue.connect()
         reaper = asyncio.create_task(retention.reap_forever(store, storage, settings))
+        await webhooks.start()
         runs = [asyncio.create_task(w.start()) for w in workers]
         log.info("worker_started", worker=worker_id, concurrency=settings.jobs.max_concurrent_clips)
         try:
