@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from clipservice.api import middleware, ops, page, sse
+from clipservice.api import middleware, ops, page, preview, sse
 from clipservice.api.appkeys import (
     EVENTS,
     GUARD,
@@ -157,6 +157,7 @@ def create_app(settings: Settings) -> web.Application:
     app.add_routes(routes)
     app.add_routes(sse.routes)
     app.add_routes(page.routes)
+    preview.setup(app)
     app.on_shutdown.append(_close_event_streams)
     setup_openapi(app)
     return app

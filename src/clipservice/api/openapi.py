@@ -21,8 +21,15 @@ from pydantic.json_schema import models_json_schema
 from clipservice import __version__
 from clipservice.api.appkeys import SETTINGS
 from clipservice.api.page import STATIC_NAME_PATTERN
+from clipservice.api.preview_models import SOURCE_KEY_PATTERN, SourcePreview
 from clipservice.api.routes import MAX_BODY_BYTES
-from clipservice.api.schemas import CreateClipsRequest, JobCreated, ProblemDetail
+from clipservice.api.schemas import (
+    MAX_URL_LENGTH,
+    VIDEO_ID_PATTERN,
+    CreateClipsRequest,
+    JobCreated,
+    ProblemDetail,
+)
 from clipservice.config import Settings
 from clipservice.jobs.models import JOB_ID_PATTERN, Job
 from clipservice.jobs.naming import CLIP_FILE_PATTERN
@@ -33,16 +40,18 @@ PROBLEM_TYPE = "application/problem+json"
 _ERROR_TEXT = {
     400: "The body is not strict JSON, or a header is malformed.",
     401: "An API key is required (Authorization: Bearer <key> or X-API-Key).",
-    404: "No such job, clip or route.",
+    404: "No such job, clip, source preview or route.",
     405: "Method not allowed.",
     408: "The body did not arrive in time.",
     409: "Conflict with the job's state or an earlier request.",
     413: f"The body is larger than {MAX_BODY_BYTES} bytes.",
     415: "Content-Type is not application/json.",
     416: "The Range cannot be satisfied.",
-    422: "The body failed validation; every problem is listed in errors.",
-    429: "Too many jobs created; retry after Retry-After seconds.",
+    422: "The request failed validation (every problem in errors), or its source (code).",
+    429: "Too many jobs (or previews of new sources); retry after Retry-After seconds.",
+    502: "The source (its resolver or stream) failed; code source_unavailable.",
     503: "The service is draining or not ready.",
+    504: "The storyboard was not made in time.",
 }
 
 
@@ -92,6 +101,30 @@ _LOCATION = {
     }
 }
 _RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait.", "schema": {"type": "string"}}}
+SOURCE_KEY = _path_param("key", SOURCE_KEY_PATTERN, "A source's key (from its preview).")
+
+
+def _query_param(name: str, description: str, **schema: Any) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "description": description,
+        "schema": {"type": "string", **schema},
+    }
+
+
+_HTTP_URL = {"pattern": "^https?://", "maxLength": MAX_URL_LENGTH}
+_SOURCE_QUERY = (
+    _query_param("video_id", "A YouTube video id.", pattern=VIDEO_ID_PATTERN),
+    _query_param("url", "A page URL the resolver accepts.", **_HTTP_URL),
+    _query_param("video_url", "A video (or muxed) stream URL.", **_HTTP_URL),
+    _query_param("audio_url", "A separate audio stream URL (with video_url).", **_HTTP_URL),
+)
+_BINARY = {"type": "string", "format": "binary"}
+_KEY_CACHE = {
+    "headers": {"Cache-Control": {"description": "private, for the key's life.", "schema": {}}}
+}
 
 OPERATIONS: dict[tuple[str, str], Operation] = {
     ("POST", "/api/create-clips"): Operation(
@@ -189,6 +222,78 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         errors=(404, 416),
         parameters=(CLIP_FILE,),
     ),
+    ("GET", "/api/sources/preview"): Operation(
+        "sourcePreview",
+        "What a source is before any job: title, duration, streams, and the service's "
+        "URLs of its storyboard, cover and preview stream. One of video_id, url or video_url.",
+        {"200": _json("SourcePreview", "The source's preview.")},
+        errors=(422, 429),
+        parameters=_SOURCE_QUERY,
+    ),
+    ("GET", "/api/sources/{key}/storyboard.jpg"): Operation(
+        "sourceStoryboardSprite",
+        "The storyboard: thumbnails at regular intervals from keyframes, in one JPEG sprite.",
+        {
+            "200": {
+                "description": "The sprite.",
+                "content": {"image/jpeg": {"schema": _BINARY}},
+                **_KEY_CACHE,
+            }
+        },
+        errors=(404, 422, 502, 504),
+        parameters=(SOURCE_KEY,),
+    ),
+    ("GET", "/api/sources/{key}/storyboard.vtt"): Operation(
+        "sourceStoryboardVtt",
+        "The storyboard's WebVTT index: a cue a thumbnail, `storyboard.jpg#xywh=x,y,w,h`.",
+        {
+            "200": {
+                "description": "WebVTT.",
+                "content": {"text/vtt": {"schema": {"type": "string"}}},
+                **_KEY_CACHE,
+            }
+        },
+        errors=(404, 422, 502, 504),
+        parameters=(SOURCE_KEY,),
+    ),
+    ("GET", "/api/sources/{key}/cover"): Operation(
+        "sourceCover",
+        "The source's poster image, fetched by the service.",
+        {
+            "200": {
+                "description": "The image.",
+                "content": {"image/*": {"schema": _BINARY}},
+                **_KEY_CACHE,
+            }
+        },
+        errors=(404, 422, 502),
+        parameters=(SOURCE_KEY,),
+    ),
+    ("GET", "/api/sources/{key}/preview"): Operation(
+        "sourcePreviewStream",
+        "The low-resolution preview stream through the service; Range requests pass through.",
+        {
+            "200": {
+                "description": "The whole stream.",
+                "content": {"video/*": {"schema": _BINARY}, "audio/*": {"schema": _BINARY}},
+            },
+            "206": {
+                "description": "Part of the stream (Range).",
+                "content": {"video/*": {"schema": _BINARY}, "audio/*": {"schema": _BINARY}},
+            },
+        },
+        errors=(404, 416, 422, 502),
+        parameters=(
+            SOURCE_KEY,
+            {
+                "name": "Range",
+                "in": "header",
+                "required": False,
+                "description": "One byte range (bytes=first-[last] or bytes=-suffix).",
+                "schema": {"type": "string"},
+            },
+        ),
+    ),
     ("GET", "/api/openapi.json"): Operation(
         "openapi",
         "This document.",
@@ -276,6 +381,7 @@ def component_schemas(settings: Settings) -> dict[str, Any]:
             (JobCreated, "serialization"),
             (Job, "serialization"),
             (ProblemDetail, "serialization"),
+            (SourcePreview, "serialization"),
         ],
         ref_template=REF,
     )
@@ -330,7 +436,7 @@ def registered_operations(app: web.Application) -> list[tuple[str, str]]:
 def build_openapi(app: web.Application) -> dict[str, Any]:
     """The OpenAPI 3.1 document of ``app``'s routes."""
     settings = app[SETTINGS]
-    keys_configured = bool(settings.security.all_keys)
+    keys_configured = bool(settings.security.api_keys)
     paths: dict[str, dict[str, Any]] = {}
     ops: list[tuple[str, str, Operation]] = []
     for method, path in registered_operations(app):
