@@ -436,7 +436,7 @@ def registered_operations(app: web.Application) -> list[tuple[str, str]]:
 def build_openapi(app: web.Application) -> dict[str, Any]:
     """The OpenAPI 3.1 document of ``app``'s routes."""
     settings = app[SETTINGS]
-    keys_configured = bool(settings.security.api_keys)
+    keys_configured = bool(settings.security.all_keys)
     paths: dict[str, dict[str, Any]] = {}
     ops: list[tuple[str, str, Operation]] = []
     for method, path in registered_operations(app):
