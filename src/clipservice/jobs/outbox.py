@@ -207,8 +207,13 @@ class FileOutbox:
             self._deliveries[d.delivery_id] = bumped
             self._claimed.add(d.delivery_id)
             claimed.append(bumped)
-        for d in claimed:
-            await self._write(d)
+        try:
+            for d in claimed:
+                await self._write(d)
+        except BaseException:
+            # Not counted on disk: leave them to the next look rather than claimed for good.
+            self._claimed.difference_update(d.delivery_id for d in claimed)
+            raise
         return claimed
 
     async def retry_at(self, delivery: Delivery, next_at_s: float) -> bool:
