@@ -2,9 +2,12 @@
 
 It submits one job through :class:`~clipservice.client.ClipClient`, shows a
 progress bar for the job and one per clip (on stderr), downloads the clips
-into ``--out`` and prints their paths (on stdout, one a line). Without
-``--server`` it starts the service in this process on an ephemeral loopback
-port, so nothing else needs to run.
+into ``--out`` and prints their paths (on stdout, one a line). With
+``--preview`` it cuts nothing: it prints what the source is (title, duration,
+streams) and writes its storyboard (``storyboard.jpg`` and ``storyboard.vtt``)
+into ``--out``, to pick ranges from. Without ``--server`` it starts the
+service in this process on an ephemeral loopback port, so nothing else needs
+to run.
 """
 
 from __future__ import annotations
@@ -52,22 +55,33 @@ def add_parser(sub: Any) -> None:
         "clip",
         help="cut clips from a video and download them (runs the service in-process "
         "unless --server is given)",
-        description="Cut clips out of a video and download them. SOURCE is " + SOURCE_HELP + ".",
-        epilog="Exit status: 0 every clip succeeded, 1 some clips failed, 2 usage error, "
-        "3 the job failed as a whole.",
+        description="Cut clips out of a video and download them (or, with --preview, show "
+        "what the video is and write its storyboard). SOURCE is " + SOURCE_HELP + ".",
+        epilog="Exit status: 0 every clip succeeded (or the preview was written), 1 some "
+        "clips failed, 2 usage error, 3 the job failed as a whole (or the source could not "
+        "be previewed).",
     )
     clip.add_argument("source", metavar="SOURCE", help="video id, page URL or media URL")
     clip.add_argument(
         "--clip",
         dest="clips",
         action="append",
-        required=True,
         metavar="START-END",
-        help="a time range, seconds or [HH:]MM:SS[.fff] (e.g. 10-20, 1:05-1:12.5); repeatable",
+        help="a time range, seconds or [HH:]MM:SS[.fff] (e.g. 10-20, 1:05-1:12.5); repeatable; "
+        "at least one unless --preview",
+    )
+    clip.add_argument(
+        "--preview",
+        action="store_true",
+        help="cut nothing: print the source's title, duration and streams, and write its "
+        "storyboard (storyboard.jpg, thumbnails at regular intervals, and storyboard.vtt, "
+        "their times) into --out",
     )
     clip.add_argument("--audio-url", help="a separate audio stream for a media-URL SOURCE")
     clip.add_argument("--mode", choices=["fast", "accurate", "reencode"], help="cut mode")
-    clip.add_argument("--out", default=".", help="folder for the clips (default: .)")
+    clip.add_argument(
+        "--out", default=".", help="folder for the clips or the storyboard (default: .)"
+    )
     clip.add_argument("--server", help="a running clipservice, e.g. http://127.0.0.1:8080")
     clip.add_argument("--api-key", help="API key for --server, when it asks for one")
     clip.add_argument(
@@ -142,6 +156,17 @@ async def embedded_service(settings: Settings) -> AsyncIterator[str]:
             await runner.cleanup()
 
 
+async def _base_url(stack: contextlib.AsyncExitStack, args: argparse.Namespace) -> str:
+    """--server, or the embedded service (stopped when ``stack`` closes)."""
+    if args.server:
+        return str(args.server)
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from exc
+    return await stack.enter_async_context(embedded_service(settings))
+
+
 async def _run(args: argparse.Namespace, fields: dict[str, str], clips: list[Any]) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
@@ -152,14 +177,7 @@ async def _run(args: argparse.Namespace, fields: dict[str, str], clips: list[Any
 
     console = Console(stderr=True)
     async with contextlib.AsyncExitStack() as stack:
-        if args.server:
-            base_url = args.server
-        else:
-            try:
-                settings = load_settings(args.config)
-            except ConfigError as exc:
-                raise UsageError(str(exc)) from exc
-            base_url = await stack.enter_async_context(embedded_service(settings))
+        base_url = await _base_url(stack, args)
         client = await stack.enter_async_context(ClipClient(base_url, api_key=args.api_key))
         try:
             job = await client.create_clips(clips=clips, mode=args.mode, **fields)
@@ -219,6 +237,73 @@ async def _run(args: argparse.Namespace, fields: dict[str, str], clips: list[Any
         return EXIT_SOME_FAILED if job.errors else EXIT_OK
 
 
+def _clock(seconds: float) -> str:
+    """1:05 for 65 s, 1:00:05 for 3605 s (tenths when there are some)."""
+    tenths = round(seconds * 10)
+    whole, frac = divmod(tenths, 10)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    text = f"{minutes}:{secs:02d}" if not hours else f"{hours}:{minutes:02d}:{secs:02d}"
+    return text + (f".{frac}" if frac else "")
+
+
+def _describe_stream(stream: Any) -> str:
+    """``h264, 320x180, 30 fps, mp4``: what is known of a stream, in that order."""
+    parts = [stream.codec or stream.kind]
+    if stream.width and stream.height:
+        parts.append(f"{stream.width}x{stream.height}")
+    elif stream.height:
+        parts.append(f"{stream.height}p")
+    if stream.fps:
+        parts.append(f"{stream.fps:g} fps")
+    if stream.container:
+        parts.append(stream.container)
+    return ", ".join(parts)
+
+
+async def _preview(args: argparse.Namespace, fields: dict[str, str]) -> int:
+    """``clip --preview``: the source's description on stdout, its storyboard in --out."""
+    from rich.console import Console
+
+    from clipservice.client import ClipClient, ClipServiceError
+
+    console = Console(stderr=True)
+    async with contextlib.AsyncExitStack() as stack:
+        base_url = await _base_url(stack, args)
+        client = await stack.enter_async_context(ClipClient(base_url, api_key=args.api_key))
+        try:
+            preview = await client.preview(**fields)
+        except ClipServiceError as exc:
+            code = f" ({exc.code})" if exc.code else ""
+            console.print(f"[red]clipservice: no preview{code}:[/] {exc}")
+            if exc.code in ("source_unavailable", "source_forbidden") or not (
+                400 <= exc.status < 500 and exc.status != 429
+            ):
+                return EXIT_JOB_FAILED
+            return EXIT_USAGE
+        print(f"title: {preview.title if preview.title is not None else '(none)'}")
+        duration = preview.duration_s
+        print(f"duration: {_clock(duration)} ({duration:g} s)" if duration else "duration: unknown")
+        for name in ("video", "audio", "preview"):
+            stream = getattr(preview, name)
+            if stream is not None:
+                print(f"{name}: {_describe_stream(stream)}")
+        board = preview.storyboard
+        with console.status("building the storyboard…"):
+            try:
+                sprite, vtt = await client.download_storyboard(preview, args.out)
+            except ClipServiceError as exc:
+                code = f" ({exc.code})" if exc.code else ""
+                console.print(f"[red]clipservice: no storyboard{code}:[/] {exc}")
+                return EXIT_JOB_FAILED
+        print(
+            f"storyboard: {sprite} ({board.count} thumbnails {board.thumb_width} px wide, "
+            f"{board.columns} a row)"
+        )
+        print(f"storyboard index: {vtt}")
+        return EXIT_OK
+
+
 class _CurrentStderr:
     """Whatever ``sys.stderr`` is at write time: rich swaps it while the bars are live."""
 
@@ -246,6 +331,14 @@ def run(args: argparse.Namespace) -> int:
     """Run ``clipservice clip``; the exit status."""
     try:
         fields = source_fields(args.source, args.audio_url)
+        if args.preview:
+            if args.clips or args.mode:
+                raise UsageError("--preview cuts nothing: give it without --clip and --mode")
+            if not args.server:
+                _quiet_logging()
+            return asyncio.run(_preview(args, fields))
+        if not args.clips:
+            raise UsageError("give at least one --clip START-END (or --preview)")
         clips = [parse_clip(text) for text in args.clips]
         if not args.server:
             _quiet_logging()

@@ -7,6 +7,9 @@
         job = await client.wait(job.job_id, on_progress=print)
         paths = await client.download(job, "clips/")
 
+        preview = await client.preview(video_id="dQw4w9WgXcQ")   # title, duration, streams
+        sprite, vtt = await client.storyboard(preview), await client.storyboard_vtt(preview)
+
 Jobs come back as :class:`~clipservice.jobs.models.JobDocument`, the model the server
 answers with, so client and server never disagree on a field. Every error
 answer raises :class:`ClipServiceError` carrying the RFC 9457 problem body.
@@ -35,9 +38,10 @@ import aiofiles
 import aiofiles.os
 import aiohttp
 
+from clipservice.api.preview_models import SourcePreview
 from clipservice.jobs.models import JobDocument as Job
 
-__all__ = ["ClipClient", "ClipRange", "ClipServiceError"]
+__all__ = ["ClipClient", "ClipRange", "ClipServiceError", "SourcePreview"]
 
 # A clip as ``(start, end)`` (seconds or ``[HH:]MM:SS[.fff]``) or as the HTTP body's dict.
 ClipRange = tuple[float | str, float | str] | Mapping[str, Any]
@@ -174,8 +178,11 @@ class ClipClient:
         json_body: Any = None,
         headers: Mapping[str, str] | None = None,
         ok: Sequence[int] = (200,),
+        params: Mapping[str, str] | None = None,
+        raw: bool = False,
     ) -> tuple[int, Any]:
-        """One API call with bounded 503/429 retries; returns (status, JSON or None)."""
+        """One API call with bounded 503/429 retries; returns (status, JSON or None),
+        or (status, the body's bytes) with ``raw``."""
         attempt = 0
         while True:
             try:
@@ -183,12 +190,15 @@ class ClipClient:
                     method,
                     self._url(path),
                     json=json_body,
+                    params=params,
                     headers=self._headers(headers),
                     timeout=aiohttp.ClientTimeout(total=self.timeout_s),
                 ) as resp:
                     if resp.status in ok:
                         if resp.status == 204:
                             return resp.status, None
+                        if raw:
+                            return resp.status, await resp.read()
                         return resp.status, await resp.json(content_type=None)
                     if resp.status in _RETRY_STATUSES and attempt < self.max_retries:
                         wait_s = _retry_after_s(resp.headers.get("Retry-After"), 2.0**attempt)
@@ -277,6 +287,67 @@ class ClipClient:
         """Delete an ended job and its files now (cancels it first if it still runs)."""
         job = await self.cancel(job_id)
         await self._request("DELETE", f"/api/jobs/{job.job_id}", ok=(200, 204))
+
+    # -- source previews ------------------------------------------------------
+
+    async def preview(
+        self,
+        *,
+        video_id: str | None = None,
+        url: str | None = None,
+        video_url: str | None = None,
+        audio_url: str | None = None,
+    ) -> SourcePreview:
+        """What a source is before any job (``GET /api/sources/preview``): title,
+        duration, the streams a job would cut, and the URLs of its storyboard, cover
+        and preview stream. One of ``video_id``, ``url`` or ``video_url`` (with an
+        optional ``audio_url``), as for :meth:`create_clips`."""
+        params = {
+            name: value
+            for name, value in (
+                ("video_id", video_id),
+                ("url", url),
+                ("video_url", video_url),
+                ("audio_url", audio_url),
+            )
+            if value is not None
+        }
+        _, doc = await self._request("GET", "/api/sources/preview", params=params)
+        return SourcePreview.model_validate(doc)
+
+    async def storyboard(self, preview: SourcePreview) -> bytes:
+        """The source's storyboard sprite (JPEG): ``preview.storyboard.count``
+        thumbnails ``thumb_width`` pixels wide, ``columns`` to a row. The service
+        builds it on the first request (a few seconds for an hour of video)."""
+        _, sprite = await self._request("GET", preview.storyboard.sprite_url, raw=True)
+        return bytes(sprite)
+
+    async def storyboard_vtt(self, preview: SourcePreview) -> str:
+        """The storyboard's WebVTT index: a cue a thumbnail, ``storyboard.jpg#xywh=x,y,w,h``."""
+        _, vtt = await self._request("GET", preview.storyboard.vtt_url, raw=True)
+        return bytes(vtt).decode("utf-8")
+
+    async def download_storyboard(
+        self, preview: SourcePreview, directory: str | os.PathLike[str]
+    ) -> tuple[Path, Path]:
+        """Write ``storyboard.jpg`` and ``storyboard.vtt`` into ``directory``; their paths.
+
+        The VTT's cues name the sprite by that file name, so the pair works as is.
+        """
+        folder = Path(directory)
+        await aiofiles.os.makedirs(folder, exist_ok=True)
+        sprite, vtt = await self.storyboard(preview), await self.storyboard_vtt(preview)
+        paths = (folder / "storyboard.jpg", folder / "storyboard.vtt")
+        for path, data in zip(paths, (sprite, vtt.encode("utf-8")), strict=True):
+            part = path.with_name(f".{path.name}.part-{uuid.uuid4().hex[:8]}")
+            try:
+                async with aiofiles.open(part, "wb") as fh:
+                    await fh.write(data)
+                await aiofiles.os.replace(part, path)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    await aiofiles.os.remove(part)
+        return paths
 
     # -- progress -----------------------------------------------------------
 
