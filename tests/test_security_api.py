@@ -125,7 +125,8 @@ async def test_create_rate_limit(make_service: ServiceFactory) -> None:
         assert int(r.headers["Retry-After"]) >= 1
     async with await svc.create(CHEAP_JOB, headers={"X-API-Key": KEYS[1]}) as r:
         assert r.status == 202
-        await _ended(svc, (await r.json())["job_id"], one)
+        # (The job is the second key's: only that key reads it.)
+        await _ended(svc, (await r.json())["job_id"], {"X-API-Key": KEYS[1]})
     # Reads are not limited.
     async with svc.http.get(f"{svc.base_url}/api/jobs/{'0' * 32}", headers=one) as r:
         assert r.status == 404

@@ -15,11 +15,13 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any, cast
 
 import structlog
 from aiohttp import web
@@ -96,41 +98,71 @@ def make_context_middleware(trusted_proxies: Iterable[str]) -> Middleware:
             )
         status = 500
         response: web.StreamResponse | None = None
+        deferred = False
         with structlog.contextvars.bound_contextvars(request_id=rid):
             try:
                 response = await handler(request)
-                if isinstance(response, web.FileResponse) and not response.prepared:
-                    # A file's answer (200, 206, 304, 416) is decided when it
-                    # is prepared: do it here so the log and metrics say it.
-                    await response.prepare(request)
                 status = response.status
+                if isinstance(response, web.FileResponse) and not response.prepared:
+                    # A file's answer (200, 206, 304, 416) is decided only
+                    # when aiohttp prepares it, after this middleware: the
+                    # line is written then (see _log_when_prepared).
+                    request[_DEFERRED_LOG] = functools.partial(
+                        _log_request, request, t0, structlog.contextvars.get_contextvars()
+                    )
+                    deferred = True
                 return response
             except web.HTTPException as exc:  # redirects; the problem middleware took the rest
                 status = exc.status
                 exc.headers[REQUEST_ID_HEADER] = rid
                 raise
             finally:
-                elapsed_s = time.perf_counter() - t0
-                resource = request.match_info.route.resource
-                route = resource.canonical if resource is not None else "unmatched"
-                metrics = request.app.get(METRICS)
-                if metrics is not None:
-                    metrics.http_requests.labels(request.method, route, str(status)).inc()
-                    metrics.http_seconds.labels(route).observe(elapsed_s)
-                access_log.info(
-                    "request",
-                    method=request.method,
-                    path=request.path,
-                    route=route,
-                    status=status,
-                    duration_ms=round(elapsed_s * 1000, 2),
-                    bytes=_body_bytes(response),
-                    remote=request.remote,
-                    scheme=request.scheme,
-                    user_agent=request.headers.get("User-Agent"),
-                )
+                if not deferred:
+                    _log_request(request, t0, None, status, _body_bytes(response))
 
     return context_middleware
+
+
+# (Typed as object: a RequestKey cannot name a callable's type; read back with cast.)
+_DEFERRED_LOG = web.RequestKey("deferred_log", object)
+
+
+def _log_request(
+    request: web.Request,
+    t0: float,
+    context: dict[str, Any] | None,
+    status: int,
+    size: int | None,
+) -> None:
+    """The request's one access line and its HTTP metrics."""
+    elapsed_s = time.perf_counter() - t0
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    metrics = request.app.get(METRICS)
+    if metrics is not None:
+        metrics.http_requests.labels(request.method, route, str(status)).inc()
+        metrics.http_seconds.labels(route).observe(elapsed_s)
+    with structlog.contextvars.bound_contextvars(**(context or {})):
+        access_log.info(
+            "request",
+            method=request.method,
+            path=request.path,
+            route=route,
+            status=status,
+            duration_ms=round(elapsed_s * 1000, 2),
+            bytes=size,
+            remote=request.remote,
+            scheme=request.scheme,
+            user_agent=request.headers.get("User-Agent"),
+        )
+
+
+async def _log_when_prepared(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: the deferred line of a file answer, with its real status."""
+    deferred = cast("Callable[[int, int | None], None] | None", request.get(_DEFERRED_LOG))
+    if deferred is not None:
+        del request[_DEFERRED_LOG]
+        deferred(response.status, response.content_length)
 
 
 def _body_bytes(response: web.StreamResponse | None) -> int | None:
@@ -154,3 +186,4 @@ def setup(app: web.Application, trusted_proxies: Iterable[str]) -> None:
     """Put the context middleware first (outermost) and tag every response."""
     app.middlewares.insert(0, make_context_middleware(trusted_proxies))
     app.on_response_prepare.append(add_request_id_header)
+    app.on_response_prepare.append(_log_when_prepared)
