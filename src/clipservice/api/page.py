@@ -25,11 +25,11 @@ STATIC_NAME_PATTERN = "^(" + "|".join(re.escape(n) for n in _ASSETS) + ")$"
 _PAGE_HEADERS = {
     "Cache-Control": "no-cache",
     "X-Content-Type-Options": "nosniff",
-    # Everything comes from this service; the page never loads anything else. Media may
-    # also be the source URL (to read its length) or, with an API key, a clip the page
-    # fetched with the key header and plays from a blob: URL.
+    # Everything comes from this service; the page never loads anything else (the preview
+    # stream and the cover come through the service too). blob: media and images are what
+    # the page fetched itself with an API key header (clips, the preview, the storyboard).
     "Content-Security-Policy": (
-        "default-src 'self'; media-src 'self' blob: http: https:; img-src 'self' data:; "
+        "default-src 'self'; media-src 'self' blob:; img-src 'self' data: blob:; "
         "object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
     ),
 }

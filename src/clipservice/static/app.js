@@ -1,10 +1,16 @@
-// clipservice web page: submit a job, follow it live (SSE, polling as fallback), play clips.
+// clipservice web page: an editor to pick ranges, then the job followed live and its clips.
 // Plain browser JavaScript, no build step and nothing loaded from elsewhere.
 //
+// The editor asks the service for a preview of the source (GET /api/sources/preview): its
+// title, cover and length at once, then a storyboard (one sprite of thumbnails and its WebVTT
+// index) laid along the timeline, and a player of the low-resolution stream, which the
+// service proxies: the browser only ever talks to this page's own origin.
+//
 // With an API key the page cannot use what browsers fetch on their own (EventSource,
-// <video src>, <a href>): none of them can send a header, and the key never goes in a URL.
-// So with a key it reads the event stream through fetch() and loads each clip into a Blob;
-// without one it keeps the direct, Range-friendly way.
+// <video src>, <img src>, CSS images, <a href>): none of them can send a header, and the key
+// never goes in a URL. So with a key it reads the event stream through fetch() and loads the
+// clips, the preview stream, the sprite and the cover into Blobs; without one it keeps the
+// direct, Range-friendly way.
 "use strict";
 
 const VIDEO_ID = /^[A-Za-z0-9_-]{1,64}$/;
@@ -15,6 +21,11 @@ const POLL_MS = 1000;
 // The key lives in the field and, for reloads in the same tab, in sessionStorage; never in
 // localStorage, a URL or a log.
 const KEY_STORE = "clipservice.api-key";
+// With a key the preview stream is loaded whole into memory: not past this size.
+const MAX_BLOB_PREVIEW_BYTES = 300 * 1024 * 1024;
+const DEFAULT_FPS = 30;
+// A pointer that moves less than this between down and up clicked (seek), not dragged.
+const CLICK_PX = 4;
 
 const $ = (id) => document.getElementById(id);
 
@@ -29,13 +40,24 @@ function parseTime(text) {
   return hours * 3600 + minutes * 60 + Number(m[4]) + (m[5] ? Number("0." + m[5]) : 0);
 }
 
-function fmtTime(seconds) {
-  const whole = Math.floor(seconds);
-  const tenths = Math.round((seconds - whole) * 10);
+function clock(whole, fraction) {
   const h = Math.floor(whole / 3600);
   const m = Math.floor((whole % 3600) / 60);
-  const s = String(whole % 60).padStart(2, "0") + (tenths ? "." + tenths : "");
+  const s = String(whole % 60).padStart(2, "0") + fraction;
   return h ? `${h}:${String(m).padStart(2, "0")}:${s}` : `${m}:${s}`;
+}
+
+// 1:05.5 (tenths when there are some): labels and ranges picked by dragging.
+function fmtTime(seconds) {
+  const tenths = Math.round(Math.max(0, seconds) * 10);
+  return clock(Math.floor(tenths / 10), tenths % 10 ? "." + (tenths % 10) : "");
+}
+
+// 1:05.033 (milliseconds, trailing zeros dropped): in and out points, to the frame.
+function fmtExact(seconds) {
+  const ms = Math.round(Math.max(0, seconds) * 1000);
+  const frac = String(ms % 1000).padStart(3, "0").replace(/0+$/, "");
+  return clock(Math.floor(ms / 1000), frac ? "." + frac : "");
 }
 
 // The same rule as `clipservice clip`: an id, a media URL (by extension or with an
@@ -99,7 +121,329 @@ function restoreKey() {
   }
 }
 
-// ---- ranges and the timeline ------------------------------------------------
+// A same-origin resource as a URL the browser can load by itself: the path itself without
+// a key, else a blob: URL of it fetched with the key (kept in `owned` to be revoked later).
+async function loadable(path, owned, accept, maxBytes) {
+  if (!apiKey()) return path;
+  const resp = await fetch(path, { headers: headers({ Accept: accept }) });
+  if (!resp.ok) {
+    const problem = await resp.json().catch(() => ({}));
+    throw new Error(problem.detail || problem.title || `HTTP ${resp.status}`);
+  }
+  const size = Number(resp.headers.get("Content-Length") || 0);
+  if (maxBytes && size > maxBytes) {
+    await resp.body?.cancel();
+    throw new Error(`too large to load with an API key (${Math.round(size / 1e6)} MB)`);
+  }
+  const url = URL.createObjectURL(await resp.blob());
+  owned.push(url);
+  return url;
+}
+
+// ---- the source's preview ---------------------------------------------------------
+
+// What the editor shows of the current source; replaced whole when the source changes.
+let preview = {
+  token: 0, // bumped per load: answers of an older load are dropped
+  signature: "", // the source fields it was asked for
+  ok: false,
+  needsKey: false,
+  doc: null, // the service's SourcePreview
+  board: null, // { sprite, cues, width, height }
+  owned: [], // blob: URLs to revoke
+  fps: DEFAULT_FPS,
+};
+
+function previewStatus(text, isError) {
+  const status = $("preview-status");
+  status.textContent = text;
+  status.classList.toggle("error-text", Boolean(isError));
+}
+
+function problemText(problem, status) {
+  let text = problem.title || `HTTP ${status}`;
+  if (problem.detail) text += `: ${problem.detail}`;
+  for (const err of problem.errors || []) {
+    const loc = (err.loc || []).filter((p) => p !== "query" && p !== "body").join(".");
+    text += ` (${loc ? loc + ": " : ""}${err.msg})`;
+  }
+  return text;
+}
+
+function resetPreview() {
+  preview.owned.forEach((url) => URL.revokeObjectURL(url));
+  const token = preview.token + 1;
+  preview = {
+    token, signature: "", ok: false, needsKey: false, doc: null, board: null, owned: [],
+    fps: DEFAULT_FPS,
+  };
+  $("source-info").hidden = true;
+  $("cover").hidden = true;
+  $("cover").removeAttribute("src");
+  const player = $("player");
+  player.pause();
+  player.removeAttribute("src");
+  player.load();
+  $("player-empty").hidden = false;
+  $("storyboard").textContent = "";
+  $("storyboard-status").textContent = "";
+  return token;
+}
+
+async function loadPreview(force) {
+  const { fields } = classify($("source").value, $("audio-url").value.trim());
+  if (!fields) return;
+  const signature = JSON.stringify(fields);
+  if (!force && signature === preview.signature && (preview.ok || !preview.needsKey)) return;
+  const token = resetPreview();
+  preview.signature = signature;
+  previewStatus("Looking the video up…");
+  let resp;
+  let data;
+  try {
+    resp = await fetch(`/api/sources/preview?${new URLSearchParams(fields)}`, {
+      headers: headers(),
+    });
+    data = await resp.json().catch(() => ({ title: `HTTP ${resp.status}` }));
+  } catch (err) {
+    if (token === preview.token) previewStatus(`Could not reach the service: ${err}`, true);
+    return;
+  }
+  if (token !== preview.token) return;
+  if (!resp.ok) {
+    preview.needsKey = resp.status === 401;
+    let text = `No preview: ${problemText(data, resp.status)}`;
+    if (preview.needsKey) text += " Enter an API key under “More options”.";
+    previewStatus(text, true);
+    return;
+  }
+  preview.ok = true;
+  preview.doc = data;
+  showSource(data);
+  previewStatus("");
+  loadPlayer(data, token);
+  loadStoryboard(data, token);
+}
+
+function streamText(stream) {
+  const parts = [stream.codec || stream.kind];
+  if (stream.width && stream.height) parts.push(`${stream.width}×${stream.height}`);
+  else if (stream.height) parts.push(`${stream.height}p`);
+  if (stream.fps) parts.push(`${stream.fps} fps`);
+  return parts.join(" ");
+}
+
+function showSource(doc) {
+  $("source-title").textContent = doc.title || "Untitled video";
+  const meta = [];
+  if (doc.duration_s) meta.push(fmtTime(doc.duration_s));
+  if (doc.video) meta.push(`video ${streamText(doc.video)}`);
+  if (doc.audio) meta.push(`audio ${streamText(doc.audio)}`);
+  $("source-meta").textContent = meta.join(" · ");
+  $("source-info").hidden = false;
+  const fps = (doc.preview && doc.preview.fps) || (doc.video && doc.video.fps);
+  preview.fps = fps > 0 ? fps : DEFAULT_FPS;
+  if (doc.duration_s > 0) {
+    $("length").value = fmtTime(doc.duration_s);
+    drawTicks();
+  }
+  if (doc.cover_url) {
+    const token = preview.token;
+    const path = `/api/sources/${doc.key}/cover`;
+    loadable(path, preview.owned, "image/*")
+      .then((url) => {
+        if (token !== preview.token) return;
+        const cover = $("cover");
+        cover.alt = `Cover of ${doc.title || "the video"}`;
+        cover.src = url;
+        cover.onload = () => (cover.hidden = false);
+        cover.onerror = () => (cover.hidden = true);
+      })
+      .catch(() => {}); // no cover: nothing to show
+  }
+}
+
+async function loadPlayer(doc, token) {
+  const player = $("player");
+  try {
+    const url = await loadable(
+      `/api/sources/${doc.key}/preview`, preview.owned, "video/*", MAX_BLOB_PREVIEW_BYTES,
+    );
+    if (token !== preview.token) return;
+    player.src = url;
+    $("player-empty").hidden = true;
+  } catch (err) {
+    if (token === preview.token) previewStatus(`The preview cannot play: ${err.message}`, true);
+  }
+}
+
+// The storyboard's WebVTT index: [{ start, end, x, y, w, h, target }].
+function parseVtt(text) {
+  const seconds = (stamp) => stamp.split(":").reduce((total, part) => total * 60 + Number(part), 0);
+  const cues = [];
+  const lines = text.split(/\r\n|\n|\r/);
+  for (let i = 0; i < lines.length - 1; i++) {
+    const times = /^([\d:.]+)\s+-->\s+([\d:.]+)/.exec(lines[i]);
+    const where = /^(.*)#xywh=(\d+),(\d+),(\d+),(\d+)\s*$/.exec(lines[i + 1]);
+    if (!times || !where) continue;
+    cues.push({
+      start: seconds(times[1]), end: seconds(times[2]), target: where[1],
+      x: Number(where[2]), y: Number(where[3]), w: Number(where[4]), h: Number(where[5]),
+    });
+  }
+  return cues;
+}
+
+async function loadStoryboard(doc, token) {
+  const status = $("storyboard-status");
+  status.textContent = "Making the storyboard…";
+  const vttPath = `/api/sources/${doc.key}/storyboard.vtt`;
+  try {
+    const resp = await fetch(vttPath, { headers: headers({ Accept: "text/vtt" }) });
+    if (!resp.ok) {
+      const problem = await resp.json().catch(() => ({}));
+      throw new Error(problemText(problem, resp.status));
+    }
+    const cues = parseVtt(await resp.text());
+    if (!cues.length) throw new Error("the storyboard is empty");
+    // The cues name the sprite relative to the VTT's own URL.
+    const spritePath = new URL(cues[0].target, new URL(vttPath, location.href)).pathname;
+    const sprite = await loadable(spritePath, preview.owned, "image/jpeg");
+    if (token !== preview.token) return;
+    preview.board = {
+      sprite,
+      cues,
+      width: Math.max(...cues.map((c) => c.x + c.w)),
+      height: Math.max(...cues.map((c) => c.y + c.h)),
+    };
+    status.textContent = "";
+    renderStoryboard();
+  } catch (err) {
+    if (token === preview.token) status.textContent = `No storyboard: ${err.message}`;
+  }
+}
+
+function cueAt(seconds) {
+  const cues = preview.board.cues;
+  return cues.find((c) => seconds < c.end) || cues[cues.length - 1];
+}
+
+// Paint `cue`'s thumbnail into `el` (w × h pixels), scaled to cover it and centred.
+function paintThumb(el, cue, w, h) {
+  const board = preview.board;
+  const scale = Math.max(w / cue.w, h / cue.h);
+  el.style.backgroundImage = `url("${board.sprite}")`;
+  el.style.backgroundSize = `${board.width * scale}px ${board.height * scale}px`;
+  const x = -cue.x * scale - (cue.w * scale - w) / 2;
+  const y = -cue.y * scale - (cue.h * scale - h) / 2;
+  el.style.backgroundPosition = `${x}px ${y}px`;
+}
+
+// As many tiles as fit the timeline at the thumbnails' aspect, each the storyboard's
+// thumbnail for the middle of the time it spans.
+function renderStoryboard() {
+  const strip = $("storyboard");
+  strip.textContent = "";
+  if (!preview.board) return;
+  const width = strip.clientWidth;
+  const height = strip.clientHeight;
+  if (!width || !height) return;
+  const first = preview.board.cues[0];
+  const count = Math.max(1, Math.round(width / (height * (first.w / first.h))));
+  const total = lengthS();
+  for (let i = 0; i < count; i++) {
+    const tile = document.createElement("div");
+    tile.className = "tile";
+    tile.style.left = `${(i / count) * 100}%`;
+    tile.style.width = `${100 / count}%`;
+    const cue = cueAt(((i + 0.5) * total) / count);
+    tile.dataset.cue = String(preview.board.cues.indexOf(cue));
+    paintThumb(tile, cue, width / count, height);
+    strip.appendChild(tile);
+  }
+}
+
+// ---- the player and the playhead ------------------------------------------------------
+
+// Where the editor is: the player's time once it has loaded, else a cursor of its own (the
+// timeline and the in/out points work without a playable preview too).
+let cursorS = 0;
+
+function playerReady() {
+  const player = $("player");
+  return Boolean(player.currentSrc) && player.readyState >= 1;
+}
+
+function nowS() {
+  return playerReady() ? $("player").currentTime : cursorS;
+}
+
+function seek(seconds) {
+  const t = Math.min(lengthS(), Math.max(0, seconds));
+  cursorS = t;
+  if (playerReady()) $("player").currentTime = t;
+  showPlayhead();
+}
+
+function showPlayhead() {
+  const t = nowS();
+  const total = lengthS();
+  $("playhead").style.left = `${Math.min(100, (t / total) * 100)}%`;
+  $("time-label").textContent = `${fmtExact(t)} / ${fmtTime(total)}`;
+  const timeline = $("timeline");
+  timeline.setAttribute("aria-valuenow", String(Math.round(t * 1000) / 1000));
+  timeline.setAttribute("aria-valuetext", `${fmtExact(t)} of ${fmtTime(total)}`);
+}
+
+// One frame from the current one (the preview's frame rate): the time is put in the middle
+// of the target frame, so rounding never shows its neighbour.
+function stepFrame(direction) {
+  const player = $("player");
+  if (!player.paused) player.pause();
+  const frame = 1 / preview.fps;
+  const index = Math.floor(nowS() / frame + 1e-6) + direction;
+  seek(Math.max(0, index) * frame + frame / 2);
+}
+
+function togglePlay() {
+  const player = $("player");
+  if (!playerReady()) return;
+  if (player.paused) player.play().catch(() => {});
+  else player.pause();
+}
+
+function setupPlayer() {
+  const player = $("player");
+  let frame = 0;
+  const follow = () => {
+    showPlayhead();
+    frame = player.paused ? 0 : requestAnimationFrame(follow);
+  };
+  player.addEventListener("play", () => {
+    $("play").textContent = "Pause";
+    frame = requestAnimationFrame(follow);
+  });
+  player.addEventListener("pause", () => {
+    $("play").textContent = "Play";
+    cancelAnimationFrame(frame);
+    showPlayhead();
+  });
+  ["timeupdate", "seeked", "seeking"].forEach((type) => player.addEventListener(type, showPlayhead));
+  player.addEventListener("loadedmetadata", () => {
+    // A source whose preview did not say its length: the stream does.
+    if (!(preview.doc && preview.doc.duration_s > 0) && Number.isFinite(player.duration)) {
+      $("length").value = fmtTime(player.duration);
+      drawTicks();
+    }
+    if (cursorS > 0) player.currentTime = cursorS;
+    showPlayhead();
+  });
+  $("play").addEventListener("click", togglePlay);
+  $("frame-back").addEventListener("click", () => stepFrame(-1));
+  $("frame-forward").addEventListener("click", () => stepFrame(1));
+}
+
+// ---- ranges, in and out points, and the timeline ----------------------------------------
 
 function lengthS() {
   const s = parseTime($("length").value);
@@ -110,19 +454,51 @@ function rangeRows() {
   return Array.from($("ranges").querySelectorAll("tr"));
 }
 
-function addRange(start, end) {
+function emptyRow() {
+  return rangeRows().find(
+    (row) => !row.querySelector(".start").value && !row.querySelector(".end").value,
+  );
+}
+
+function addRange(start, end, format) {
+  const fmt = format || fmtTime;
   const row = $("range-row").content.firstElementChild.cloneNode(true);
-  row.querySelector(".start").value = start === undefined ? "" : fmtTime(start);
-  row.querySelector(".end").value = end === undefined ? "" : fmtTime(end);
+  row.querySelector(".start").value = start === undefined ? "" : fmt(start);
+  row.querySelector(".end").value = end === undefined ? "" : fmt(end);
   row.querySelector(".remove").addEventListener("click", () => {
+    const next = row.nextElementSibling || row.previousElementSibling;
     row.remove();
     if (!rangeRows().length) addRange();
     refreshRanges();
+    // Keep the keyboard where it was: on the neighbouring row.
+    (next && next.isConnected ? next : rangeRows()[0]).querySelector(".start").focus();
   });
+  row.querySelector(".play-range").addEventListener("click", () => playRange(row));
   row.querySelectorAll("input").forEach((input) => input.addEventListener("input", refreshRanges));
   $("ranges").appendChild(row);
   refreshRanges();
   return row;
+}
+
+// Play one range of the preview from its start, pausing at its end.
+function playRange(row) {
+  const start = parseTime(row.querySelector(".start").value);
+  const end = parseTime(row.querySelector(".end").value);
+  if (!(start >= 0 && end > start)) return;
+  seek(start);
+  const player = $("player");
+  if (!playerReady()) return;
+  const stop = () => {
+    if (player.currentTime >= end) {
+      player.pause();
+      player.removeEventListener("timeupdate", stop);
+    }
+  };
+  player.addEventListener("timeupdate", stop);
+  player.addEventListener("pause", () => player.removeEventListener("timeupdate", stop), {
+    once: true,
+  });
+  player.play().catch(() => {});
 }
 
 function refreshRanges() {
@@ -130,7 +506,12 @@ function refreshRanges() {
   marks.textContent = "";
   const total = lengthS();
   rangeRows().forEach((row, i) => {
-    row.querySelector(".num").textContent = i + 1;
+    const n = i + 1;
+    row.querySelector(".num").textContent = n;
+    row.querySelector(".start").setAttribute("aria-label", `Range ${n} start`);
+    row.querySelector(".end").setAttribute("aria-label", `Range ${n} end`);
+    row.querySelector(".play-range").setAttribute("aria-label", `Play range ${n}`);
+    row.querySelector(".remove").setAttribute("aria-label", `Remove range ${n}`);
     const start = parseTime(row.querySelector(".start").value);
     const end = parseTime(row.querySelector(".end").value);
     if (start >= 0 && end > start) {
@@ -139,7 +520,7 @@ function refreshRanges() {
       mark.style.left = `${Math.min(100, (start / total) * 100)}%`;
       mark.style.width = `${Math.max(0.4, Math.min(100, ((end - start) / total) * 100))}%`;
       const label = document.createElement("span");
-      label.textContent = i + 1;
+      label.textContent = n;
       mark.appendChild(label);
       marks.appendChild(mark);
     }
@@ -159,6 +540,53 @@ function drawTicks() {
   }
   $("timeline").setAttribute("aria-valuemax", String(total));
   refreshRanges();
+  renderStoryboard();
+  showPlayhead();
+}
+
+// In and out points: `i` marks where a range starts; `o` where it ends, which adds the range
+// (into an empty row if there is one). Another `o` before the next `i` moves that range's end.
+const marking = { in: null, row: null };
+
+function showInOut(message) {
+  const label = $("inout-label");
+  if (message) {
+    label.textContent = message;
+    return;
+  }
+  const row = marking.row && marking.row.isConnected ? marking.row : null;
+  const out = row ? row.querySelector(".end").value : "—";
+  label.textContent = `in ${marking.in === null ? "—" : fmtExact(marking.in)}, out ${out}`;
+  const mark = $("in-mark");
+  mark.hidden = marking.in === null;
+  if (marking.in !== null) mark.style.left = `${(marking.in / lengthS()) * 100}%`;
+}
+
+function setIn() {
+  marking.in = nowS();
+  marking.row = null;
+  showInOut();
+}
+
+function setOut() {
+  const t = nowS();
+  const start = marking.in === null ? 0 : marking.in;
+  if (!(t > start)) {
+    showInOut(`The out point (${fmtExact(t)}) must come after the in point (${fmtExact(start)}).`);
+    return;
+  }
+  marking.in = start;
+  let row = marking.row && marking.row.isConnected ? marking.row : null;
+  if (row) {
+    row.querySelector(".end").value = fmtExact(t);
+    refreshRanges();
+  } else {
+    const empty = emptyRow();
+    if (empty) empty.remove();
+    row = addRange(start, t, fmtExact);
+    marking.row = row;
+  }
+  showInOut();
 }
 
 let selection = null;
@@ -166,7 +594,10 @@ let selection = null;
 function setupTimeline() {
   const timeline = $("timeline");
   const box = $("timeline-selection");
+  const hover = $("hover-thumb");
   let anchor = null;
+  let downX = 0;
+  let dragged = false;
   const timeAt = (event) => {
     const rect = timeline.getBoundingClientRect();
     const fraction = Math.min(1, Math.max(0, (event.clientX - rect.left) / rect.width));
@@ -176,7 +607,11 @@ function setupTimeline() {
   const show = () => {
     const total = lengthS();
     box.hidden = !selection;
-    if (!selection) return;
+    if (!selection) {
+      $("selection-label").textContent = "no selection";
+      $("add-selection").disabled = true;
+      return;
+    }
     box.style.left = `${(selection.start / total) * 100}%`;
     box.style.width = `${((selection.end - selection.start) / total) * 100}%`;
     $("selection-label").textContent = `${fmtTime(selection.start)} – ${fmtTime(selection.end)}`;
@@ -184,50 +619,99 @@ function setupTimeline() {
   };
   timeline.addEventListener("pointerdown", (event) => {
     anchor = timeAt(event);
-    selection = { start: anchor, end: anchor };
+    downX = event.clientX;
+    dragged = false;
     timeline.setPointerCapture(event.pointerId);
-    show();
   });
   timeline.addEventListener("pointermove", (event) => {
+    showHover(event);
     if (anchor === null) return;
+    if (!dragged && Math.abs(event.clientX - downX) < CLICK_PX) return;
+    dragged = true;
     const t = timeAt(event);
     selection = { start: Math.min(anchor, t), end: Math.max(anchor, t) };
     show();
   });
-  const stop = () => {
+  timeline.addEventListener("pointerup", (event) => {
+    if (anchor !== null && !dragged) seek(timeAt(event)); // a click: seek there
     anchor = null;
+  });
+  timeline.addEventListener("pointercancel", () => {
+    anchor = null;
+  });
+  timeline.addEventListener("pointerleave", () => {
+    hover.hidden = true;
+  });
+  // The thumbnail under the pointer, above the timeline.
+  const showHover = (event) => {
+    if (!preview.board) return;
+    const rect = timeline.getBoundingClientRect();
+    const x = Math.min(rect.width, Math.max(0, event.clientX - rect.left));
+    const t = (x / rect.width) * lengthS();
+    const cue = cueAt(t);
+    paintThumb(hover, cue, cue.w, cue.h);
+    hover.style.width = `${cue.w}px`;
+    hover.style.height = `${cue.h}px`;
+    hover.style.left = `${Math.min(rect.width - cue.w, Math.max(0, x - cue.w / 2))}px`;
+    hover.firstElementChild.textContent = fmtTime(t);
+    hover.hidden = false;
   };
-  timeline.addEventListener("pointerup", stop);
-  timeline.addEventListener("pointercancel", stop);
+  timeline.addEventListener("keydown", (event) => {
+    const big = event.shiftKey ? 10 : 1;
+    const moves = {
+      ArrowRight: nowS() + big,
+      ArrowUp: nowS() + big,
+      ArrowLeft: nowS() - big,
+      ArrowDown: nowS() - big,
+      PageUp: nowS() + lengthS() / 10,
+      PageDown: nowS() - lengthS() / 10,
+      Home: 0,
+      End: lengthS(),
+    };
+    if (!(event.key in moves) || event.altKey || event.ctrlKey || event.metaKey) return;
+    event.preventDefault();
+    seek(moves[event.key]);
+  });
   $("add-selection").addEventListener("click", () => {
     if (!selection || !(selection.end > selection.start)) return;
     // Fill an empty row first, so a fresh page does not keep a blank one.
-    const empty = rangeRows().find(
-      (row) => !row.querySelector(".start").value && !row.querySelector(".end").value,
-    );
+    const empty = emptyRow();
     if (empty) empty.remove();
     addRange(selection.start, selection.end);
     selection = null;
     show();
-    $("selection-label").textContent = "no selection";
-    $("add-selection").disabled = true;
   });
+  if (window.ResizeObserver) new ResizeObserver(() => renderStoryboard()).observe(timeline);
 }
 
-// A media URL's own length, read from its metadata, sizes the timeline.
-function probeLength(fields) {
-  if (!fields || !fields.video_url) return;
-  const probe = document.createElement("video");
-  probe.preload = "metadata";
-  probe.muted = true;
-  probe.addEventListener("loadedmetadata", () => {
-    if (Number.isFinite(probe.duration) && probe.duration > 0) {
-      $("length").value = fmtTime(probe.duration);
-      drawTicks();
-    }
-    probe.removeAttribute("src");
+// Editing keys anywhere on the page except while typing in a field.
+function setupShortcuts() {
+  const actions = {
+    i: setIn,
+    o: setOut,
+    ",": () => stepFrame(-1),
+    ".": () => stepFrame(1),
+    j: () => seek(nowS() - 5),
+    l: () => seek(nowS() + 5),
+    k: togglePlay,
+  };
+  document.addEventListener("keydown", (event) => {
+    if (event.altKey || event.ctrlKey || event.metaKey || event.defaultPrevented) return;
+    const target = event.target;
+    if (target.closest && target.closest("input, select, textarea, [contenteditable]")) return;
+    const action = actions[event.key.length === 1 ? event.key.toLowerCase() : ""];
+    if (!action) return;
+    event.preventDefault();
+    action();
   });
-  probe.src = fields.video_url;
+  $("set-in").addEventListener("click", setIn);
+  $("set-out").addEventListener("click", setOut);
+}
+
+// The per-clip output options (issue 14) once create-clips accepts them: fields to add to
+// each clip of the request. None yet (see the OUTPUT OPTIONS place in index.html).
+function outputOptions() {
+  return {};
 }
 
 // ---- submitting -----------------------------------------------------------------
@@ -273,7 +757,7 @@ async function submit(event) {
     startInput.classList.toggle("invalid", !(start >= 0));
     endInput.classList.toggle("invalid", bad);
     if (bad) problems.push(`Range ${i + 1}: give a start before its end.`);
-    else clips.push({ start, end });
+    else clips.push(Object.assign({ start, end }, outputOptions()));
   });
   if (!clips.length && !problems.length) problems.push("Add at least one range.");
   if (problems.length) {
@@ -506,6 +990,7 @@ function render(doc) {
       const video = document.createElement("video");
       video.controls = true;
       video.preload = "metadata";
+      video.setAttribute("aria-label", `Clip ${r.index + 1}`);
       const link = document.createElement("a");
       link.className = "download";
       link.download = r.file;
@@ -569,6 +1054,7 @@ async function cancelJob() {
   if (resp.status === 200) render(await resp.json());
 }
 
+
 // ---- start ---------------------------------------------------------------------------
 
 document.addEventListener("DOMContentLoaded", () => {
@@ -580,14 +1066,31 @@ document.addEventListener("DOMContentLoaded", () => {
   };
   $("source").addEventListener("input", updateKind);
   $("audio-url").addEventListener("input", updateKind);
-  $("source").addEventListener("change", () => probeLength(updateKind()));
+  // A new source is looked up when the field is left or Enter is pressed in it (Enter
+  // there loads the preview rather than submitting the job).
+  $("source").addEventListener("change", () => loadPreview(false));
+  $("audio-url").addEventListener("change", () => loadPreview(false));
+  $("source").addEventListener("keydown", (event) => {
+    if (event.key !== "Enter") return;
+    event.preventDefault();
+    updateKind();
+    loadPreview(true);
+  });
+  $("load-source").addEventListener("click", () => loadPreview(true));
   $("length").addEventListener("input", drawTicks);
   $("add-range").addEventListener("click", () => addRange().querySelector(".start").focus());
   $("job-form").addEventListener("submit", submit);
   $("cancel").addEventListener("click", cancelJob);
   restoreKey();
   $("api-key").addEventListener("input", rememberKey);
+  // A preview refused for want of a key is asked again once one is given.
+  $("api-key").addEventListener("change", () => {
+    if (preview.needsKey) loadPreview(true);
+  });
+  setupPlayer();
   setupTimeline();
+  setupShortcuts();
   addRange();
   drawTicks();
+  showInOut();
 });
