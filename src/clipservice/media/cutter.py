@@ -88,12 +88,20 @@ _WAITERS = ThreadPoolExecutor(max_workers=32, thread_name_prefix="clip-join")
 _JOIN_STOP_S = 2.0
 
 
-async def _in_join_process(request: CutRequest, budget: _Budget) -> CutResult:
+async def _in_join_process(
+    request: CutRequest, budget: _Budget, on_progress: ProgressCallback | None = None
+) -> CutResult:
     """Run the cut in a worker process (see :mod:`clipservice.media.joinproc`);
-    on timeout or cancellation kill it, as FFmpeg would be killed."""
+    on timeout or cancellation kill it, as FFmpeg would be killed. Its
+    progress messages reach ``on_progress`` on the loop."""
     loop = asyncio.get_running_loop()
     proc = await loop.run_in_executor(_WAITERS, joinproc.POOL.acquire)
-    done = loop.run_in_executor(_WAITERS, proc.call, request)
+
+    def progress(out_s: float) -> None:
+        if on_progress is not None:
+            loop.call_soon_threadsafe(on_progress, out_s)
+
+    done = loop.run_in_executor(_WAITERS, proc.call, request, progress)
     done.add_done_callback(_retrieve)
     healthy = False
     try:
@@ -277,7 +285,7 @@ class Cutter:
             ),
             budget.left_s(),
         )
-        result = await _in_join_process(request, budget)
+        result = await _in_join_process(request, budget, spec.on_progress)
         if spec.on_progress is not None:
             spec.on_progress(result.end_s - result.first_s)
         out = await validate_output(

@@ -353,8 +353,11 @@ def _template(init: bytes, track: Track) -> tuple[Any, Any]:
     return container, chosen
 
 
-def run_cut(req: CutRequest) -> CutResult:
-    """Make the clip ``req`` asks for at ``req.out``; remove it on any failure."""
+def run_cut(req: CutRequest, on_progress: Callable[[float], None] | None = None) -> CutResult:
+    """Make the clip ``req`` asks for at ``req.out``; remove it on any failure.
+
+    ``on_progress`` hears the output's time muxed so far (seconds), after each packet.
+    """
     guard = Guard(req.deadline)
     out = Path(req.out)
     spill = str(out.with_name(out.name + "-spill"))
@@ -393,7 +396,7 @@ def run_cut(req: CutRequest) -> CutResult:
             if req.audio is not None:
                 aspans = list(req.audio.window.spans)
                 audio = Feed(req.audio, fetch(req.audio, aspans, (), 2))
-        return _join(req, video, audio, guard, workers)
+        return _join(req, video, audio, guard, workers, on_progress)
     except BaseException as exc:
         guard.fail(exc)
         with contextlib.suppress(OSError):
@@ -416,7 +419,12 @@ def run_cut(req: CutRequest) -> CutResult:
 
 
 def _join(
-    req: CutRequest, video: Feed, audio: Feed | None, guard: Guard, workers: list[_Worker]
+    req: CutRequest,
+    video: Feed,
+    audio: Feed | None,
+    guard: Guard,
+    workers: list[_Worker],
+    on_progress: Callable[[float], None] | None = None,
 ) -> CutResult:
     track = req.video.track
     origin = req.video.origin_ticks
@@ -455,10 +463,10 @@ def _join(
         a_origin = req.audio.origin_ticks - round(
             origin * req.audio.track.timescale / track.timescale
         )
-        audio_packets = _audio(audio, req.audio, first_s, end_s, a_origin, guard)
+        audio_packets = _audio(audio, req.audio, first_s, end_s, a_origin, guard, on_progress)
     return _mux(
         req, video, samples, plan, codec, parts, head, tail, req.audio, audio_packets,
-        audio, guard,
+        audio, guard, on_progress,
     )  # fmt: skip
 
 
@@ -469,11 +477,15 @@ def _audio(
     end_s: float,
     origin: int,
     guard: Guard,
+    on_progress: Callable[[float], None] | None = None,
 ) -> list[tuple[bytes, int, int]]:
     """The audio of [first_s, end_s) (source-timeline seconds of the video, mapped
     to this track by ``origin`` ticks) as (data, pts, duration) in track ticks
     from the clip's start: AAC samples copied (the first one may start a little
-    before: its negative time makes the MP4 muxer trim it with an edit list)."""
+    before: its negative time makes the MP4 muxer trim it with an edit list).
+
+    Reading a muxed source's audio fetches the clip's bytes: ``on_progress``
+    hears the clip time read so far."""
     track = stream.track
     ts = track.timescale
     start = round(first_s * ts) + origin
@@ -486,6 +498,8 @@ def _audio(
             continue
         guard.check()
         out.append((feed.data(sample), sample.pts - start, sample.duration))
+        if on_progress is not None:
+            on_progress((sample.pts - start) / ts)
     return out
 
 
@@ -646,6 +660,7 @@ def _mux(
     audio_copied: list[tuple[bytes, int, int]],
     audio: Feed | None,
     guard: Guard,
+    on_progress: Callable[[float], None] | None = None,
 ) -> CutResult:
     track = req.video.track
     tb = Fraction(1, track.timescale)
@@ -760,13 +775,15 @@ def _mux(
                 if config is not None:
                     vout.codec_context.extradata = config
             last_dts: int | None = None
-            for _, _, packet in merged:
+            for out_s, _, packet in merged:
                 guard.check()
                 if packet.stream is vout:
                     if last_dts is not None and packet.dts <= last_dts:
                         raise JoinUnsupported("joined decode times do not increase")
                     last_dts = packet.dts
                 oc.mux(packet)
+                if on_progress is not None:
+                    on_progress(out_s)
     finally:
         vtemplate.close()
         if atemplate is not None:

@@ -14,7 +14,10 @@ the service down. So joins run in separate Python processes, like FFmpeg:
   the caller removes the partial output; a process that dies is replaced.
 
 Requests and answers are pickles over the child's stdin and stdout; both ends
-are this package.
+are this package. While a cut runs, the child sends ``("progress", seconds)``
+messages (the output time made so far, rising, at most every
+:data:`PROGRESS_INTERVAL_S`) before its one answer: the clip's progress and
+heartbeat, as FFmpeg's ``-progress`` is for FFmpeg runs.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ import struct
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Callable
 from typing import IO, Any
 
 from clipservice.media.fetch import FetchError
@@ -35,6 +40,8 @@ from clipservice.media.join import CutFailed, CutRequest, CutResult
 _HEADER = struct.Struct(">I")
 # A process is replaced after this many joins (allocator growth stays bounded).
 MAX_JOINS_PER_PROCESS = 100
+# A join sends its progress at most this often.
+PROGRESS_INTERVAL_S = 0.5
 
 
 def _send(stream: IO[bytes], obj: object) -> None:
@@ -67,14 +74,21 @@ class JoinProcess:
         )
         self.joins = 0
 
-    def call(self, request: CutRequest) -> CutResult:
+    def call(
+        self, request: CutRequest, on_progress: Callable[[float], None] | None = None
+    ) -> CutResult:
         """Run one cut (blocking); raise what the cut raised, or CutFailed if
-        the process died."""
+        the process died. ``on_progress`` hears the progress messages (on
+        this thread)."""
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.joins += 1
         try:
             _send(self.proc.stdin, request)
             kind, value = _receive(self.proc.stdout)
+            while kind == "progress":
+                if on_progress is not None:
+                    on_progress(value)
+                kind, value = _receive(self.proc.stdout)
         except (EOFError, OSError, pickle.UnpicklingError) as exc:
             raise CutFailed("the cutting process ended unexpectedly") from exc
         if kind == "ok":
@@ -186,6 +200,24 @@ POOL = JoinPool()
 atexit.register(POOL.close)  # (and the parent-death signal, if we die harder)
 
 
+class _Progress:
+    """Sends a cut's rising output time to the parent, at most every PROGRESS_INTERVAL_S."""
+
+    def __init__(self, answers: IO[bytes]) -> None:
+        self._answers = answers
+        self._best = 0.0
+        self._sent_at = float("-inf")
+
+    def __call__(self, out_s: float) -> None:
+        if out_s <= self._best:
+            return
+        self._best = out_s
+        now = time.monotonic()
+        if now - self._sent_at >= PROGRESS_INTERVAL_S:
+            self._sent_at = now
+            _send(self._answers, ("progress", out_s))
+
+
 def _serve() -> None:
     """The worker process: runs cut requests from stdin until it closes."""
     import os
@@ -202,7 +234,7 @@ def _serve() -> None:
         except EOFError:
             return
         try:
-            answer: tuple[str, object] = ("ok", run_cut(request))
+            answer: tuple[str, object] = ("ok", run_cut(request, _Progress(answers)))
         except TimeoutError:
             answer = ("timeout", None)
         except FetchError as exc:
