@@ -226,13 +226,14 @@ class QueueSettings(_Section):
 
     url: str = Field("", description='"" = in-process; "redis://host:6379/0" = distributed.')
     heartbeat_s: int = Field(
-        30,
+        5,
         ge=2,
-        description="A clip whose worker sent no sign of life (FFmpeg progress or keep-alive) "
-        "this long is taken from it and queued again.",
+        description="A running clip whose worker wrote no heartbeat this long is taken from it "
+        "and queued again (its worker beats every heartbeat_s / 5 while the clip lives, "
+        "carrying its progress). Worker hosts' clocks must agree to well within this.",
     )
     sweep_interval_s: int = Field(
-        10, ge=1, description="How often each worker looks for clips of dead workers."
+        1, ge=1, description="How often the workers (one at a time) look for clips of dead workers."
     )
     clip_attempts: int = Field(
         3,
@@ -240,7 +241,7 @@ class QueueSettings(_Section):
         description="Attempts per clip when workers die under it; then it fails as interrupted.",
     )
     retry_delay_s: float = Field(
-        1.0, ge=0, description="First delay before a clip is retried (doubles, with jitter)."
+        0.5, ge=0, description="First delay before a clip is retried (doubles, with jitter)."
     )
     max_depth: int = Field(
         0,

@@ -14,11 +14,22 @@ Stream URLs that expire mid-job are resolved again by one worker under a
 Redis lock and stored with the next generation number; the job's other
 workers pick that generation up instead of resolving again.
 
-What only the workers do: the heartbeat (FFmpeg progress, and a keep-alive
-while the cut coroutine lives) and the SAQ retries. A worker that dies stops
-its heartbeat; another worker's sweep aborts the task and queues it again, and
-the clip's attempt number in the job store fences off anything the old worker
-might still write (see :mod:`clipservice.jobs.bookkeeping`).
+What only the workers do: the heartbeat and the SAQ retries. A worker that
+dies stops its heartbeat; another worker's sweep queues the task again within
+seconds (see :mod:`clipservice.jobs.queue` for the numbers), and the clip's
+attempt number in the job store fences off anything the old worker might
+still write (see :mod:`clipservice.jobs.bookkeeping`).
+
+The heartbeat says the task is live, and that is what "live" means here: the
+worker process runs, its event loop is not stuck (it runs the beat loop every
+``heartbeat_s / 5``), and the task's coroutine is still within its time limit
+(``clip_timeout_s`` bounds every cut, whatever it waits on). Each beat carries
+the clip's real progress (FFmpeg's ``out_time``, the join process's progress
+messages) and a clip that has not moved for ``heartbeat_s`` is logged
+(``clip_quiet``), but it keeps its task: a stalled source read is the cut's
+own business, ended by its timeout, not a reason to cut it twice. A beat that
+finds the task no longer this run's (swept while this worker stalled, and
+queued again) stops the clip here.
 """
 
 from __future__ import annotations
@@ -48,7 +59,14 @@ from clipservice.jobs.base import announce_end
 from clipservice.jobs.bookkeeping import StaleAttempt
 from clipservice.jobs.models import ClipResult, Job, JobError
 from clipservice.jobs.outbox import RedisOutbox
-from clipservice.jobs.queue import CLIPS_QUEUE, JOBS_QUEUE, clip_task, make_queue
+from clipservice.jobs.queue import (
+    CLIPS_QUEUE,
+    JOBS_QUEUE,
+    FreshSweepQueue,
+    beat_interval_s,
+    clip_task,
+    make_queue,
+)
 from clipservice.jobs.redis_store import RedisJobStore, StoredSource
 from clipservice.jobs.streams import JobStreams, resolve_source
 from clipservice.jobs.webhooks import WebhookSender
@@ -165,12 +183,13 @@ class ClipWorker:
             if job is None or stored is None:
                 return "skipped"
 
+            pulse = _Pulse()
+
             def on_progress(fraction: float) -> None:
-                # FFmpeg progress is the heartbeat: it proves the cut is moving.
-                self._spawn(task.update(progress=fraction))
+                pulse.moved(fraction)  # the next beat carries it
                 self._spawn(bookkeeping.clip_progress(self.store, job_id, index, attempt, fraction))
 
-            keepalive = self._start_keepalive(task)
+            keepalive = self._start_keepalive(task, pulse)
             try:
                 # Cancelled (job cancelled, or this worker stopping: SAQ queues
                 # the clip again): the cutter kills FFmpeg and removes the
@@ -263,23 +282,26 @@ class ClipWorker:
 
     # -- heartbeat ----------------------------------------------------------------
 
-    def _start_keepalive(self, task: SaqJob) -> asyncio.Task[None]:
+    def _start_keepalive(self, task: SaqJob, pulse: _Pulse | None = None) -> asyncio.Task[None]:
         owner = asyncio.current_task()
         assert owner is not None
-        return asyncio.create_task(self._keepalive(task, owner))
+        return asyncio.create_task(self._keepalive(task, owner, pulse))
 
-    async def _keepalive(self, task: SaqJob, owner: asyncio.Task[Any]) -> None:
-        # A live worker whose FFmpeg is slow to report (a stalled source)
-        # must not lose its clip: clip_timeout_s bounds that case. Only a dead
-        # worker stops this beat.
+    async def _keepalive(
+        self, task: SaqJob, owner: asyncio.Task[Any], pulse: _Pulse | None
+    ) -> None:
+        """Beat for ``task`` while ``owner`` (its coroutine) runs; see the module's "live"."""
+        queue = task.get_queue()
+        assert isinstance(queue, FreshSweepQueue)
         heartbeat_s = self.settings.queue.heartbeat_s
-        interval_s = max(0.5, heartbeat_s / 3)
+        interval_s = beat_interval_s(heartbeat_s)
         last_ok = time.monotonic()
+        quiet_logged = False
         while True:
             await asyncio.sleep(interval_s)
+            fields = {"progress": pulse.fraction} if pulse is not None else {}
             try:
-                await task.update()
-                last_ok = time.monotonic()
+                ours = await queue.beat(task, **fields)
             except Exception as exc:
                 log.warning("heartbeat_failed", error=str(exc))
                 if time.monotonic() - last_ok > heartbeat_s:
@@ -288,6 +310,19 @@ class ClipWorker:
                     log.error("heartbeat_lost", task=task.key)
                     owner.cancel()
                     return
+                continue
+            if not ours:
+                log.error("task_taken_over", task=task.key, run=task.attempts)
+                owner.cancel()
+                return
+            last_ok = time.monotonic()
+            if pulse is not None:
+                quiet_s = last_ok - pulse.moved_at
+                if quiet_s <= heartbeat_s:
+                    quiet_logged = False
+                elif not quiet_logged:
+                    log.info("clip_quiet", quiet_s=round(quiet_s, 1), progress=pulse.fraction)
+                    quiet_logged = True
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.ensure_future(coro)
@@ -306,6 +341,20 @@ class ClipWorker:
         for streams in self._streams.values():
             await streams.aclose()
         self._streams.clear()
+
+
+class _Pulse:
+    """A running clip's real progress, for its heartbeat: the fraction done and when it moved."""
+
+    def __init__(self) -> None:
+        self.fraction = 0.0
+        self.moved_at = time.monotonic()
+
+    def moved(self, fraction: float) -> None:
+        # FFmpeg repeats its output time while stalled: only a rise is progress.
+        if fraction > self.fraction:
+            self.fraction = fraction
+            self.moved_at = time.monotonic()
 
 
 def default_worker_id() -> str:
