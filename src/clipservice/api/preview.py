@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -88,6 +89,10 @@ SPRITE_NAME = "storyboard.jpg"
 MAX_BUILDS = 2
 # Previews and storyboards kept; the least recently used go first.
 MAX_ENTRIES = 128
+MAX_STORYBOARDS = 64  # a sprite of 100 thumbnails is 0.2-0.3 MB
+# Indexes read for a preview's description kept for its storyboard (which the page asks
+# for at once): an hour of progressive MP4 holds some 10 MB of sample tables.
+MAX_KEPT_INDEXES = 4
 # A key lives at least this long, even when its stream URL expires sooner.
 MIN_TTL_S = 60.0
 # Reading the streams' indexes to describe them: past this the preview
@@ -111,9 +116,6 @@ class PreviewSource:
     resolve_key: str  # its entry in the resolve cache
     resolved: ResolvedSource
     info: PreviewInfo
-    # The job's streams' indexes (opened for the description; a storyboard of
-    # the same stream reuses it).
-    index: SourceIndex
     media_url: str  # the stream the storyboard and the player read
     expires_at: float  # time.monotonic()
 
@@ -145,8 +147,10 @@ class SourcePreviews:
         self.limiter = RateLimiter(settings.security.create_rate_per_min)
         self.resolves: TTLCache[PreviewSource] = TTLCache(MAX_ENTRIES)
         self.handles: TTLCache[_Handle] = TTLCache(MAX_ENTRIES)
-        self.storyboards: TTLCache[Storyboard | StoryboardUnsupported] = TTLCache(MAX_ENTRIES)
+        self.storyboards: TTLCache[Storyboard | StoryboardUnsupported] = TTLCache(MAX_STORYBOARDS)
         self.covers: TTLCache[_Cover] = TTLCache(MAX_ENTRIES)
+        # By stream URL: an index already read, for the storyboard of that stream.
+        self._indexes: OrderedDict[str, SourceIndex] = OrderedDict()
         self._builds = asyncio.Semaphore(MAX_BUILDS)
         self.builds = 0  # storyboards built (for tests and logs)
 
@@ -198,6 +202,10 @@ class SourcePreviews:
             log.warning("preview_index_unread", error=f"timed out after {INDEX_TIMEOUT_S:g} s")
             info = await preview_info(resolved, None)
         media_url = storyboard_url(resolved)
+        if media_url == resolved.video_url and index.video is not None:
+            self._indexes[media_url] = index
+            while len(self._indexes) > MAX_KEPT_INDEXES:
+                self._indexes.popitem(last=False)
         urls = [media_url, resolved.video_url] + (
             [resolved.audio_url] if resolved.audio_url else []
         )
@@ -209,9 +217,7 @@ class SourcePreviews:
             elapsed_s=round(time.monotonic() - started, 3),
             ttl_s=round(ttl_s),
         )
-        return PreviewSource(
-            resolve_key, resolved, info, index, media_url, time.monotonic() + ttl_s
-        )
+        return PreviewSource(resolve_key, resolved, info, media_url, time.monotonic() + ttl_s)
 
     def lookup(self, key: str, owner: str | None) -> PreviewSource:
         """The source ``key`` names for ``owner``, or the 404 of an unknown one."""
@@ -248,13 +254,10 @@ class SourcePreviews:
 
     async def _build(self, source: PreviewSource) -> Storyboard | StoryboardUnsupported:
         async with self._builds:
-            index = source.index
-            if index.video_url != source.media_url or index.video is None:
-                index = SourceIndex(
-                    source.media_url,
-                    None,
-                    allow_private=self.settings.security.allow_private_sources,
-                )
+            # The description's index of this stream if it is still kept, else a new one.
+            index = self._indexes.pop(source.media_url, None) or SourceIndex(
+                source.media_url, None, allow_private=self.settings.security.allow_private_sources
+            )
             try:
                 board = await build_storyboard(
                     index,
