@@ -377,3 +377,41 @@ async def test_editor_with_api_key(make_service: ServiceFactory, browser: Any) -
     )
     assert not any("k-edit" in u for u in requests)
     assert page.errors == []
+
+
+@pytest.mark.slow  # headless Chromium
+async def test_output_options_follow_the_service(service: Service, browser: Any) -> None:
+    """The output controls are shown exactly when the service's create-clips request accepts
+    output options (its OpenAPI says so), with its choices; changed ones go in the request."""
+    async with service.http.get(f"{service.base_url}/api/openapi.json") as resp:
+        schemas = (await resp.json())["components"]["schemas"]
+    accepted = "output" in schemas["CreateClipsRequest"]["properties"]
+    page = await _new_page(browser)
+    posted: list[Any] = []
+    page.on(
+        "request",
+        lambda req: (
+            posted.append(req.post_data_json) if req.url.endswith("/create-clips") else None
+        ),
+    )
+    await page.goto(service.base_url + "/")
+    await page.wait_for_selector("#output-options[data-checked]", state="attached")
+    assert await page.locator("#output-options").is_visible() == accepted
+    await page.fill("#source", "outputopts")
+    await page.fill("#ranges tr:nth-child(1) .start", "1")
+    await page.fill("#ranges tr:nth-child(1) .end", "2")
+    if accepted:
+        formats = schemas["OutputRequest"]["properties"]["format"]["enum"]
+        options = await page.eval_on_selector_all(
+            "#out-format option", "os => os.map(o => o.value)"
+        )
+        assert options == formats and await page.input_value("#out-format") == "mp4"
+        await page.select_option("#out-format", "jpg")
+    await page.click("#submit")
+    await page.wait_for_selector("#job:not([hidden])", timeout=60_000)
+    assert len(posted) == 1
+    if accepted:
+        assert posted[0]["output"] == {"format": "jpg"}
+    else:
+        assert "output" not in posted[0]
+    assert page.errors == []

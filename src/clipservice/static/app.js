@@ -708,10 +708,95 @@ function setupShortcuts() {
   $("set-out").addEventListener("click", setOut);
 }
 
-// The per-clip output options (issue 14) once create-clips accepts them: fields to add to
-// each clip of the request. None yet (see the OUTPUT OPTIONS place in index.html).
-function outputOptions() {
-  return {};
+// ---- output options (issue 14) ------------------------------------------------------
+
+const OUTPUT_LABELS = {
+  mp4: "mp4 (video)", m4a: "m4a (audio only)", mp3: "mp3 (audio only)",
+  gif: "gif (animated)", webp: "webp (animated)", jpg: "jpg (one frame)", png: "png (one frame)",
+  source: "as the source", crop: "crop", pad: "pad (bars)", blur: "blur (blurred fill)",
+};
+const OUTPUT_CHOICES = ["format", "aspect", "fit"];
+// What the service's create-clips request accepts: { defaults: {field: value}, merge: bool }.
+let outputSchema = null;
+
+// The output controls are shown only when the service's create-clips request accepts them
+// (its OpenAPI document says so), with the choices its schema lists.
+async function setupOutputOptions() {
+  try {
+    await detectOutputOptions();
+  } finally {
+    $("output-options").dataset.checked = "true"; // (the tests wait for it)
+  }
+}
+
+async function detectOutputOptions() {
+  let doc;
+  try {
+    const resp = await fetch("/api/openapi.json", { headers: headers() });
+    if (!resp.ok) return;
+    doc = await resp.json();
+  } catch {
+    return;
+  }
+  const schemas = (doc.components || {}).schemas || {};
+  const request = (schemas.CreateClipsRequest || {}).properties || {};
+  const refOf = (prop) =>
+    [prop, ...((prop && prop.anyOf) || [])].map((p) => p && p.$ref).find(Boolean);
+  const ref = refOf(request.output);
+  const output = ref ? (schemas[ref.split("/").pop()] || {}).properties || {} : {};
+  const found = { defaults: {}, merge: Boolean(request.merge && request.merge.type === "boolean") };
+  for (const field of OUTPUT_CHOICES) {
+    const values = output[field] && output[field].enum;
+    if (!Array.isArray(values) || !values.length) continue;
+    const select = $(`out-${field}`);
+    select.replaceChildren(
+      ...values.map((value) => new Option(OUTPUT_LABELS[value] || value, value)),
+    );
+    found.defaults[field] = output[field].default ?? values[0];
+    select.value = found.defaults[field];
+    $(`out-${field}-box`).hidden = false;
+  }
+  $("out-merge-box").hidden = !found.merge;
+  const any = Object.keys(found.defaults).length > 0 || found.merge;
+  $("output-options").hidden = !any;
+  outputSchema = any ? found : null;
+}
+
+// The job-wide output fields of the request: the options changed from their defaults.
+function outputFields() {
+  if (!outputSchema) return {};
+  const fields = {};
+  const output = {};
+  for (const [field, fallback] of Object.entries(outputSchema.defaults)) {
+    const value = $(`out-${field}`).value;
+    if (value && value !== fallback) output[field] = value;
+  }
+  if (Object.keys(output).length) fields.output = output;
+  if (outputSchema.merge && $("out-merge").checked) fields.merge = true;
+  return fields;
+}
+
+const MEDIA_TYPES = {
+  mp4: "video/mp4", webm: "video/webm", m4a: "audio/mp4", mp3: "audio/mpeg",
+  gif: "image/gif", webp: "image/webp", jpg: "image/jpeg", png: "image/png",
+};
+
+// A result's format (its output options), from the document or the file's extension.
+function formatOf(result) {
+  return (result.format || (result.file || "").split(".").pop() || "mp4").toLowerCase();
+}
+
+// The element that shows a clip of `format`: a video, an audio player or an image.
+function mediaFor(format, name) {
+  const kind = MEDIA_TYPES[format] ? MEDIA_TYPES[format].split("/")[0] : "video";
+  const el = document.createElement(kind === "image" ? "img" : kind);
+  if (kind === "image") el.alt = name;
+  else {
+    el.controls = true;
+    el.preload = "metadata";
+    el.setAttribute("aria-label", name);
+  }
+  return el;
 }
 
 // ---- submitting -----------------------------------------------------------------
@@ -757,7 +842,7 @@ async function submit(event) {
     startInput.classList.toggle("invalid", !(start >= 0));
     endInput.classList.toggle("invalid", bad);
     if (bad) problems.push(`Range ${i + 1}: give a start before its end.`);
-    else clips.push(Object.assign({ start, end }, outputOptions()));
+    else clips.push({ start, end });
   });
   if (!clips.length && !problems.length) problems.push("Add at least one range.");
   if (problems.length) {
@@ -765,7 +850,7 @@ async function submit(event) {
     formError.hidden = false;
     return;
   }
-  const body = Object.assign({}, fields, { clips });
+  const body = Object.assign({}, fields, { clips }, outputFields());
   if ($("mode").value) body.mode = $("mode").value;
   $("submit").disabled = true;
   try {
@@ -807,6 +892,9 @@ async function follow(id) {
   $("job").hidden = false;
   $("job-id").textContent = id;
   $("clips").textContent = "";
+  $("reel").replaceChildren();
+  $("reel").hidden = true;
+  delete $("reel").dataset.state;
   objectUrls.forEach((url) => URL.revokeObjectURL(url));
   objectUrls = [];
   $("job-error").hidden = true;
@@ -987,10 +1075,7 @@ function render(doc) {
         `from ${fmtTime(r.actual_start)} to ${fmtTime(r.actual_end)} · ${r.mode}` +
         (r.note ? ` · ${r.note}` : "");
       const media = card.querySelector(".clip-media");
-      const video = document.createElement("video");
-      video.controls = true;
-      video.preload = "metadata";
-      video.setAttribute("aria-label", `Clip ${r.index + 1}`);
+      const video = mediaFor(formatOf(r), `Clip ${r.index + 1}`);
       const link = document.createElement("a");
       link.className = "download";
       link.download = r.file;
@@ -1015,6 +1100,47 @@ function render(doc) {
       setState(card, doc.status === "pending" ? "queued" : doc.status);
     }
   });
+  renderReel(doc);
+}
+
+// The job's clips joined into one file (a request with merge), once it is made.
+function renderReel(doc) {
+  const box = $("reel");
+  const reel = doc.reel;
+  if (!reel) {
+    box.hidden = true;
+    return;
+  }
+  box.hidden = false;
+  if (box.dataset.state === "ok") return;
+  if (reel.error) {
+    box.dataset.state = "error";
+    box.replaceChildren(`Reel: ${reel.error.code}: ${reel.error.message}`);
+    return;
+  }
+  if (!reel.url) {
+    box.replaceChildren(ENDED.has(doc.status) ? "Reel: not made" : "Reel: joining the clips…");
+    return;
+  }
+  box.dataset.state = "ok";
+  const title = document.createElement("strong");
+  title.textContent = "Reel";
+  const info = document.createElement("p");
+  info.className = "clip-info hint";
+  info.textContent =
+    `${reel.clips.length} clips joined · ${(reel.size_bytes / 1e6).toFixed(1)} MB · ` +
+    `${reel.duration_s.toFixed(2)} s`;
+  const video = mediaFor(formatOf(reel), "Reel");
+  const link = document.createElement("a");
+  link.className = "download";
+  link.download = reel.file;
+  link.textContent = `Download ${reel.file}`;
+  box.replaceChildren(title, info, video, link);
+  if (apiKey()) loadClip(box, reel, video, link);
+  else {
+    video.src = reel.url;
+    link.href = reel.url;
+  }
 }
 
 // With a key the browser cannot fetch the clip on its own: fetch it with the header
@@ -1026,8 +1152,9 @@ async function loadClip(card, result, video, link) {
   link.hidden = true;
   info.textContent = `${text} · loading…`;
   try {
+    const type = MEDIA_TYPES[formatOf(result)] || "application/octet-stream";
     const resp = await fetch(`/api/clips/${encodeURIComponent(result.file)}`, {
-      headers: headers({ Accept: "video/mp4" }),
+      headers: headers({ Accept: type }),
     });
     if (!resp.ok) {
       const problem = await resp.json().catch(() => ({}));
@@ -1036,7 +1163,7 @@ async function loadClip(card, result, video, link) {
     const blob = await resp.blob();
     // The page moved on to another job meanwhile: this clip is no longer shown.
     if (!current || current.id !== jobId || !card.isConnected) return;
-    const url = URL.createObjectURL(new Blob([blob], { type: "video/mp4" }));
+    const url = URL.createObjectURL(new Blob([blob], { type }));
     objectUrls.push(url);
     video.src = url;
     link.href = url;
@@ -1086,7 +1213,9 @@ document.addEventListener("DOMContentLoaded", () => {
   // A preview refused for want of a key is asked again once one is given.
   $("api-key").addEventListener("change", () => {
     if (preview.needsKey) loadPreview(true);
+    if (!outputSchema) setupOutputOptions();
   });
+  setupOutputOptions();
   setupPlayer();
   setupTimeline();
   setupShortcuts();
