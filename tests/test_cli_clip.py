@@ -166,3 +166,43 @@ def test_source_rule() -> None:
     assert parse_clip("1:05-1:12.5") == (65.0, 72.5)
     with pytest.raises(UsageError):
         parse_clip("10")
+
+
+async def test_output_flags_and_merge(
+    service: Service, media_server: MediaServer, tmp_path: Path
+) -> None:
+    """--aspect/--max-height/--captions/--merge reach the job: vertical clips with a
+    soft caption track and their reel are downloaded, the reel last."""
+    captions = tmp_path / "subs.srt"
+    captions.write_text("1\n00:00:05,200 --> 00:00:06,000\nHi\n")
+    code, out, err = await _clip(
+        media_server.url("muxed.mp4"), "--clip", "5-7", "--clip", "9-10",
+        "--aspect", "9:16", "--max-height", "320", "--captions", str(captions),
+        "--merge", "--out", str(tmp_path / "out"), "--server", service.base_url, cwd=tmp_path,
+    )  # fmt: skip
+    assert code == 0, err
+    paths = [Path(line) for line in out.splitlines()]
+    assert len(paths) == 3 and paths[-1].name.startswith("reel-")
+    (job,) = await service.app[STORE].all()
+    assert {(c.output.aspect, c.output.max_height) for c in job.clips} == {("9:16", 320)}
+    assert job.clips[0].output.captions is not None and job.merge
+    assert [(r.width, r.height) for r in job.results] == [(180, 320), (180, 320)]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("--burn-captions",),
+        ("--crossfade", "0.5"),
+        ("--captions", "/nonexistent/subs.srt"),
+        ("--thumbnail-at", "soon"),
+        ("--format", "avi"),
+        ("--aspect", "2:1"),
+    ],
+)
+async def test_output_flag_usage_errors_exit_2(tmp_path: Path, args: tuple[str, ...]) -> None:
+    """Output flags that cannot go together, or do not parse, exit 2 before anything runs."""
+    code, out, err = await _clip(
+        "vid", "--clip", "1-2", *args, "--server", "http://127.0.0.1:9", cwd=tmp_path
+    )
+    assert code == 2 and out == "" and err.strip()

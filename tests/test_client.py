@@ -18,7 +18,7 @@ from clipservice.api.appkeys import STORE
 from clipservice.client import ClipClient, ClipServiceError
 from clipservice.jobs.models import JobDocument, JobStatus
 from clipservice.jobs.models import JobDocument as Job
-from tests.conftest import Service, _start_site
+from tests.conftest import MediaServer, Service, _start_site
 
 
 async def test_create_wait_download(service: Service, tmp_path: Path) -> None:
@@ -229,3 +229,32 @@ async def test_wait_uses_event_stream(service: Service, make_proxy: ProxyFactory
     # One GET from create_clips itself; none after it.
     assert proxy.paths.count(f"GET /api/jobs/{job.job_id}") == 1
     assert seen[-1].status is JobStatus.FINISHED and len(seen) >= 2
+
+
+async def test_output_options_and_reel_through_the_client(
+    service: Service, media_server: MediaServer, tmp_path: Path
+) -> None:
+    """create_clips takes OutputOptions (or dicts, per clip too) and merge; download
+    brings the clips and the reel."""
+    from clipservice.domain import OutputOptions
+
+    async with ClipClient(service.base_url) as client:
+        job = await client.create_clips(
+            video_url=media_server.url("muxed.mp4"),
+            clips=[(1, 2), {"start": 4, "end": 5, "output": {"aspect": "1:1", "max_height": 120}}],
+            output=OutputOptions(aspect="1:1", max_height=160),
+            merge=False,
+        )
+        job = await client.wait(job.job_id)
+        assert [(r.width, r.height) for r in sorted(job.results, key=lambda r: r.index)] == [
+            (160, 160),
+            (120, 120),
+        ]
+        reel_job = await client.create_clips(
+            video_url=media_server.url("muxed.mp4"), clips=[(1, 2), (4, 5)], merge=True
+        )
+        reel_job = await client.wait(reel_job.job_id)
+        assert reel_job.reel is not None and reel_job.reel.error is None
+        paths = await client.download(reel_job, tmp_path)
+    assert [p.name for p in paths][-1] == f"reel-{reel_job.job_id}.mp4"
+    assert all(p.stat().st_size > 0 for p in paths) and len(paths) == 3

@@ -26,7 +26,7 @@ CONTRACT_FIELDS = {
     "job_id", "status", "video_id", "total", "processed", "progress", "results", "errors",
     "error", "created_at", "updated_at", "finished_at", "expires_at",
 }  # fmt: skip
-DOCUMENTED_ADDITIONS = {"source", "clips", "webhook_attempts"}
+DOCUMENTED_ADDITIONS = {"source", "clips", "webhook_attempts", "reel"}
 PUBLIC_FIELDS = CONTRACT_FIELDS | DOCUMENTED_ADDITIONS
 INTERNAL_FIELDS = {"client_id", "request_hash", "idempotency_key"}
 # Fields of the objects inside the document: contract fields plus documented
@@ -34,10 +34,10 @@ INTERNAL_FIELDS = {"client_id", "request_hash", "idempotency_key"}
 LIST_ITEM_FIELDS = {
     "results": {
         "index", "start", "end", "mode", "file", "url", "size_bytes", "duration_s",
-        "actual_start", "actual_end", "note",
+        "actual_start", "actual_end", "note", "format", "width", "height",
     },
     "errors": {"index", "start", "end", "code", "message"},
-    "clips": {"index", "start", "end", "mode", "attempts"},
+    "clips": {"index", "start", "end", "mode", "attempts", "output"},
     "webhook_attempts": {"at", "status", "error"},
 }  # fmt: skip
 OBJECT_FIELDS = {

@@ -82,6 +82,29 @@ def add_parser(sub: Any) -> None:
     clip.add_argument(
         "--out", default=".", help="folder for the clips or the storyboard (default: .)"
     )
+    shape = clip.add_argument_group("output options (what each clip is made into)")
+    shape.add_argument("--aspect", choices=["source", "9:16", "1:1", "4:5", "16:9"])
+    shape.add_argument(
+        "--fit", choices=["crop", "pad", "blur"], help="how the frame fills the aspect"
+    )
+    shape.add_argument("--crop-x", type=float, help="horizontal crop position, 0 (left) to 1")
+    shape.add_argument("--max-height", type=int, help="output height (even), e.g. 1920")
+    shape.add_argument("--format", choices=["mp4", "m4a", "mp3", "gif", "webp", "jpg", "png"])
+    shape.add_argument("--fps", type=float, help="frame rate of a gif/webp")
+    shape.add_argument("--width", type=int, help="width of a gif/webp")
+    shape.add_argument(
+        "--thumbnail-at", metavar="TIME", help="time of a jpg/png frame (default: the clip's start)"
+    )
+    shape.add_argument(
+        "--captions", metavar="FILE_OR_URL", help="WebVTT/SRT subtitles: a local file or a URL"
+    )
+    shape.add_argument(
+        "--burn-captions", action="store_true", help="burn the captions in (default: a soft track)"
+    )
+    shape.add_argument(
+        "--merge", action="store_true", help="also join the clips, in order, into one reel"
+    )
+    shape.add_argument("--crossfade", type=float, help="crossfade between the reel's clips (s)")
     clip.add_argument("--server", help="a running clipservice, e.g. http://127.0.0.1:8080")
     clip.add_argument("--api-key", help="API key for --server, when it asks for one")
     clip.add_argument(
@@ -107,6 +130,40 @@ def source_fields(source: str, audio_url: str | None) -> dict[str, str]:
             fields["audio_url"] = audio_url
         return fields
     return {"url": source}
+
+
+def output_options(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The job's output options from the flags given (None: the plain MP4)."""
+    fields = {
+        "aspect": args.aspect,
+        "fit": args.fit,
+        "crop_x": args.crop_x,
+        "max_height": args.max_height,
+        "format": args.format,
+        "fps": args.fps,
+        "width": args.width,
+    }
+    out: dict[str, Any] = {k: v for k, v in fields.items() if v is not None}
+    if args.thumbnail_at is not None:
+        try:
+            out["thumbnail_at"] = parse_time(args.thumbnail_at)
+        except ValueError as exc:
+            raise UsageError(f"--thumbnail-at: {exc}") from None
+    if args.captions is not None:
+        mode = "burn" if args.burn_captions else "soft"
+        if "://" in args.captions:
+            out["captions"] = {"url": args.captions, "mode": mode}
+        else:
+            try:
+                text = Path(args.captions).read_text(encoding="utf-8-sig")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise UsageError(f"--captions: cannot read {args.captions}: {exc}") from None
+            out["captions"] = {"text": text, "mode": mode}
+    elif args.burn_captions:
+        raise UsageError("--burn-captions needs --captions")
+    if args.crossfade is not None and not args.merge:
+        raise UsageError("--crossfade needs --merge")
+    return out or None
 
 
 def parse_clip(text: str) -> tuple[float, float]:
@@ -180,7 +237,14 @@ async def _run(args: argparse.Namespace, fields: dict[str, str], clips: list[Any
         base_url = await _base_url(stack, args)
         client = await stack.enter_async_context(ClipClient(base_url, api_key=args.api_key))
         try:
-            job = await client.create_clips(clips=clips, mode=args.mode, **fields)
+            job = await client.create_clips(
+                clips=clips,
+                mode=args.mode,
+                output=output_options(args),
+                merge=args.merge,
+                crossfade_s=args.crossfade or 0.0,
+                **fields,
+            )
         except ClipServiceError as exc:
             console.print(f"[red]clipservice: job refused:[/] {exc}")
             return EXIT_USAGE if 400 <= exc.status < 500 and exc.status != 429 else EXIT_JOB_FAILED
@@ -340,6 +404,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.clips:
             raise UsageError("give at least one --clip START-END (or --preview)")
         clips = [parse_clip(text) for text in args.clips]
+        output_options(args)  # usage errors before anything starts
         if not args.server:
             _quiet_logging()
         return asyncio.run(_run(args, fields, clips))

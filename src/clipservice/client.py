@@ -39,6 +39,7 @@ import aiofiles.os
 import aiohttp
 
 from clipservice.api.preview_models import SourcePreview
+from clipservice.domain import OutputOptions
 from clipservice.jobs.models import JobDocument as Job
 
 __all__ = ["ClipClient", "ClipRange", "ClipServiceError", "SourcePreview"]
@@ -97,9 +98,19 @@ def _retry_after_s(value: str | None, default_s: float) -> float:
 
 def _clip_body(clip: ClipRange) -> dict[str, Any]:
     if isinstance(clip, Mapping):
-        return dict(clip)
+        body = dict(clip)
+        if "output" in body and body["output"] is not None:
+            body["output"] = _output_body(body["output"])
+        return body
     start, end = clip
     return {"start": start, "end": end}
+
+
+def _output_body(output: OutputOptions | Mapping[str, Any]) -> dict[str, Any]:
+    """Output options as the request body carries them: the fields given only."""
+    if isinstance(output, OutputOptions):
+        return output.model_dump(mode="json", exclude_unset=True)
+    return dict(output)
 
 
 class ClipClient:
@@ -236,11 +247,17 @@ class ClipClient:
         mode: str | None = None,
         callback_url: str | None = None,
         idempotency_key: str | None = None,
+        output: OutputOptions | Mapping[str, Any] | None = None,
+        merge: bool = False,
+        crossfade_s: float = 0.0,
     ) -> Job:
         """Submit a job and return its document (status ``pending`` or later).
 
         Fields are those of ``POST /api/create-clips``; ``idempotency_key``
-        goes in the ``Idempotency-Key`` header. A 503/429 is retried; the
+        goes in the ``Idempotency-Key`` header. ``output`` (an
+        :class:`~clipservice.domain.OutputOptions` or a dict of its fields) is
+        the default for clips that give none (a clip dict may carry its own
+        ``output``); ``merge`` asks for the reel. A 503/429 is retried; the
         retry reuses the key, so it never creates a second job. Without a
         key the client makes one up for the retries of this call.
         """
@@ -255,6 +272,12 @@ class ClipClient:
         ):
             if value is not None:
                 body[name] = value
+        if output is not None:
+            body["output"] = _output_body(output)
+        if merge:
+            body["merge"] = True
+            if crossfade_s:
+                body["crossfade_s"] = crossfade_s
         key = idempotency_key or f"client-{uuid.uuid4().hex}"
         _, created = await self._request(
             "POST",
@@ -438,7 +461,8 @@ class ClipClient:
     # -- files ----------------------------------------------------------------
 
     async def download(self, job: Job, directory: str | os.PathLike[str]) -> list[Path]:
-        """Download every clip of ``job`` into ``directory``; the local paths, in clip order.
+        """Download every clip of ``job`` into ``directory``, and its reel if it has
+        one (last); the local paths, in clip order.
 
         Each file is streamed to a temporary name beside its target and
         renamed when complete, so a path returned is always a whole clip.
@@ -446,9 +470,12 @@ class ClipClient:
         folder = Path(directory)
         await aiofiles.os.makedirs(folder, exist_ok=True)
         paths = []
-        for result in sorted(job.results, key=lambda r: r.index):
-            target = folder / Path(result.file).name
-            await self._download_one(result.url, target)
+        files = [(r.file, r.url) for r in sorted(job.results, key=lambda r: r.index)]
+        if job.reel is not None and job.reel.file and job.reel.url:
+            files.append((job.reel.file, job.reel.url))
+        for name, url in files:
+            target = folder / Path(name).name
+            await self._download_one(url, target)
             paths.append(target)
         return paths
 

@@ -28,18 +28,6 @@ class JobSource(_Model):
     audio_url: str | None = None
 
 
-class ClipSpec(_Model):
-    """One requested clip, normalised to seconds and a concrete mode."""
-
-    index: int
-    start: float
-    end: float
-    mode: CutMode
-    attempts: int = Field(
-        0, description="Times cutting this clip began (a crash mid-clip makes it begin again)."
-    )
-
-
 @dataclass(frozen=True)
 class StreamUrls:
     """Where a job's streams are: a video (maybe with audio) and an optional
@@ -55,6 +43,24 @@ Aspect = Literal["source", "9:16", "1:1", "4:5", "16:9"]
 Fit = Literal["crop", "pad", "blur"]
 OutputFormat = Literal["mp4", "m4a", "mp3", "gif", "webp", "jpg", "png"]
 CaptionMode = Literal["soft", "burn"]
+
+
+# What each output file is served as, by its extension.
+CONTENT_TYPES = {
+    ".mp4": "video/mp4",
+    ".m4a": "audio/mp4",
+    ".mp3": "audio/mpeg",
+    ".gif": "image/gif",
+    ".webp": "image/webp",
+    ".jpg": "image/jpeg",
+    ".png": "image/png",
+}
+
+
+def content_type(name: str) -> str:
+    """The MIME type a clip file of this name is served as."""
+    dot = name.rfind(".")
+    return CONTENT_TYPES.get(name[dot:].lower() if dot >= 0 else "", "application/octet-stream")
 
 
 class Captions(_Model):
@@ -102,3 +108,19 @@ class OutputOptions(_Model):
             return ""
         blob = self.model_dump_json(exclude_defaults=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+class ClipSpec(_Model):
+    """One requested clip, normalised to seconds, a concrete mode and output options."""
+
+    index: int
+    start: float
+    end: float
+    mode: CutMode
+    attempts: int = Field(
+        0, description="Times cutting this clip began (a crash mid-clip makes it begin again)."
+    )
+    output: OutputOptions = Field(
+        default_factory=lambda: OutputOptions(),
+        description="What the clip is made into (shape, format, captions).",
+    )

@@ -68,9 +68,7 @@ async def serve(settings: Settings) -> None:
     signals = _Signals()
     app = create_app(settings)
     # (Problem JSON even for what aiohttp's HTTP parser refuses: api/protocol.py.)
-    runner = make_runner(
-        app, access_log=None, handle_signals=False, shutdown_timeout=HTTP_CLOSE_S
-    )
+    runner = make_runner(app, access_log=None, handle_signals=False, shutdown_timeout=HTTP_CLOSE_S)
     try:
         await runner.setup()  # the app's start-up: the store opens, unfinished jobs resume
         site = web.TCPSite(runner, settings.server.host, settings.server.port)

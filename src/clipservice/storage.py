@@ -20,6 +20,7 @@ from typing import Protocol
 import aiofiles.os
 from aiohttp import web
 
+from clipservice.domain import content_type
 from clipservice.media.cutter import PART_MARKER, remove_stale_parts
 
 
@@ -109,7 +110,7 @@ class SharedFolderStorage:
         return False
 
     async def response(self, name: str) -> web.StreamResponse:
-        return web.FileResponse(self.clips_dir / name, headers={"Content-Type": "video/mp4"})
+        return web.FileResponse(self.clips_dir / name, headers={"Content-Type": content_type(name)})
 
     def writable(self) -> bool:
         """True when the folder accepts new files (for /readyz)."""

@@ -15,10 +15,12 @@ from aiohttp import web
 from clipservice.api.appkeys import RUNNER, SETTINGS, STORE
 from clipservice.api.auth import CLIENT_ID, is_admin, job_owner, may_see
 from clipservice.api.ops import refuse_if_draining
-from clipservice.api.schemas import CreateClipsRequest, JobCreated
+from clipservice.api.schemas import CreateClipsRequest, JobCreated, OutputRequest
+from clipservice.domain import OutputOptions, content_type
 from clipservice.errors import ProblemError
 from clipservice.jobs.models import ClipSpec, Job, JobSource, JobStatus, new_job_id
 from clipservice.jobs.naming import is_clip_file_name
+from clipservice.media.render import check_options
 
 routes = web.RouteTableDef()
 
@@ -118,9 +120,16 @@ async def create_clips(request: web.Request) -> web.Response:
 
     default_mode = body.mode or settings.cut.default_mode
     clips = [
-        ClipSpec(index=i, start=c.start, end=c.end, mode=c.mode or default_mode)
+        ClipSpec(
+            index=i,
+            start=c.start,
+            end=c.end,
+            mode=c.mode or default_mode,
+            output=_output(c.output or body.output),
+        )
         for i, c in enumerate(body.clips)
     ]
+    _check_outputs(body, clips)
     job = Job(
         job_id=new_job_id(),
         video_id=body.video_id,
@@ -130,6 +139,8 @@ async def create_clips(request: web.Request) -> web.Response:
         clips=clips,
         total=len(clips),
         callback_url=body.callback_url,
+        merge=body.merge,
+        crossfade_s=body.crossfade_s,
         idempotency_key=idem_key,
         request_hash=req_hash,
         owner=owner,
@@ -137,6 +148,42 @@ async def create_clips(request: web.Request) -> web.Response:
     await store.save(job)
     await request.app[RUNNER].submit(job)
     return _created_response(job, 202)
+
+
+def _output(request: OutputRequest | None) -> OutputOptions:
+    return request.options() if request is not None else OutputOptions()
+
+
+def _check_outputs(body: CreateClipsRequest, clips: list[ClipSpec]) -> None:
+    """422, naming each field, for output options that cannot be made for their clip."""
+    errors: list[dict[str, Any]] = []
+    for clip, asked in zip(clips, body.clips, strict=True):
+        where = ["body", "clips", clip.index, "output"] if asked.output else ["body", "output"]
+        for field, message in check_options(clip.output, clip.start, clip.end):
+            loc = [*where, *field.split(".")]
+            errors.append({"loc": loc, "msg": message, "type": "value_error"})
+    if body.merge:
+        formats = {c.output.format for c in clips}
+        if not formats <= {"mp4"}:
+            errors.append(
+                {
+                    "loc": ["body", "merge"],
+                    "msg": "a reel joins video clips: every clip's format must be mp4",
+                    "type": "value_error",
+                }
+            )
+    elif body.crossfade_s:
+        errors.append(
+            {
+                "loc": ["body", "crossfade_s"],
+                "msg": "crossfade_s needs merge",
+                "type": "value_error",
+            }
+        )
+    if errors:
+        # The same entry may come from the job's default options for every clip.
+        unique = list({(tuple(e["loc"]), e["msg"]): e for e in errors}.values())
+        raise ProblemError(422, "Invalid request", "the request failed validation", errors=unique)
 
 
 def _created_response(job: Job, status: int) -> web.Response:
@@ -209,7 +256,7 @@ async def get_clip(request: web.Request) -> web.StreamResponse:
         )
     # A clip at its final name never changes (outputs are renamed into place when
     # complete), so the size checked above is the size FileResponse serves.
-    return web.FileResponse(path, headers={"Content-Type": "video/mp4"})
+    return web.FileResponse(path, headers={"Content-Type": content_type(name)})
 
 
 def _clip_not_found() -> ProblemError:

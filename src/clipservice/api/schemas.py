@@ -24,12 +24,13 @@ from pydantic import (
 )
 
 from clipservice.config import Settings
-from clipservice.domain import CutMode
+from clipservice.domain import Captions, CutMode, OutputOptions
 
 _TIMESTAMP_RE = re.compile(r"^(?:(\d{1,3}):([0-5]\d)|(\d{1,4})):([0-5]\d)(?:\.(\d{1,6}))?$")
 _SECONDS_RE = re.compile(r"^\d{1,7}(?:\.\d{1,6})?$")
 VIDEO_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 MAX_URL_LENGTH = 4096
+MAX_CROSSFADE_S = 2.0
 
 
 # The largest time accepted (seconds): far past any video, and small enough
@@ -116,6 +117,53 @@ def _http_url(value: str | None) -> str | None:
     return value
 
 
+# Subtitles sent in a request's body are bounded by the body's own limit
+# (64 KiB); longer ones come by URL (fetched under a 1 MiB cap at cut time).
+MAX_CAPTIONS_CHARS = 64 * 1024
+
+
+class CaptionsRequest(Captions):
+    """Subtitles for a clip: WebVTT or SRT text, or an http(s) URL of such a file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str | None = Field(None, max_length=MAX_CAPTIONS_CHARS)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        return _http_url(value)
+
+    @model_validator(mode="after")
+    def _one(self) -> CaptionsRequest:
+        if (self.text is None) == (self.url is None):
+            raise ValueError("give the captions as text or as url (one of them)")
+        return self
+
+
+class OutputRequest(OutputOptions):
+    """What a clip is made into; every field optional (the defaults: the plain MP4).
+
+    ``aspect`` with ``fit`` (``crop`` at ``crop_x``, ``pad``, ``blur``) and
+    ``max_height`` shape the picture; ``format`` picks the file: ``mp4``,
+    ``m4a``/``mp3`` (audio only), ``gif``/``webp`` (animated, ``fps`` and
+    ``width``), ``jpg``/``png`` (one frame at ``thumbnail_at``); ``captions``
+    are cut to the clip and muxed (``soft``) or burned in (``burn``).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_height: int | None = Field(None, ge=0, le=100_000)
+    fps: float | None = Field(None, ge=0, le=1000, allow_inf_nan=False)
+    width: int | None = Field(None, ge=0, le=100_000)
+    thumbnail_at: TimeValue | None = None
+    captions: CaptionsRequest | None = None
+
+    def options(self) -> OutputOptions:
+        """As the domain's options, keeping which fields were given."""
+        return OutputOptions.model_validate(self.model_dump(exclude_unset=True))
+
+
 class ClipRequest(BaseModel):
     """One requested time range."""
 
@@ -124,6 +172,9 @@ class ClipRequest(BaseModel):
     start: TimeValue
     end: TimeValue
     mode: CutMode | None = Field(None, description="fast | accurate | reencode.")
+    output: OutputRequest | None = Field(
+        None, description="Output options of this clip (else the job's ``output``)."
+    )
 
     @model_validator(mode="after")
     def _range(self, info: ValidationInfo) -> ClipRequest:
@@ -172,6 +223,19 @@ class CreateClipsRequest(BaseModel):
     audio_url: str | None = Field(None, description="A separate audio stream URL.")
     clips: list[ClipRequest] = Field(min_length=1)
     mode: CutMode | None = Field(None, description="Default mode for clips that name none.")
+    output: OutputRequest | None = Field(
+        None, description="Default output options for clips that give none."
+    )
+    merge: bool = Field(
+        False, description="Also join the job's clips, in order, into one more file (a reel)."
+    )
+    crossfade_s: float = Field(
+        0.0,
+        ge=0,
+        le=MAX_CROSSFADE_S,
+        allow_inf_nan=False,
+        description="Crossfade between the reel's clips (0: cut straight).",
+    )
     callback_url: str | None = Field(None, description="Webhook for the final job document.")
 
     @field_validator("url", "video_url", "audio_url", "callback_url")

@@ -187,7 +187,9 @@ async def produce_clip(
     final = work.storage.staging_path(name)
     if await work.storage.exists(name):
         log.info("clip_reused", file=name)
-        outcome = await work.cutter.describe_existing(final, clip.start, clip.end, clip.mode)
+        outcome = await work.cutter.describe_existing(
+            final, clip.start, clip.end, clip.mode, clip.output
+        )
     else:
         outcome = await work.cutter.cut(
             CutSpec(
@@ -200,6 +202,7 @@ async def produce_clip(
                 timeout_s=work.clip_timeout_s,
                 source=streams.index,
                 on_progress=on_progress,
+                options=clip.output,
             )
         )
         await work.storage.publish(name)
@@ -216,4 +219,7 @@ async def produce_clip(
         actual_start=round(outcome.actual_start, 3),
         actual_end=round(outcome.actual_end, 3),
         note=outcome.note,
+        format=outcome.format,
+        width=outcome.width,
+        height=outcome.height,
     )

@@ -27,6 +27,7 @@ from clipservice.jobs.models import (
     Job,
     JobError,
     JobStatus,
+    Reel,
     WebhookAttempt,
     utcnow,
 )
@@ -83,9 +84,22 @@ def finalize(
         job.progress = 1.0
 
 
+def reel_due(job: Job) -> bool:
+    """Every clip has an outcome, some succeeded, and the job asked for a reel
+    not made yet: the job ends once the reel is made (or failed)."""
+    return (
+        job.merge
+        and job.reel is None
+        and not job.status.ended
+        and bool(job.results)
+        and len(job.done_indexes()) >= job.total
+    )
+
+
 def end_if_complete(job: Job, now: datetime, retention_s: float) -> bool:
-    """Finish or fail the job once every clip has an outcome; True if it ended now."""
-    if job.status.ended or len(job.done_indexes()) < job.total:
+    """Finish or fail the job once every clip has an outcome (and its reel, if it
+    asked for one, is made); True if it ended now."""
+    if job.status.ended or len(job.done_indexes()) < job.total or reel_due(job):
         return False
     if job.results:
         finalize(job, JobStatus.FINISHED, None, now, retention_s)
@@ -225,6 +239,23 @@ async def finish_if_done(store: JobStore, job_id: str, retention_s: float) -> Jo
 
     tx = await store.transact(job_id, change)
     return tx.job if tx is not None and tx.written else None
+
+
+async def set_reel(store: JobStore, job_id: str, reel: Reel, retention_s: float) -> Job | None:
+    """Record the job's reel (made, or why not) and end the job; the job if this
+    call ended it (None: the job ended meanwhile, was cancelled or is gone)."""
+
+    def change(tx: JobTx) -> bool:
+        if not reel_due(tx.job):
+            return False
+        tx.job.reel = reel
+        tx.job.updated_at = utcnow()
+        end_if_complete(tx.job, tx.job.updated_at, retention_s)
+        tx.partials.clear()
+        return True
+
+    tx = await store.transact(job_id, change)
+    return tx.job if tx is not None and tx.written and tx.job.status.ended else None
 
 
 async def fail_job(store: JobStore, job_id: str, error: JobError, retention_s: float) -> Job | None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from clipservice.domain import ClipSpec, CutMode, JobSource
+from clipservice.domain import ClipSpec, CutMode, JobSource, OutputFormat
 
 
 def utcnow() -> datetime:
@@ -62,6 +62,9 @@ class ClipResult(_Model):
     note: str | None = Field(
         None, description="Set when the clip was not cut the way its mode asked (a fallback)."
     )
+    format: OutputFormat = Field("mp4", description="The file's format (its output options).")
+    width: int = Field(0, description="The picture's width (0 for audio).")
+    height: int = Field(0, description="The picture's height (0 for audio).")
 
 
 class ClipError(_Model):
@@ -89,6 +92,17 @@ class WebhookAttempt(_Model):
     error: str | None = None
 
 
+class Reel(_Model):
+    """The job's clips joined in order into one file (``merge: true``)."""
+
+    clips: list[int] = Field(default_factory=list, description="Indexes of the clips joined.")
+    file: str | None = None
+    url: str | None = None
+    size_bytes: int = 0
+    duration_s: float = 0.0
+    error: JobError | None = Field(None, description="Why the reel could not be made.")
+
+
 class JobDocument(_Model):
     """The job document as it leaves the service: the API's answers, SSE events,
     webhook bodies, and the Python client's model. Contract fields, and the
@@ -106,6 +120,7 @@ class JobDocument(_Model):
     errors: list[ClipError] = Field(default_factory=list)
     error: JobError | None = None
     webhook_attempts: list[WebhookAttempt] = Field(default_factory=list)
+    reel: Reel | None = Field(None, description="The merged reel, once made (merge: true).")
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
     finished_at: datetime | None = None
@@ -115,7 +130,11 @@ class JobDocument(_Model):
         return {r.index for r in self.results} | {e.index for e in self.errors}
 
     def files(self) -> set[str]:
-        return {r.file for r in self.results}
+        """Every output file of the job: its clips', and its reel's."""
+        files = {r.file for r in self.results}
+        if self.reel is not None and self.reel.file:
+            files.add(self.reel.file)
+        return files
 
 
 _PUBLIC_FIELDS = frozenset(JobDocument.model_fields)
@@ -128,6 +147,9 @@ class Job(JobDocument):
     request hash, and whose job it is."""
 
     callback_url: str | None = None
+    # merge: true asks for a reel of the clips, joined with this crossfade.
+    merge: bool = False
+    crossfade_s: float = 0.0
     idempotency_key: str | None = None
     request_hash: str | None = None
     # A short hash of the API key that created the job (None without keys):
@@ -158,6 +180,7 @@ __all__ = [
     "JobError",
     "JobSource",
     "JobStatus",
+    "Reel",
     "WebhookAttempt",
     "new_job_id",
     "utcnow",

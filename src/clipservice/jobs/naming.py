@@ -1,6 +1,11 @@
-"""Output file names: derived from the clip's key (source, range, mode), never
-from unchecked input, so a name is safe on disk and a repeat request finds
-the same file."""
+"""Output file names: derived from the clip's key (source, range, mode and
+output options), never from unchecked input, so a name is safe on disk and a
+repeat request finds the same file.
+
+``{source}-{start}-{end}-{mode}[-{options key}].{ext}`` for clips (the plain
+MP4 has no options key, so its names are as they always were), and
+``reel-{job id}.mp4`` for a job's merged reel.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +14,12 @@ import re
 
 from clipservice.domain import ClipSpec, JobSource
 from clipservice.media.ffmpeg_args import ts
+from clipservice.media.render import extension
 
-CLIP_FILE_PATTERN = r"^[A-Za-z0-9_-]{1,64}-[0-9.]+-[0-9.]+-(fast|accurate|reencode)\.mp4$"
+CLIP_FILE_PATTERN = (
+    r"^(?:[A-Za-z0-9_-]{1,64}-[0-9.]+-[0-9.]+-(fast|accurate|reencode)(-[0-9a-f]{12})?"
+    r"\.(mp4|m4a|mp3|gif|webp|jpg|png)|reel-[0-9a-f]{32}\.mp4)$"
+)
 _CLIP_FILE_RE = re.compile(CLIP_FILE_PATTERN)
 _VIDEO_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -24,7 +33,14 @@ def source_key(source: JobSource) -> str:
 
 
 def clip_file_name(source: JobSource, clip: ClipSpec) -> str:
-    return f"{source_key(source)}-{ts(clip.start)}-{ts(clip.end)}-{clip.mode}.mp4"
+    key = clip.output.key()
+    options = f"-{key}" if key else ""
+    base = f"{source_key(source)}-{ts(clip.start)}-{ts(clip.end)}-{clip.mode}{options}"
+    return base + extension(clip.output)
+
+
+def reel_file_name(job_id: str) -> str:
+    return f"reel-{job_id}.mp4"
 
 
 def is_clip_file_name(name: str) -> bool:

@@ -285,3 +285,18 @@ def clip_task(settings: Settings, job_id: str, index: int) -> SaqJob:
         retry_backoff=max(q.retry_delay_s * 16, 1.0),
         ttl=_TASK_TTL_S,
     )
+
+
+def merge_task(settings: Settings, job_id: str) -> SaqJob:
+    """The ``merge_job`` task making a job's reel (queued once: its key is per job;
+    retried if its worker dies)."""
+    return SaqJob(
+        function="merge_job",
+        kwargs={"job_id": job_id},
+        key=f"{job_id}:reel",
+        timeout=int(settings.jobs.clip_timeout_s) + _TASK_TIMEOUT_MARGIN_S,
+        heartbeat=settings.queue.heartbeat_s,
+        retries=2,
+        retry_delay=settings.queue.retry_delay_s,
+        ttl=_TASK_TTL_S,
+    )

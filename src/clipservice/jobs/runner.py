@@ -38,6 +38,7 @@ from clipservice.jobs.base import announce_end
 from clipservice.jobs.bookkeeping import StaleAttempt
 from clipservice.jobs.limiter import FairLimiter
 from clipservice.jobs.models import ClipSpec, Job, JobError
+from clipservice.jobs.reel import make_reel
 from clipservice.jobs.store import FileJobStore
 from clipservice.jobs.streams import JobStreams, resolve_source, source_expired
 from clipservice.media.cutter import Cutter, warm_join_processes
@@ -229,9 +230,18 @@ class LocalRunner:
                         tg.create_task(self._run_clip(job_id, job.source, clip, streams))
         finally:
             await asyncio.shield(streams.aclose())
-        # Each outcome ends the job once it is the last; this only ends a
-        # resumed job that had nothing left to cut.
-        ended = await bookkeeping.finish_if_done(self.store, job_id, self.settings.jobs.retention_s)
+        # Each outcome ends the job once it is the last, unless it asked for a
+        # reel: that is made now, then the job ends. This also ends a resumed
+        # job that had nothing left to cut (its reel made if still missing).
+        retention_s = self.settings.jobs.retention_s
+        current = await self.store.get(job_id)
+        if current is not None and bookkeeping.reel_due(current):
+            reel = await make_reel(
+                current, self.storage, timeout_s=self.settings.jobs.clip_timeout_s
+            )
+            ended = await bookkeeping.set_reel(self.store, job_id, reel, retention_s)
+        else:
+            ended = await bookkeeping.finish_if_done(self.store, job_id, retention_s)
         if ended is not None:
             announce_end(ended, self.on_job_end)
 

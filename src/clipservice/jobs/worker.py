@@ -66,8 +66,10 @@ from clipservice.jobs.queue import (
     beat_interval_s,
     clip_task,
     make_queue,
+    merge_task,
 )
 from clipservice.jobs.redis_store import RedisJobStore, StoredSource
+from clipservice.jobs.reel import make_reel
 from clipservice.jobs.streams import JobStreams, resolve_source
 from clipservice.jobs.webhooks import WebhookSender
 from clipservice.media.cutter import Cutter, warm_join_processes
@@ -162,6 +164,9 @@ class ClipWorker:
             if ended is not None:
                 await self._ended(ended)
                 return "ended"
+            if bookkeeping.reel_due(job):
+                await self.clips_queue.enqueue(merge_task(self.settings, job_id))
+                return "merging"
             done = job.done_indexes()
             for clip in job.clips:
                 if clip.index not in done:
@@ -219,7 +224,25 @@ class ClipWorker:
                 return "stale"
             if after.status.ended:
                 await self._ended(after)
+            elif bookkeeping.reel_due(after):
+                await self.clips_queue.enqueue(merge_task(self.settings, job_id))
             return "ok" if isinstance(outcome, ClipResult) else outcome.code
+
+    # -- the job's reel ---------------------------------------------------------
+
+    async def merge_job(self, ctx: Context, *, job_id: str) -> str:
+        """Make the job's reel (every clip has an outcome) and end the job."""
+        with structlog.contextvars.bound_contextvars(job_id=job_id, worker=self.worker_id):
+            job = await self.store.get(job_id)
+            if job is None or not bookkeeping.reel_due(job):
+                return "skipped"
+            reel = await make_reel(job, self.storage, timeout_s=self.settings.jobs.clip_timeout_s)
+            ended = await bookkeeping.set_reel(
+                self.store, job_id, reel, self.settings.jobs.retention_s
+            )
+            if ended is not None:
+                await self._ended(ended)
+            return "ok" if reel.error is None else reel.error.code
 
     async def _ended(self, job: Job) -> None:
         announce_end(job, self.on_job_end)
@@ -434,7 +457,7 @@ async def run_worker(settings: Settings, *, worker_id: str | None = None) -> Non
             ),
             Worker(
                 clips_queue,
-                [("cut_clip", state.cut_clip)],
+                [("cut_clip", state.cut_clip), ("merge_job", state.merge_job)],
                 id=worker_id,
                 concurrency=settings.jobs.max_concurrent_clips,
                 timers=timers,
