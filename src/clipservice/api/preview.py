@@ -54,6 +54,7 @@ from clipservice.api.preview_models import (
 from clipservice.api.problems import validation_errors
 from clipservice.api.ratelimit import RateLimiter
 from clipservice.config import Settings
+from clipservice.domain import JobSource
 from clipservice.errors import ProblemError, SourceError
 from clipservice.media.preview import (
     PreviewInfo,
@@ -181,8 +182,6 @@ class SourcePreviews:
         return key
 
     async def _resolve(self, resolve_key: str, fields: dict[str, str]) -> PreviewSource:
-        from clipservice.domain import JobSource
-
         started = time.monotonic()
         resolved = await self.resolver.resolve(JobSource(**fields))
         index = SourceIndex(
@@ -233,8 +232,12 @@ class SourcePreviews:
     def forget(self, key: str, source: PreviewSource) -> None:
         """Drop ``key`` and the resolve behind it (its stream URL expired): the
         next preview of the source resolves it anew."""
-        self.handles.put(key, _Handle(None, source), 0)
-        self.resolves.put(source.resolve_key, source, 0)
+        handle = self.handles.get(key)
+        if handle is not None and handle.source is source:
+            self.handles.put(key, handle, 0)
+        if self.resolves.get(source.resolve_key) is source:
+            # (Not a newer resolve of the same source, made meanwhile.)
+            self.resolves.put(source.resolve_key, source, 0)
 
     # -- storyboard and cover ----------------------------------------------------
 
