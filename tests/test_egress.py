@@ -11,19 +11,24 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from yarl import URL
 
-from clipservice.errors import SourceError
+from clipservice.domain import StreamUrls
+from clipservice.errors import ClipFailure, SourceError
+from clipservice.media.cutter import CutSpec, Cutter, ffmpeg_failure
 from clipservice.media.fetch import RangeFetcher
-from clipservice.media.ffmpeg import FFmpegError, run_ffmpeg
+from clipservice.media.ffmpeg import FFmpegError, egress_proxy, run_ffmpeg
+from clipservice.media.probe import _probe_with_pyav, probe_source
 from clipservice.media.source import SourceIndex
+from clipservice.media.storyboard import build_storyboard
 from clipservice.sources import guard
-from clipservice.sources.egress import EgressProxy
-from tests.conftest import MediaServer
+from clipservice.sources.egress import EgressProxy, ffmpeg_egress
+from tests.conftest import MediaServer, ServiceFactory
 
 PUBLIC = ipaddress.ip_address("93.184.216.34")
 LOOPBACK = ipaddress.ip_address("127.0.0.1")
@@ -160,3 +165,99 @@ async def test_the_proxy_answers_only_proxy_requests(media_server: MediaServer) 
     finally:
         proxy.close()
     assert media_server.requests == []
+
+
+# -- the service's own FFmpeg runs and PyAV opens -------------------------------
+
+
+async def test_every_ffmpeg_run_goes_through_the_process_proxy(
+    dns: Rebinding, media_server: MediaServer, tmp_path: Path
+) -> None:
+    """Inside ``ffmpeg_egress`` no argument is needed: FFmpeg gets the proxy from
+    its environment, and its refusal is reported as a policy refusal."""
+    url = _rebound(media_server, "video.mp4")
+    await guard.check_url(url, allow_private=False)
+    async with ffmpeg_egress(allow_private=False) as proxy:
+        assert proxy is not None and egress_proxy() is proxy
+        with pytest.raises(FFmpegError) as failure:
+            await run_ffmpeg(
+                [*WHITELIST, "-i", url, "-t", "1", "-c", "copy", str(tmp_path / "o.mp4")],
+                timeout_s=30,
+            )
+    assert egress_proxy() is None
+    assert failure.value.forbidden == ["rebind.test"]
+    refused = ffmpeg_failure(failure.value)
+    assert refused.code == "source_forbidden" and "rebind.test" in refused.message
+    assert media_server.requests == []
+
+
+async def test_a_refused_pyav_probe_is_source_forbidden(
+    dns: Rebinding, media_server: MediaServer
+) -> None:
+    """PyAV's opens (the probe of a source the service cannot index) take the same
+    proxy: the rebound name is refused, not read."""
+    url = _rebound(media_server, "video.mp4")
+    await guard.check_url(url, allow_private=False)
+    async with ffmpeg_egress(allow_private=False):
+        with pytest.raises(SourceError) as failure:
+            await _probe_with_pyav(url, None)
+    assert failure.value.code == "source_forbidden"
+    assert media_server.requests == []
+
+
+async def test_a_reencoded_clip_of_a_rebound_name_fails_source_forbidden(
+    monkeypatch: pytest.MonkeyPatch, media_server: MediaServer, tmp_path: Path
+) -> None:
+    """A whole cut: the reencode mode hands FFmpeg the source URLs; the name now
+    answers loopback, so the clip fails ``source_forbidden``, nothing is read and no
+    file is left."""
+    info = await probe_source(media_server.url("video.mp4"), media_server.url("audio.m4a"))
+    media_server.requests.clear()
+    monkeypatch.setattr(guard, "lookup", Rebinding(LOOPBACK))
+    streams = StreamUrls(
+        video_url=_rebound(media_server, "video.mp4"),
+        audio_url=_rebound(media_server, "audio.m4a"),
+    )
+    out = tmp_path / "clip.mp4"
+    async with ffmpeg_egress(allow_private=False):
+        with pytest.raises(ClipFailure) as failure:
+            await Cutter().cut(
+                CutSpec(
+                    streams=streams, info=info, start_s=1, end_s=3, mode="reencode",
+                    final=out, timeout_s=60,
+                )
+            )  # fmt: skip
+    assert failure.value.code == "source_forbidden"
+    assert media_server.requests == []
+    assert not out.exists() and not list(await asyncio.to_thread(lambda: list(tmp_path.iterdir())))
+
+
+@pytest.mark.parametrize("allow_private", [False, True])
+async def test_the_service_runs_the_proxy_unless_private_sources_are_allowed(
+    make_service: ServiceFactory, allow_private: bool
+) -> None:
+    """The service starts the proxy with its guard and stops it at shutdown; with
+    ``allow_private_sources`` there is nothing to refuse, so FFmpeg connects directly."""
+    service = await make_service(security={"allow_private_sources": allow_private})
+    proxy = egress_proxy()
+    assert (proxy is None) == allow_private
+    await service.stop()
+    assert egress_proxy() is None
+    if proxy is not None:
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", int(proxy.url.rsplit(":", 1)[1])), 1)
+
+
+async def test_storyboard_keyframes_are_read_from_the_approved_address(
+    monkeypatch: pytest.MonkeyPatch, media_server: MediaServer
+) -> None:
+    """A storyboard's keyframe reads, like a cut's, go to the address its index
+    approved, not to what the name answers later (here: a public address that
+    would not connect)."""
+    monkeypatch.setattr(guard, "lookup", Rebinding(LOOPBACK))
+    index = SourceIndex(_rebound(media_server, "video.mp4"), None, allow_private=True)
+    await index.open()
+    monkeypatch.setattr(guard, "lookup", Rebinding(PUBLIC))
+    board = await build_storyboard(index, count=4, timeout_s=60)
+    assert len(board.thumbs) == 4 and board.sprite[:2] == b"\xff\xd8"
+    assert all(r["name"] == "video.mp4" for r in media_server.requests)

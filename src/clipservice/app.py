@@ -44,6 +44,7 @@ from clipservice.jobs.store import FileJobStore
 from clipservice.jobs.webhooks import WebhookSender
 from clipservice.media.cutter import Cutter
 from clipservice.metrics import Metrics
+from clipservice.sources.egress import ffmpeg_egress
 from clipservice.sources.factory import make_resolver
 from clipservice.sources.guard import UrlGuard
 from clipservice.storage import SharedFolderStorage
@@ -65,10 +66,14 @@ async def _http_session(app: web.Application) -> AsyncIterator[None]:
 async def _url_guard(app: web.Application) -> AsyncIterator[None]:
     # Checks every client-supplied URL before it is fetched (see sources/guard.py).
     settings = app[SETTINGS]
-    async with UrlGuard(
-        allow_private=settings.security.allow_private_sources,
-        timeout_s=settings.resolver.timeout_s,
-    ) as guard:
+    # FFmpeg and PyAV reach sources through the egress proxy (sources/egress.py).
+    async with (
+        UrlGuard(
+            allow_private=settings.security.allow_private_sources,
+            timeout_s=settings.resolver.timeout_s,
+        ) as guard,
+        ffmpeg_egress(allow_private=settings.security.allow_private_sources),
+    ):
         app[GUARD] = guard
         yield
 

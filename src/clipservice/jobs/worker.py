@@ -75,6 +75,7 @@ from clipservice.jobs.webhooks import WebhookSender
 from clipservice.media.cutter import Cutter, warm_join_processes
 from clipservice.metrics import Metrics
 from clipservice.sources.base import Resolver
+from clipservice.sources.egress import ffmpeg_egress
 from clipservice.sources.factory import make_resolver
 from clipservice.sources.guard import UrlGuard
 from clipservice.storage import ClipStorage, SharedFolderStorage
@@ -411,6 +412,7 @@ async def run_worker(settings: Settings, *, worker_id: str | None = None) -> Non
             allow_private=settings.security.allow_private_sources,
             timeout_s=settings.resolver.timeout_s,
         ) as guard,
+        ffmpeg_egress(allow_private=settings.security.allow_private_sources),
     ):
         state = ClipWorker(
             settings,

@@ -179,6 +179,17 @@ class _Work:
     budget: _Budget
 
 
+def ffmpeg_failure(exc: FFmpegError) -> ClipFailure:
+    """The clip's failure for a failed FFmpeg run: ``source_forbidden`` when the
+    egress proxy refused a host FFmpeg asked for, else ``ffmpeg_failed``."""
+    if exc.forbidden:
+        return ClipFailure(
+            "source_forbidden",
+            f"refused to connect to {exc.forbidden[0]}: it resolves to a non-public address",
+        )
+    return ClipFailure("ffmpeg_failed", exc.stderr_tail or str(exc))
+
+
 class Cutter:
     """Cuts clips in the requested mode.
 
@@ -223,7 +234,7 @@ class Cutter:
             await asyncio.to_thread(os.replace, work.tmp, spec.final)
             return outcome
         except FFmpegError as exc:
-            raise ClipFailure("ffmpeg_failed", exc.stderr_tail or str(exc)) from exc
+            raise ffmpeg_failure(exc) from exc
         except FetchError as exc:
             raise ClipFailure("source_unavailable", str(exc)) from exc
         finally:

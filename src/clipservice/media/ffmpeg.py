@@ -16,18 +16,23 @@ import os
 import re
 import signal
 import sys
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from functools import cache
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import structlog
+
+if TYPE_CHECKING:
+    from clipservice.sources.egress import EgressProxy
 
 log = structlog.get_logger(__name__)
 
 # Protocols FFmpeg may open for sources. Nothing local (file:, concat:,
 # subfile:, pipe:…) so a crafted URL or playlist cannot read the disk.
-NETWORK_PROTOCOLS = "http,https,tcp,tls"
+# (httpproxy: the CONNECT tunnel through the egress proxy, for https.)
+NETWORK_PROTOCOLS = "http,https,tcp,tls,httpproxy"
 
 # Demuxers FFmpeg and PyAV may use for sources: plain media containers only.
 # Playlist and reference formats (hls, dash, concat, …) are left out, so a
@@ -57,12 +62,42 @@ running_processes: set[asyncio.subprocess.Process] = set()
 
 
 class FFmpegError(Exception):
-    """FFmpeg exited non-zero; the message is the tail of its stderr."""
+    """FFmpeg exited non-zero; the message is the tail of its stderr. ``forbidden``
+    names the hosts the egress proxy refused during the run (a policy refusal)."""
 
-    def __init__(self, returncode: int | None, stderr_tail: str) -> None:
+    def __init__(
+        self, returncode: int | None, stderr_tail: str, forbidden: Sequence[str] = ()
+    ) -> None:
         super().__init__(f"ffmpeg exited with {returncode}: {stderr_tail}")
         self.returncode = returncode
         self.stderr_tail = stderr_tail
+        self.forbidden = list(forbidden)
+
+
+class _Egress:
+    """This process's egress proxy (see :mod:`clipservice.sources.egress`), if any:
+    FFmpeg reaches sources through it (the ``http_proxy`` environment variable,
+    which FFmpeg's http and tls protocols honour), and PyAV's opens too."""
+
+    proxy: EgressProxy | None = None
+
+
+def use_egress_proxy(proxy: EgressProxy | None) -> None:
+    """Send every FFmpeg run and PyAV open of this process through ``proxy``."""
+    _Egress.proxy = proxy
+
+
+def egress_proxy() -> EgressProxy | None:
+    return _Egress.proxy
+
+
+def _child_env() -> dict[str, str] | None:
+    proxy = _Egress.proxy
+    if proxy is None:
+        return None
+    env = {k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "no_proxy")}
+    env["http_proxy"] = proxy.url
+    return env
 
 
 @cache
@@ -155,12 +190,14 @@ async def run_ffmpeg(
     """Run FFmpeg with ``args``; raise FFmpegError, TimeoutError or CancelledError."""
     exe = ffmpeg_exe(ffmpeg_path)
     argv = [exe, "-hide_banner", "-nostdin", "-y", "-progress", "pipe:1", "-nostats", *args]
+    t0 = time.monotonic()
     proc = await asyncio.create_subprocess_exec(
         *argv,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         start_new_session=True,
+        env=_child_env(),
         # Tiny, lock-free set-up in the child: see _child_setup.
         preexec_fn=_child_setup,
     )
@@ -191,4 +228,6 @@ async def run_ffmpeg(
     # output is then short or missing a stream): a failed read is a failed run.
     if returncode != 0 or http_errors:
         lines = [*http_errors, *(line for line in tail if line and line not in http_errors)]
-        raise FFmpegError(returncode, " | ".join(lines)[:2000])
+        proxy = _Egress.proxy
+        forbidden = proxy.refused_since(t0) if proxy is not None else []
+        raise FFmpegError(returncode, " | ".join(lines)[:2000], forbidden)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
@@ -19,7 +20,7 @@ import av
 
 from clipservice.errors import ClipFailure, SourceError
 from clipservice.media.fetch import FetchError
-from clipservice.media.ffmpeg import SOURCE_INPUT_OPTIONS
+from clipservice.media.ffmpeg import SOURCE_INPUT_OPTIONS, egress_proxy
 
 if TYPE_CHECKING:
     from clipservice.media.containers.base import Track
@@ -37,6 +38,11 @@ def open_source(url: str) -> Any:
     on every read.
     """
     options = {**SOURCE_INPUT_OPTIONS, "rw_timeout": str(int(_OPEN_TIMEOUT_S * 1e6))}
+    proxy = egress_proxy()
+    if proxy is not None:
+        # Through the egress proxy, as FFmpeg's runs: it resolves and checks the
+        # host in the same step as it connects (no DNS rebinding).
+        options["http_proxy"] = proxy.url
     return av.open(url, options=options)
 
 
@@ -109,11 +115,20 @@ def _audio_info(container: Any) -> StreamInfo | None:
 
 
 def _read_source(read: Callable[[], T]) -> T:
+    started = time.monotonic()
     try:
         return read()
-    except av.error.HTTPForbiddenError as exc:
-        raise SourceError("source_unavailable", f"source answered 403: {exc}") from exc
     except av.FFmpegError as exc:
+        proxy = egress_proxy()
+        refused = proxy.refused_since(started) if proxy is not None else []
+        if refused:
+            # The egress proxy refused the host (policy), not a broken source.
+            raise SourceError(
+                "source_forbidden",
+                f"refused to connect to {refused[0]}: it resolves to a non-public address",
+            ) from exc
+        if isinstance(exc, av.error.HTTPForbiddenError):
+            raise SourceError("source_unavailable", f"source answered 403: {exc}") from exc
         raise SourceError("source_unavailable", f"cannot read source: {exc}") from exc
 
 

@@ -307,7 +307,11 @@ async def _from_source_index(
     before = source.bytes_read
     # Searches of an index without sidx/Cues read through the index's own
     # fetcher: counted as the difference.
-    fetcher = RangeFetcher(stream.url, timeout_s=timeout_s)
+    # The keyframes are read from the address the index approved (pinned: the
+    # name is not resolved again, so it cannot be rebound to a private one).
+    fetcher = RangeFetcher(
+        stream.url, timeout_s=timeout_s, connect_to=source.addresses.get(stream.url)
+    )
     return video, fetcher, lambda: source.bytes_read - before
 
 

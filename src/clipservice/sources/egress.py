@@ -18,14 +18,19 @@ not go through it: they connect to checked addresses directly).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import selectors
 import socket
 import threading
-from dataclasses import dataclass
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from clipservice.errors import SourceError
+from clipservice.media.ffmpeg import egress_proxy, use_egress_proxy
 from clipservice.sources.guard import AddressPolicy, approved_address, is_forbidden_address
 
 _HEAD_LIMIT = 64 * 1024
@@ -41,6 +46,9 @@ class EgressStats:
     tunnels: int = 0
     requests: int = 0
     refused: int = 0
+    # (monotonic time, host) of the latest refusals: a failed FFmpeg run asks
+    # whether the proxy refused it (a policy refusal, not a broken source).
+    refusals: deque[tuple[float, str]] = field(default_factory=lambda: deque(maxlen=64))
 
 
 class EgressProxy:
@@ -79,6 +87,11 @@ class EgressProxy:
         self._thread = threading.Thread(target=self._serve, daemon=True, name="egress-proxy")
         self._thread.start()
         return self
+
+    def refused_since(self, t0: float) -> list[str]:
+        """Hosts the proxy refused (as forbidden) since monotonic time ``t0``."""
+        with self._lock:
+            return [host for at, host in self.stats.refusals if at >= t0]
 
     def close(self) -> None:
         self._closed.set()
@@ -169,6 +182,8 @@ class EgressProxy:
         except SourceError as exc:
             with self._lock:
                 self.stats.refused += 1
+                if exc.code == "source_forbidden":
+                    self.stats.refusals.append((time.monotonic(), host))
             if exc.code == "source_forbidden":
                 _answer(client, 403, "Forbidden", exc.message)
             else:
@@ -181,6 +196,27 @@ class EgressProxy:
             return None
         sock.settimeout(_IDLE_TIMEOUT_S)
         return sock
+
+
+@contextlib.asynccontextmanager
+async def ffmpeg_egress(*, allow_private: bool) -> AsyncIterator[EgressProxy | None]:
+    """While inside, this process's FFmpeg runs and PyAV opens of sources go
+    through an egress proxy (see :func:`clipservice.media.ffmpeg.use_egress_proxy`).
+
+    With ``allow_private`` there is no address to refuse, so no proxy: FFmpeg
+    connects directly.
+    """
+    if allow_private:
+        yield None
+        return
+    proxy = EgressProxy(allow_private=False).start()
+    use_egress_proxy(proxy)
+    try:
+        yield proxy
+    finally:
+        if egress_proxy() is proxy:
+            use_egress_proxy(None)
+        await asyncio.to_thread(proxy.close)
 
 
 def _read_head(sock: socket.socket) -> tuple[bytes | None, bytes]:
