@@ -5,6 +5,7 @@ checked hop by hop)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,6 +17,7 @@ from aiohttp import web
 from clipservice.domain import Captions
 from clipservice.errors import ClipFailure
 from clipservice.media.captions import (
+    FONTS_DIR,
     MAX_CAPTIONS_BYTES,
     CaptionsError,
     Cue,
@@ -158,17 +160,24 @@ def test_caption_style_scales_with_the_frame() -> None:
 
 def test_burned_ass_draws_where_the_style_says(tmp_path: Path) -> None:
     """libass (the FFmpeg build's) draws the script on a black frame: white
-    pixels in the bottom band during the cue, none above it, none after it."""
+    pixels in the bottom band during the cue, none above it, none after it. On a
+    host without a single font (fontconfig given an empty configuration, as in
+    python:slim): the package's own font is drawn."""
     ass = tmp_path / "odd 'name', [x]; y:z.ass"  # every character filter escaping handles
     ass.write_text(to_ass([Cue(0.0, 0.5, "Readable caption")], 320, 180))
     from clipservice.media.ffmpeg_args import burn_filter
 
+    no_fonts = tmp_path / "fonts.conf"
+    no_fonts.write_text(
+        '<?xml version="1.0"?><!DOCTYPE fontconfig SYSTEM "fonts.dtd">'
+        f"<fontconfig><cachedir>{tmp_path / 'fc-cache'}</cachedir></fontconfig>"
+    )
     out = tmp_path / "f.mp4"
     subprocess.run(
         [bundled_ffmpeg(), "-v", "error", "-f", "lavfi", "-i", "color=black:size=320x180:rate=10:duration=1",
-         "-vf", burn_filter(str(ass)), "-c:v", "libx264", "-preset", "ultrafast", "-qp", "0",
+         "-vf", burn_filter(str(ass), str(FONTS_DIR)), "-c:v", "libx264", "-preset", "ultrafast", "-qp", "0",
          "-pix_fmt", "yuv444p", str(out)],
-        check=True, timeout=60,
+        check=True, timeout=60, env={**os.environ, "FONTCONFIG_FILE": str(no_fonts)},
     )  # fmt: skip
     with av.open(str(out)) as c:
         decoded = list(c.decode(video=0))

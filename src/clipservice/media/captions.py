@@ -22,6 +22,7 @@ import codecs
 import html
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiohttp
 from yarl import URL
@@ -33,9 +34,11 @@ from clipservice.sources.guard import MAX_REDIRECTS, ForbiddenAddressError, UrlG
 MAX_CAPTIONS_BYTES = 1024 * 1024
 MAX_CUES = 20_000
 FETCH_TIMEOUT_S = 15.0
-# The font the burned style names; fontconfig falls back to any sans font
-# installed (the service's image must have one: libass draws nothing without).
+# The font the burned style names. It comes with the package (FONTS_DIR, given
+# to libass): a host or image without fonts (python:slim has none) would
+# otherwise burn nothing at all, silently.
 FONT_NAME = "DejaVu Sans"
+FONTS_DIR = Path(__file__).parent / "fonts"
 
 _TIME = r"(?:(\d+):)?(\d{1,2}):(\d{1,2})(?:[.,](\d{1,3}))?"
 _TIMING = re.compile(rf"^\s*{_TIME}\s*-->\s*{_TIME}")

@@ -223,9 +223,10 @@ def filter_value(value: str) -> str:
     return re.sub(r"([\\'\[\],;])", r"\\\1", level1)
 
 
-def burn_filter(ass_path: str) -> str:
-    """libass drawing an ASS script onto the frames (times from the clip's start)."""
-    return f"ass=filename={filter_value(ass_path)}"
+def burn_filter(ass_path: str, fonts_dir: str) -> str:
+    """libass drawing an ASS script onto the frames (times from the clip's start),
+    with the fonts in ``fonts_dir`` besides the system's (which may have none)."""
+    return f"ass=filename={filter_value(ass_path)}:fontsdir={filter_value(fonts_dir)}"
 
 
 def gif_palette_graph() -> str:

@@ -49,6 +49,7 @@ from clipservice.domain import OutputFormat, OutputOptions
 from clipservice.errors import ClipFailure
 from clipservice.media import ffmpeg_args
 from clipservice.media.captions import (
+    FONTS_DIR,
     MAX_CAPTIONS_BYTES,
     CaptionsError,
     Cue,
@@ -339,7 +340,7 @@ def video_graph(
         )
     )
     if ass_path is not None:
-        parts.append(ffmpeg_args.burn_filter(ass_path))
+        parts.append(ffmpeg_args.burn_filter(ass_path, str(FONTS_DIR)))
     if o.format == "gif":
         parts.append(ffmpeg_args.gif_palette_graph())
     elif o.format == "mp4":
