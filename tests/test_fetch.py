@@ -267,6 +267,17 @@ def test_read_returns_exact_bytes_and_learns_the_size(server: Loopback) -> None:
     fetcher.close()
 
 
+def test_on_bytes_hears_an_answer_in_chunks_as_it_arrives(server: Loopback) -> None:
+    """With ``on_bytes`` set, a large answer is read in chunks and each chunk's size is
+    heard before the read returns: the sizes add up to the bytes read, in several calls."""
+    fetcher = RangeFetcher(server.url(SIZE))
+    heard: list[int] = []
+    fetcher.on_bytes = heard.append
+    assert fetcher.read(0, SIZE) == content(0, SIZE)
+    assert sum(heard) == SIZE and len(heard) >= 2 and max(heard) <= 64 * 1024
+    fetcher.close()
+
+
 def test_416_past_the_end_learns_the_size(server: Loopback) -> None:
     """A read past the end of a resource of unknown size answers nothing and learns the size."""
     fetcher = RangeFetcher(server.url(SIZE))

@@ -32,12 +32,13 @@ def test_reencode_seeks_both_inputs_and_merges() -> None:
 
 
 def test_inputs_restricted_to_network_protocols() -> None:
-    """Every input is opened with a protocol whitelist that has no local protocols."""
+    """Every input is opened with a protocol whitelist that has no local protocols (httpproxy is
+    the CONNECT tunnel through the egress proxy, for https)."""
     args = ffmpeg_args.reencode_args(SRC, 1, 2, "/o.mp4")
     whitelists = [args[i + 1] for i, a in enumerate(args) if a == "-protocol_whitelist"]
     assert len(whitelists) == 2
     for w in whitelists:
-        assert set(w.split(",")) == {"http", "https", "tcp", "tls"}
+        assert set(w.split(",")) == {"http", "https", "tcp", "tls", "httpproxy"}
 
 
 def test_muxed_source_maps_optional_audio() -> None:

@@ -391,10 +391,12 @@ async def cluster(
     await store.redis.flushdb()
     api = await make_service(data_dir, queue={"url": REDIS_URL}, **_sections())
     api2 = await make_service(data_dir, queue={"url": REDIS_URL}, **_sections())
-    config = distributed._worker_config(tmp_path / "worker.toml", data_dir, vidfly.base_url)
-    text = config.read_text().replace(distributed.REDIS_URL, REDIS_URL)
+    config = distributed._worker_config(
+        tmp_path / "worker.toml", data_dir, vidfly.base_url, REDIS_URL
+    )
+    text = config.read_text()
     config.write_text(text.replace("[security]\n", f'[security]\nwebhook_secret = "{SECRET}"\n'))
-    c = distributed.Cluster(data_dir, config, store, api, api2, tmp_path)
+    c = distributed.Cluster(data_dir, config, store, api, api2, tmp_path, REDIS_URL)
     try:
         yield c
     finally:

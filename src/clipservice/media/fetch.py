@@ -35,6 +35,8 @@ READ_TIMEOUT_S = 15.0
 # (smaller parts would spend more on request round trips than they save).
 MIN_PART_BYTES = 256 * 1024
 DEFAULT_CONNECTIONS = 4
+# A span's answer is read in chunks of this size when progress is wanted.
+_CHUNK_BYTES = 64 * 1024
 
 _CONTENT_RANGE = re.compile(r"bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)")
 
@@ -146,6 +148,9 @@ class RangeFetcher:
         self.connect_to = connect_to
         self.size_bytes: int | None = None
         self.stats = FetchStats()
+        # Hears each chunk's size as it arrives (a span's answer is read in
+        # chunks): a slow source's clip shows progress while it downloads.
+        self.on_bytes: Callable[[int], None] | None = None
         self._idle: list[http.client.HTTPConnection] = []
         self._closed = False
         self._lock = threading.Lock()
@@ -252,7 +257,19 @@ class RangeFetcher:
         want = int(match.group(2)) - offset + 1
         if want > length:  # (before reading: it may be the rest of a whole video)
             raise FetchError(f"the source answered {want} bytes at byte {offset}, not {length}")
-        data = resp.read(want)
+        if self.on_bytes is None:
+            data = resp.read(want)
+        else:
+            chunks = []
+            got = 0
+            while got < want:
+                chunk = resp.read(min(_CHUNK_BYTES, want - got))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                got += len(chunk)
+                self.on_bytes(len(chunk))
+            data = b"".join(chunks)
         if len(data) != want:
             raise FetchError(f"short read at byte {offset}: {len(data)} of {want}")
         return data

@@ -353,6 +353,51 @@ def _template(init: bytes, track: Track) -> tuple[Any, Any]:
     return container, chosen
 
 
+class _CutProgress:
+    """A cut's progress in output seconds, from two halves: the bytes its spans
+    fetched so far, and the output time muxed so far. A source slower than the
+    encoder (a throttled CDN) shows its clip moving while it downloads, which
+    is what a worker's heartbeat takes for a live clip. Called from the fetch
+    threads and the mux: a lock keeps the sum whole; the listener hears rises."""
+
+    def __init__(self, req: CutRequest, listener: Callable[[float], None] | None) -> None:
+        self._duration_s = max(req.end_s - req.start_s, 1e-3)
+        self._listener = listener
+        self._lock = threading.Lock()
+        self._total = 0
+        self._fetched = 0
+        self._muxed_s = 0.0
+        self._closed = False
+
+    def close(self) -> None:
+        """No report from now on (a fetch thread still finishing its request
+        must not write beside the cut's answer)."""
+        with self._lock:
+            self._closed = True
+
+    def expect(self, size: int) -> None:
+        self._total += size
+
+    def fetched(self, size: int) -> None:
+        with self._lock:
+            self._fetched += size
+        self._report()
+
+    def muxed(self, out_s: float) -> None:
+        with self._lock:
+            self._muxed_s = max(self._muxed_s, min(out_s, self._duration_s))
+        self._report()
+
+    def _report(self) -> None:
+        if self._listener is None:
+            return
+        with self._lock:  # (held while the listener writes: one message at a time)
+            if self._closed:
+                return
+            share = min(1.0, self._fetched / self._total) if self._total else 1.0
+            self._listener((share * self._duration_s + self._muxed_s) / 2)
+
+
 def run_cut(req: CutRequest, on_progress: Callable[[float], None] | None = None) -> CutResult:
     """Make the clip ``req`` asks for at ``req.out``; remove it on any failure.
 
@@ -364,12 +409,15 @@ def run_cut(req: CutRequest, on_progress: Callable[[float], None] | None = None)
     workers: list[_Worker] = []
     fetchers: list[RangeFetcher] = []
     prefetches: list[Prefetch] = []
+    progress = _CutProgress(req, on_progress)
 
     def fetch(
         stream: StreamInput, spans: list[tuple[int, int]], priority: tuple[int, ...], n: int
     ) -> Prefetch:
         fetcher = RangeFetcher(stream.url, connect_to=stream.connect_to)
         fetchers.append(fetcher)
+        progress.expect(sum(size for _, size in spans))
+        fetcher.on_bytes = progress.fetched if on_progress is not None else None
         prefetch = Prefetch(
             fetcher,
             spans,
@@ -396,7 +444,7 @@ def run_cut(req: CutRequest, on_progress: Callable[[float], None] | None = None)
             if req.audio is not None:
                 aspans = list(req.audio.window.spans)
                 audio = Feed(req.audio, fetch(req.audio, aspans, (), 2))
-        return _join(req, video, audio, guard, workers, on_progress)
+        return _join(req, video, audio, guard, workers, progress.muxed if on_progress else None)
     except BaseException as exc:
         guard.fail(exc)
         with contextlib.suppress(OSError):
@@ -410,6 +458,7 @@ def run_cut(req: CutRequest, on_progress: Callable[[float], None] | None = None)
             raise cause from None
         raise
     finally:
+        progress.close()
         for worker in workers:
             worker.stop()
         for prefetch in prefetches:
