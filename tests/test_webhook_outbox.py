@@ -77,7 +77,10 @@ def _assert_one_delivery(receiver: Receiver, job_id: str) -> None:
     ]
     assert len({c["body"] for c in receiver.calls}) == 1
     for call in receiver.calls:
-        assert verify(SECRET, call["signature"], call["body"], tolerance_s=300)
+        assert verify(SECRET, call["signature"], call["body"], tolerance_s=300), (
+            call["attempt"],
+            call["signature"],
+        )
 
 
 def _delivery(delivery_id: str | None = None, body: bytes = b'{"x":1}') -> Delivery:
