@@ -415,3 +415,58 @@ async def test_output_options_follow_the_service(service: Service, browser: Any)
     else:
         assert "output" not in posted[0]
     assert page.errors == []
+
+
+async def _cut_in_page(page: Any, source: str, **choices: str) -> str:
+    """One range (1 s to 3 s) of ``source`` with the output choices given, cut; the job id."""
+    await page.fill("#source", source)
+    await page.fill("#ranges tr:nth-child(1) .start", "1")
+    await page.fill("#ranges tr:nth-child(1) .end", "3")
+    for field, value in choices.items():
+        await page.select_option(f"#out-{field}", value)
+    async with page.expect_response("**/api/create-clips") as created:
+        await page.click("#submit")
+    job_id: str = (await (await created.value).json())["job_id"]
+    await page.wait_for_selector("#job-status.finished", timeout=90_000)
+    assert await page.locator(".clip .clip-state.ok").count() == 1
+    return job_id
+
+
+@pytest.mark.slow  # headless Chromium
+async def test_the_page_plays_a_vertical_clip_and_shows_a_gif(
+    service: Service, browser: Any
+) -> None:
+    """Output options end to end in the browser: a 9:16 clip plays to its end at the
+    size the job says, and a GIF clip is shown as an image Chromium decodes, at the size
+    the job says."""
+    page = await _new_page(browser)
+    await page.goto(service.base_url + "/")
+    await page.wait_for_selector("#output-options[data-checked]", state="attached")
+    job_id = await _cut_in_page(page, "vertical", aspect="9:16")
+    (result,) = (await service.job(job_id))["results"]
+    # (9:16 of a 180-pixel-high source, both sides even: 102x180.)
+    assert result["format"] == "mp4" and abs(result["width"] / result["height"] - 9 / 16) < 0.02
+    await _until(page, "document.querySelector('.clip video').readyState >= 1")
+    size = await page.evaluate(
+        "(() => { const v = document.querySelector('.clip video');"
+        " return [v.videoWidth, v.videoHeight]; })()"
+    )
+    assert size == [result["width"], result["height"]], (size, result)
+    played = await _play_to_end(page, ".clip video")
+    assert abs(played["duration"] - 2) < 0.1 and played["at"] == played["duration"]
+
+    await page.goto(service.base_url + "/")
+    await page.wait_for_selector("#output-options[data-checked]", state="attached")
+    job_id = await _cut_in_page(page, "agif", format="gif")
+    (result,) = (await service.job(job_id))["results"]
+    assert result["format"] == "gif" and result["file"].endswith(".gif"), result
+    shown = await page.evaluate(
+        """async () => {
+          const img = document.querySelector('.clip img');
+          await img.decode();
+          return { w: img.naturalWidth, h: img.naturalHeight, src: img.src };
+        }"""
+    )
+    assert shown["src"].endswith("/api/clips/" + result["file"]), shown
+    assert (shown["w"], shown["h"]) == (result["width"], result["height"]), (shown, result)
+    assert page.errors == []
