@@ -21,6 +21,7 @@ from pydantic import ValidationError
 
 from clipservice.api.schemas import MAX_TIME_S, CreateClipsRequest, parse_time
 from clipservice.config import Settings
+from clipservice.media.render import check_options
 from tests.conftest import MediaServer, Service, ServiceFactory, assert_problem
 
 NUMBERS = st.one_of(
@@ -98,6 +99,56 @@ def test_request_model_accepts_or_refuses_never_breaks(clips: Any, video_id: Any
     assert total <= limits.max_job_duration_s
 
 
+OUTPUT_NUMBERS = st.one_of(NUMBERS, TIME_STRINGS, JSON_VALUES)
+OUTPUTS = st.fixed_dictionaries(
+    {},
+    optional={
+        "max_height": OUTPUT_NUMBERS,
+        "fps": OUTPUT_NUMBERS,
+        "width": OUTPUT_NUMBERS,
+        "crop_x": OUTPUT_NUMBERS,
+        "thumbnail_at": OUTPUT_NUMBERS,
+        "aspect": st.sampled_from(["source", "9:16", "1:1", 9, None]),
+        "fit": st.sampled_from(["crop", "pad", "blur", 0]),
+        "format": st.sampled_from(["mp4", "gif", "webp", "jpg", "png", "m4a", "mp3", 1e400]),
+    },
+)
+
+
+@given(output=OUTPUTS, crossfade=OUTPUT_NUMBERS, merge=st.booleans())
+@settings(
+    max_examples=1500,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+def test_output_numbers_are_accepted_or_refused_never_break(
+    output: Any, crossfade: Any, merge: bool
+) -> None:
+    """The output options' numbers (max_height, fps, width, crop_x, thumbnail_at) and
+    crossfade_s, as any JSON value: the model refuses them (a 422) or keeps finite numbers,
+    and check_options then answers a list of (field, message) — never an exception."""
+    body: dict[str, Any] = {
+        "video_id": "dQw4w9WgXcQ",
+        "clips": [{"start": 1, "end": 3, "output": output}],
+        "merge": merge,
+        "crossfade_s": crossfade,
+    }
+    try:
+        request = CreateClipsRequest.model_validate(body, context={"settings": SETTINGS})
+    except ValidationError:
+        return
+    assert 0 <= request.crossfade_s <= 2 and math.isfinite(request.crossfade_s)
+    (clip,) = request.clips
+    assert clip.output is not None
+    options = clip.output.options()
+    for value in (options.max_height, options.fps, options.width, options.thumbnail_at):
+        assert value is None or (math.isfinite(value) and value >= 0)
+    assert 0 <= options.crop_x <= 1
+    problems = check_options(options, clip.start, clip.end)
+    assert all(isinstance(f, str) and isinstance(m, str) for f, m in problems)
+
+
 # Raw bodies, so the JSON text itself can hold what Python would not write.
 HOSTILE_BODIES = [
     '{"video_id": "abc", "clips": [{"start": 1%s, "end": 2}]}' % ("0" * 400),
@@ -120,6 +171,16 @@ HOSTILE_BODIES = [
     '{"video_id": 1%s, "clips": [{"start": 0, "end": 1}]}' % ("0" * 400),
     '{"video_id": "abc", "clips": [' + ", ".join(['{"start": 0, "end": 600}'] * 7) + "]}",
     '{"video_id": "abc", "clips": [{"start": 0, "end": 1}], "callback_url": 1e400}',
+    '{"video_id": "abc", "clips": [{"start": 0, "end": 1, "output": {"max_height": 1%s}}]}'
+    % ("0" * 400),
+    '{"video_id": "abc", "clips": [{"start": 0, "end": 1, "output": {"format": "gif",'
+    ' "fps": 1e400, "width": -0.0}}]}',
+    '{"video_id": "abc", "clips": [{"start": 0, "end": 1, "output": {"aspect": "9:16",'
+    ' "crop_x": 1e400}}]}',
+    '{"video_id": "abc", "clips": [{"start": 0, "end": 1, "output": {"format": "jpg",'
+    ' "thumbnail_at": 1%s}}]}' % ("0" * 400),
+    '{"video_id": "abc", "clips": [{"start": 0, "end": 1}], "merge": true, "crossfade_s": 1e400}',
+    '{"video_id": "abc", "clips": [{"start": 0, "end": 1}], "merge": 1%s}' % ("0" * 400),
 ]
 
 
