@@ -50,7 +50,8 @@ _ERROR_TEXT = {
     422: "The request failed validation (every problem in errors), or its source (code).",
     429: "Too many jobs (or previews of new sources); retry after Retry-After seconds.",
     502: "The source (its resolver or stream) failed; code source_unavailable.",
-    503: "The service is draining or not ready.",
+    503: "The service is draining or not ready; for create-clips also code queue_full: "
+    "more clips wait to start than [queue] max_depth. Retry after Retry-After seconds.",
     504: "The storyboard was not made in time.",
 }
 

@@ -6,6 +6,10 @@ registers (the distributed mode adds its queue). Checking FFmpeg spawns a
 process, so its answer is cached for ``FFMPEG_CHECK_TTL_S`` and refreshed by
 at most one request at a time; a readiness probe never costs a process per
 request. While draining it answers 503 at once, as does job creation.
+
+``/metrics`` reads the runner's backlog on every scrape (the autoscaling
+signals: see :mod:`clipservice.jobs.backlog`); job creation is refused with
+503 ``queue_full`` while more clips wait than ``[queue] max_depth``.
 """
 
 from __future__ import annotations
@@ -21,10 +25,12 @@ from pathlib import Path
 
 import structlog
 from aiohttp import web
+from redis.exceptions import RedisError
 
-from clipservice.api.appkeys import METRICS, READINESS, SETTINGS, STORE
+from clipservice.api.appkeys import METRICS, READINESS, RUNNER, SETTINGS, STORE
 from clipservice.api.problems import problem_response
 from clipservice.errors import ProblemError
+from clipservice.jobs.backlog import retry_after_s
 from clipservice.media.ffmpeg import ffmpeg_exe
 from clipservice.metrics import CONTENT_TYPE
 
@@ -37,6 +43,8 @@ STORAGE_CHECK_TTL_S = 1.0
 # What a client is told to wait before retrying while this instance drains
 # (by then another instance, or this one restarted, takes the request).
 RETRY_AFTER_S = 5
+# A scrape answers without the queue gauges rather than hang on a Redis that does not answer.
+QUEUE_READ_TIMEOUT_S = 2.0
 
 ReadyCheck = Callable[[], Awaitable[str | None]]
 """An extra readiness check: None when fine, else a short reason."""
@@ -133,6 +141,28 @@ def refuse_if_draining(request: web.Request) -> None:
         )
 
 
+async def refuse_if_queue_full(request: web.Request) -> None:
+    """503 ``queue_full`` (with Retry-After at the drain rate) past ``[queue] max_depth``."""
+    max_depth = request.app[SETTINGS].queue.max_depth
+    if not max_depth:
+        return
+    runner = request.app[RUNNER]
+    queued = await runner.queued_clips()
+    if queued <= max_depth:
+        return
+    wait_s = retry_after_s(queued - max_depth, runner.drain_per_s())
+    request.app[METRICS].jobs_refused.labels("queue_full").inc()
+    log.warning("queue_full", queued_clips=queued, max_depth=max_depth, retry_after_s=wait_s)
+    raise ProblemError(
+        503,
+        "Queue full",
+        f"{queued} clips wait to start, more than this service's limit of {max_depth}; "
+        "retry after Retry-After seconds",
+        code="queue_full",
+        headers={"Retry-After": str(wait_s)},
+    )
+
+
 @routes.get("/readyz")
 async def readyz(request: web.Request) -> web.Response:
     readiness = request.app[READINESS]
@@ -154,8 +184,18 @@ async def readyz(request: web.Request) -> web.Response:
 @routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
     m = request.app[METRICS]
-    m.set_jobs(await request.app[STORE].all())
     m.draining.set(1 if request.app[READINESS].draining else 0)
+    # With Redis away the scrape still answers (clipservice_queue_up says so).
+    try:
+        m.set_jobs(await request.app[STORE].all())
+    except (RedisError, OSError) as exc:
+        log.warning("metrics_jobs_unread", error=str(exc))
+    try:
+        async with asyncio.timeout(QUEUE_READ_TIMEOUT_S):
+            m.queue.stats = await request.app[RUNNER].queue_stats()
+    except (TimeoutError, RedisError, OSError) as exc:
+        log.warning("metrics_queue_unread", error=str(exc) or type(exc).__name__)
+        m.queue.stats = None
     return web.Response(body=m.export(), headers={"Content-Type": CONTENT_TYPE})
 
 

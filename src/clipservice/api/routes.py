@@ -14,7 +14,7 @@ from aiohttp import web
 
 from clipservice.api.appkeys import RUNNER, SETTINGS, STORE
 from clipservice.api.auth import CLIENT_ID, is_admin, job_owner, may_see
-from clipservice.api.ops import refuse_if_draining
+from clipservice.api.ops import refuse_if_draining, refuse_if_queue_full
 from clipservice.api.schemas import CreateClipsRequest, JobCreated, OutputRequest
 from clipservice.domain import OutputOptions, content_type
 from clipservice.errors import ProblemError
@@ -130,6 +130,8 @@ async def create_clips(request: web.Request) -> web.Response:
         for i, c in enumerate(body.clips)
     ]
     _check_outputs(body, clips)
+    # After the replay above: a retried request for a job already taken still gets it.
+    await refuse_if_queue_full(request)
     job = Job(
         job_id=new_job_id(),
         video_id=body.video_id,

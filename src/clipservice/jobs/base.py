@@ -4,6 +4,8 @@ Two implementations: :class:`~clipservice.jobs.runner.LocalRunner` (jobs as
 tasks of the serving process, the embedded default) and
 :class:`~clipservice.jobs.dispatch.DistributedRunner` (jobs queued to
 ``clipservice worker`` processes over Redis), chosen by ``[queue] url``.
+Each also tells its backlog (:class:`~clipservice.jobs.backlog.Backlog`), for
+``/metrics`` and for refusing jobs past ``[queue] max_depth``.
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ from typing import Protocol
 
 import structlog
 
+from clipservice.jobs.backlog import Backlog
 from clipservice.jobs.models import Job
 
 log = structlog.get_logger(__name__)
 
 
-class Runner(Protocol):
+class Runner(Backlog, Protocol):
     """Runs submitted jobs, cancels and deletes them, and drains on shutdown."""
 
     on_job_end: list[Callable[[Job], None]]

@@ -5,27 +5,40 @@ Submitting puts a ``prepare_job`` task on the jobs queue; cancelling ends the
 job in the store and aborts its tasks on whichever workers run them (SAQ's
 abort poll cancels a running clip within a second, killing FFmpeg). The node
 also reaps expired jobs and keeps the queue gauges of ``/metrics`` current.
+
+Its backlog (:class:`~clipservice.jobs.backlog.Backlog`) is read from SAQ's
+keys in Redis, never by walking the tasks: list lengths, the head of each
+queued list, the active list (at most workers x concurrency long) and the
+workers' stats entries, in two round trips (see :meth:`DistributedRunner.queue_stats`).
+A job whose ``prepare_job`` task waits counts as one queued clip: its clips
+are known only once a worker has resolved its source and queued them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+import json
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import structlog
 from prometheus_client import Gauge
 from redis.exceptions import RedisError
-from saq.job import TERMINAL_STATUSES
+from saq.job import TERMINAL_STATUSES, Status
+from saq.utils import now
 
 from clipservice.config import Settings
 from clipservice.jobs import bookkeeping, retention
+from clipservice.jobs.backlog import DrainRate, QueueStats
 from clipservice.jobs.base import announce_end
 from clipservice.jobs.models import Job, JobStatus
 from clipservice.jobs.queue import (
     CLIPS_QUEUE,
     JOBS_QUEUE,
+    FreshSweepQueue,
     clip_task_key,
     make_queue,
     prepare_task,
@@ -35,6 +48,9 @@ from clipservice.metrics import Metrics
 from clipservice.storage import ClipStorage
 
 log = structlog.get_logger(__name__)
+
+# The SAQ worker stats that count tasks gone from the queue for good (not "retried").
+_FINISHED_STATS = ("complete", "failed", "aborted")
 
 
 def _safe_url(url: str) -> str:
@@ -63,6 +79,8 @@ class DistributedRunner:
         self.clips_queue = make_queue(settings.queue.url, CLIPS_QUEUE)
         self.on_job_end: list[Callable[[Job], None]] = []
         self._reaper: asyncio.Task[None] | None = None
+        # Clip tasks the workers finished (their SAQ stats, written every 10 s).
+        self._drain = DrainRate()
         self._gauges: tuple[Gauge, Gauge, Gauge] | None = None
         if metrics is not None:
             r = metrics.registry
@@ -144,25 +162,90 @@ class DistributedRunner:
         return None if up else f"queue unreachable at {_safe_url(self.settings.queue.url)}"
 
     async def refresh_metrics(self) -> None:
-        """Update the queue gauges (called by the reaper loop; /metrics reads them)."""
+        """Update the queue gauges and the drain rate (called by the reaper loop)."""
+        try:
+            info = await self.clips_queue.info()
+        except Exception:
+            if self._gauges is not None:
+                self._gauges[0].set(0)
+            return
+        self._observe_drain(info["workers"])
         if self._gauges is None:
             return
         up, tasks, workers = self._gauges
-        try:
-            info = await self.queue_info()
-        except Exception:
-            up.set(0)
-            return
         up.set(1)
         tasks.labels("queued").set(info["queued"])
         tasks.labels("active").set(info["active"])
-        workers.set(info["workers"])
+        workers.set(len(info["workers"]))
 
-    async def queue_info(self) -> dict[str, int]:
-        """Queued and running clip tasks and live workers (for /metrics)."""
-        info = await self.clips_queue.info()
-        return {
-            "queued": int(info["queued"]),
-            "active": int(info["active"]),
-            "workers": len(info["workers"]),
-        }
+    # -- backlog: autoscaling signals and backpressure ----------------------
+
+    async def queued_clips(self) -> int:
+        """Clip tasks queued, plus one per queued ``prepare_job`` (two LLENs, one round trip)."""
+        async with self.clips_queue.redis.pipeline(transaction=False) as pipe:
+            pipe.llen(self.clips_queue.namespace("queued"))
+            pipe.llen(self.jobs_queue.namespace("queued"))
+            clips, jobs = await pipe.execute()
+        return int(clips) + int(jobs)
+
+    async def queue_stats(self) -> QueueStats:
+        """Both queues' depth and oldest task, and the clip tasks running on each live worker.
+
+        Seven commands in two round trips: the live workers' stats keys, both
+        queued lists' length and head, and the active list; then one MGET of
+        the workers' stats, the running tasks and the two heads.
+        """
+        clips, jobs, redis = self.clips_queue, self.jobs_queue, self.clips_queue.redis
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.zrangebyscore(clips.namespace("stats"), now(), "inf")
+            pipe.lrange(clips.namespace("active"), 0, -1)
+            for queue in (clips, jobs):
+                pipe.llen(queue.namespace("queued"))
+                pipe.lindex(queue.namespace("queued"), 0)
+            stat_keys, active, clips_depth, clips_head, jobs_depth, jobs_head = await pipe.execute()
+        heads = [h for h in (clips_head, jobs_head) if h is not None]
+        keys = [*stat_keys, *active, *heads]
+        values: list[bytes | None] = await redis.mget(keys) if keys else []
+        stats_raw = values[: len(stat_keys)]
+        active_raw = values[len(stat_keys) : len(stat_keys) + len(active)]
+        head_tasks = dict(zip(heads, values[len(stat_keys) + len(active) :], strict=True))
+
+        worker_stats: dict[str, Mapping[str, Any]] = {}
+        for key, raw in zip(stat_keys, stats_raw, strict=True):
+            if raw is not None:  # expired since the stats entry was read
+                worker_stats[key.decode().rsplit("worker_info:", 1)[-1]] = json.loads(raw)
+        self._observe_drain(worker_stats)
+        in_flight = dict.fromkeys(worker_stats, 0)
+        for raw in active_raw:
+            task = clips.deserialize(raw)
+            # A task dequeued but not yet marked active has no worker yet.
+            if task is not None and task.status == Status.ACTIVE and task.worker_id:
+                in_flight[task.worker_id] = in_flight.get(task.worker_id, 0) + 1
+
+        now_ms = now()
+
+        def age_s(queue: FreshSweepQueue, head: bytes | None) -> float:
+            task = queue.deserialize(head_tasks.get(head)) if head is not None else None
+            if task is None:  # none waits, or it started meanwhile
+                return 0.0
+            # Waiting since it was queued, queued again (a retry), or due (scheduled).
+            since_ms = max(task.queued, task.touched, task.scheduled * 1000)
+            return max(0.0, (now_ms - since_ms) / 1000)
+
+        return QueueStats(
+            depth={"clips": int(clips_depth), "jobs": int(jobs_depth)},
+            oldest_age_s={"clips": age_s(clips, clips_head), "jobs": age_s(jobs, jobs_head)},
+            in_flight=in_flight,
+            workers=len(worker_stats),
+        )
+
+    def drain_per_s(self) -> float | None:
+        """Clip tasks finished per second lately, by all workers (None until known)."""
+        return self._drain.per_s(time.monotonic())
+
+    def _observe_drain(self, workers: Mapping[str, Any]) -> None:
+        finished = {}
+        for worker_id, info in workers.items():
+            stats = info.get("stats") or {}
+            finished[worker_id] = sum(int(stats.get(k, 0)) for k in _FINISHED_STATS)
+        self._drain.observe(time.monotonic(), finished)

@@ -3,6 +3,10 @@
 A plain semaphore serves waiters first come, first served, so a 50-clip job
 queued first would hold back a 1-clip job queued after it. This limiter keeps
 one queue per job and hands free slots round-robin between jobs.
+
+It also tells how far behind it is (:mod:`clipservice.jobs.backlog`): how
+many wait, since when the oldest has, and how many slots it has granted so
+far (whose rate is how fast the wait drains).
 """
 
 from __future__ import annotations
@@ -20,6 +24,10 @@ class FairLimiter:
         self.slots = slots
         self._free = slots
         self._queues: OrderedDict[str, deque[asyncio.Future[None]]] = OrderedDict()
+        # When each waiter began waiting (the event loop's clock), until it stops.
+        self._since: dict[asyncio.Future[None], float] = {}
+        # Slots granted since creation: clips that started.
+        self.granted = 0
 
     @property
     def in_use(self) -> int:
@@ -29,12 +37,19 @@ class FairLimiter:
     def waiting(self) -> int:
         return sum(len(q) for q in self._queues.values())
 
+    def oldest_wait_s(self, now_s: float) -> float:
+        """How long the longest waiter has waited at ``now_s`` (the loop's clock); 0 if none."""
+        return max(0.0, now_s - min(self._since.values())) if self._since else 0.0
+
     async def acquire(self, key: str) -> None:
         if self._free > 0 and not self._queues:
             self._free -= 1
+            self.granted += 1
             return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
         self._queues.setdefault(key, deque()).append(fut)
+        self._since[fut] = loop.time()
         try:
             await fut
         except asyncio.CancelledError:
@@ -48,6 +63,8 @@ class FairLimiter:
                     if not queue:
                         del self._queues[key]
             raise
+        finally:
+            self._since.pop(fut, None)
 
     def release(self) -> None:
         while self._queues:
@@ -59,6 +76,7 @@ class FairLimiter:
                 del self._queues[key]
             if not fut.done():
                 fut.set_result(None)
+                self.granted += 1
                 return
         self._free += 1
 

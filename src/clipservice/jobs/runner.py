@@ -16,6 +16,10 @@ back when its FFmpeg is killed.
 
 What only this runner does: the FFmpeg slots shared fairly between jobs, the
 drain (no clip starts; running ones get a grace), and cancelling a job's task.
+
+Its backlog (:class:`~clipservice.jobs.backlog.Backlog`): the clips waiting
+for an FFmpeg slot, plus those of jobs still resolving their source (taken,
+not yet at the limiter); in flight, the slots held; one worker, this process.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from clipservice.domain import JobSource, StreamUrls
 from clipservice.errors import ClipFailure, SourceError
 from clipservice.jobs import bookkeeping, retention
 from clipservice.jobs.attempt import ClipWork, attempt_clip
+from clipservice.jobs.backlog import DrainRate, QueueStats
 from clipservice.jobs.base import announce_end
 from clipservice.jobs.bookkeeping import StaleAttempt
 from clipservice.jobs.limiter import FairLimiter
@@ -90,6 +95,10 @@ class LocalRunner:
         self._active = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        # Jobs submitted whose clips are not at the limiter yet (resolving their
+        # source): their clips left to cut and since when (the loop's clock).
+        self._preparing: dict[str, tuple[int, float]] = {}
+        self._drain = DrainRate()
 
     # -- life cycle -------------------------------------------------------
 
@@ -106,7 +115,8 @@ class LocalRunner:
                 log.info("job_resumed", job_id=job.job_id, done=len(job.done_indexes()))
                 await self.submit(job)
         self._reaper = asyncio.create_task(
-            retention.reap_forever(self.store, self.storage, self.settings), name="reaper"
+            retention.reap_forever(self.store, self.storage, self.settings, self._observe_drain),
+            name="reaper",
         )
 
     async def drain(self, grace_s: float, abort: asyncio.Event | None = None) -> int:
@@ -151,12 +161,15 @@ class LocalRunner:
 
     async def submit(self, job: Job) -> None:
         """Run a job that is saved as pending (or was left unfinished)."""
+        left = len(job.clips) - len(job.done_indexes())
+        self._preparing[job.job_id] = (left, asyncio.get_running_loop().time())
         task = asyncio.create_task(self._run_job(job.job_id), name=f"job-{job.job_id}")
         self._tasks[job.job_id] = task
         task.add_done_callback(functools.partial(self._forget_task, job.job_id))
 
     def _forget_task(self, job_id: str, _task: asyncio.Task[None]) -> None:
         self._tasks.pop(job_id, None)
+        self._preparing.pop(job_id, None)
 
     async def cancel(self, job_id: str) -> bool:
         """Cancel a pending or running job; True if this call cancelled it."""
@@ -172,6 +185,40 @@ class LocalRunner:
     async def delete_ended(self, job: Job) -> None:
         """Delete an ended job and its files now."""
         await retention.delete_now(self.store, self.storage, job)
+
+    # -- backlog: autoscaling signals and backpressure ----------------------
+
+    async def queued_clips(self) -> int:
+        """Clips waiting for a slot, and those of jobs still resolving their source."""
+        return self.limiter.waiting + sum(left for left, _ in self._preparing.values())
+
+    async def queue_stats(self) -> QueueStats:
+        """The jobs resolving and the clips waiting for a slot; in flight, the slots held."""
+        now_s = self._observe()
+        since = [t for _, t in self._preparing.values()]
+        return QueueStats(
+            depth={"jobs": len(self._preparing), "clips": self.limiter.waiting},
+            oldest_age_s={
+                "jobs": max(0.0, now_s - min(since)) if since else 0.0,
+                "clips": self.limiter.oldest_wait_s(now_s),
+            },
+            in_flight={_WORKER_ID: self.limiter.in_use},
+            workers=1,
+        )
+
+    def drain_per_s(self) -> float | None:
+        """Slots granted per second lately: how fast waiting clips start."""
+        return self._drain.per_s(self._observe())
+
+    def _observe(self) -> float:
+        """Feed the drain rate the slots granted so far; the loop's time."""
+        now_s = asyncio.get_running_loop().time()
+        self._drain.observe(now_s, {_WORKER_ID: self.limiter.granted})
+        return now_s
+
+    async def _observe_drain(self) -> None:
+        # Every reaper round too, so the rate is known when a creation is refused.
+        self._observe()
 
     # -- running a job ----------------------------------------------------
 
@@ -228,6 +275,8 @@ class LocalRunner:
                 for clip in job.clips:
                     if clip.index not in done:
                         tg.create_task(self._run_clip(job_id, job.source, clip, streams))
+                # They wait at the limiter from their first step on.
+                self._preparing.pop(job_id, None)
         finally:
             await asyncio.shield(streams.aclose())
         # Each outcome ends the job once it is the last, unless it asked for a
