@@ -304,3 +304,17 @@ async def test_metrics_without_redis_answer_without_the_queue_gauges(
     assert not [name for name, _ in found if name.startswith("clipservice_queue_depth")]
     assert value(found, "clipservice_workers") is None
     assert value(found, "clipservice_jobs_refused_total", reason="queue_full") == 0
+
+
+async def test_create_without_redis_is_a_503_problem(
+    make_service: ServiceFactory, tmp_path: Path
+) -> None:
+    """An API node whose Redis is down answers create-clips and a job lookup with a 503
+    problem (code queue_unavailable, Retry-After), not a 500: nothing was taken."""
+    api = await make_service(tmp_path / "d", queue={"url": "redis://127.0.0.1:1/0"})
+    async with await api.create({"video_id": "abc", "clips": [{"start": 0, "end": 1}]}) as resp:
+        body = await assert_problem(resp, 503)
+        assert body["code"] == "queue_unavailable" and int(resp.headers["Retry-After"]) > 0
+    async with api.http.get(f"{api.base_url}/api/check-job/{'0' * 32}") as resp:
+        body = await assert_problem(resp, 503)
+        assert body["code"] == "queue_unavailable"

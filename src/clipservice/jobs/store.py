@@ -14,6 +14,12 @@ file, so a reader (or a restart after ``kill -9``) never sees a torn
 document. Writes of one job are serialised by a per-job lock and always write
 the newest state.
 
+A full disk (ENOSPC, EDQUOT) fails a write cleanly: the temporary file is
+removed and the previous version of the document stays. A new job that cannot
+be saved is not kept (:class:`StorageFull` to the caller); a change to a saved
+job stays in memory, this process's truth, and is written with the next write
+that succeeds, once the disk has room again.
+
 Both stores index the clip files that jobs' results name (file → jobs), kept
 with every change that adds results and every deletion, so "may this key read
 this clip" is one lookup (:meth:`JobStore.file_owned`), not a scan of jobs.
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import re
@@ -30,7 +37,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import aiofiles
 import aiofiles.os
@@ -129,6 +136,9 @@ class FileJobStore:
         self._locks: dict[str, asyncio.Lock] = {}
         self._writes: set[asyncio.Future[None]] = set()
         self._taken: set[str] = set()  # ended jobs being deleted
+        # Jobs whose last write failed for want of space: written again after the next
+        # write that succeeds.
+        self._unsaved: set[str] = set()
         # (owner, Idempotency-Key) -> job id
         self._idempotent: dict[tuple[str | None, str], str] = {}
         # Clip file name -> owner -> that owner's jobs whose results name it
@@ -180,7 +190,11 @@ class FileJobStore:
         if job.idempotency_key:
             self._idempotent[(job.owner, job.idempotency_key)] = job.job_id
         self._index_files(job, job.files(), old.files() if old else set())
-        await self._write(job.job_id)
+        try:
+            await self._write(job.job_id)
+        except StorageFull:
+            await self.delete(job.job_id)  # not on disk: it was never created
+            raise
         self._notify(job.job_id)
 
     async def get(self, job_id: str) -> Job | None:
@@ -197,6 +211,7 @@ class FileJobStore:
         self._partials.pop(job_id, None)
         self._workers.pop(job_id, None)
         self._taken.discard(job_id)
+        self._unsaved.discard(job_id)
         lock = self._locks.pop(job_id, None) or asyncio.Lock()
         async with lock:
             await _unlink_quiet(self._path(job_id))
@@ -250,7 +265,8 @@ class FileJobStore:
         self._partials[job_id] = tx.partials
         tx.written = True
         if durable:
-            await self._write(job_id)
+            with contextlib.suppress(StorageFull):  # kept in memory; written later (see _write)
+                await self._write(job_id)
         self._notify(job_id)
         return tx
 
@@ -286,15 +302,54 @@ class FileJobStore:
             # Bookkeeping is protected from cancellation: a cancelled caller
             # returns at once, but the write (and the file's close) completes,
             # and close() waits for it.
-            write = asyncio.ensure_future(_write_atomic(self._path(job_id), data))
+            write = asyncio.ensure_future(self._write_file(job_id, data))
             self._writes.add(write)
             write.add_done_callback(self._writes.discard)
+            write.add_done_callback(_retrieve)
             try:
                 await asyncio.shield(write)
             except asyncio.CancelledError:
                 # Keep the lock until the file is renamed: writes of one job stay in order.
                 await asyncio.wait([write])
                 raise
+
+    async def _write_file(self, job_id: str, data: bytes) -> None:
+        try:
+            await _write_atomic(self._path(job_id), data)
+        except OSError as exc:
+            if exc.errno not in _NO_SPACE:
+                raise
+            self._unsaved.add(job_id)
+            log.error("job_write_failed", job_id=job_id, error=exc.strerror)
+            raise StorageFull(exc.errno, f"job {job_id} not written: {exc.strerror}") from exc
+        self._unsaved.discard(job_id)
+        if self._unsaved:  # there is room again: write what could not be written
+            unsaved, self._unsaved = self._unsaved, set()
+            for other in unsaved:
+                flush = asyncio.ensure_future(self._flush(other))
+                self._writes.add(flush)
+                flush.add_done_callback(self._writes.discard)
+
+    async def _flush(self, job_id: str) -> None:
+        try:
+            await self._write(job_id)
+        except StorageFull:
+            pass  # logged; tried again after the next write that succeeds
+        except OSError as exc:
+            log.error("job_write_failed", job_id=job_id, error=str(exc))
+
+
+class StorageFull(OSError):
+    """A job file could not be written for want of space (its previous version is intact)."""
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Mark a write's error as seen (its caller, if not cancelled, gets it too)."""
+    if not future.cancelled():
+        future.exception()
 
 
 async def _write_atomic(path: Path, data: bytes) -> None:

@@ -53,6 +53,8 @@ ProgressCallback = Callable[[float], None]
 
 _TERM_GRACE_S = 0.5
 _HTTP_ERROR_RE = re.compile(r"HTTP error [45]\d\d")
+# Lines put first in an error's message (its tail may be cut): a full disk.
+_NO_SPACE_RE = re.compile(r"No space left on device|Disk quota exceeded")
 # FFmpeg runs at a lower CPU priority than the API: with several encodes on a
 # few cores the event loop would otherwise wait its turn behind every encoder
 # thread, and status polls and event streams would stall while clips cut.
@@ -124,13 +126,15 @@ async def _read_progress(
 
 
 async def _read_stderr(
-    stream: asyncio.StreamReader, tail: deque[str], http_errors: list[str]
+    stream: asyncio.StreamReader, tail: deque[str], http_errors: list[str], notable: list[str]
 ) -> None:
     async for raw in stream:
         line = raw.decode("utf-8", "replace").rstrip()
         tail.append(line)
         if len(http_errors) < 3 and _HTTP_ERROR_RE.search(line):
             http_errors.append(line)
+        elif len(notable) < 1 and _NO_SPACE_RE.search(line):
+            notable.append(line)
 
 
 async def terminate(proc: asyncio.subprocess.Process) -> None:
@@ -204,12 +208,14 @@ async def run_ffmpeg(
     running_processes.add(proc)
     tail: deque[str] = deque(maxlen=20)
     http_errors: list[str] = []
+    notable: list[str] = []
     assert proc.stdout is not None and proc.stderr is not None
 
     async def _run() -> int:
         assert proc.stdout is not None and proc.stderr is not None
         await asyncio.gather(
-            _read_progress(proc.stdout, on_progress), _read_stderr(proc.stderr, tail, http_errors)
+            _read_progress(proc.stdout, on_progress),
+            _read_stderr(proc.stderr, tail, http_errors, notable),
         )
         return await proc.wait()
 
@@ -227,7 +233,8 @@ async def run_ffmpeg(
     # FFmpeg may exit 0 after an input answered an HTTP error mid-read (the
     # output is then short or missing a stream): a failed read is a failed run.
     if returncode != 0 or http_errors:
-        lines = [*http_errors, *(line for line in tail if line and line not in http_errors)]
+        first = [*http_errors, *notable]
+        lines = [*first, *(line for line in tail if line and line not in first)]
         proxy = _Egress.proxy
         forbidden = proxy.refused_since(t0) if proxy is not None else []
         raise FFmpegError(returncode, " | ".join(lines)[:2000], forbidden)
