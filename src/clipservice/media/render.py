@@ -638,9 +638,15 @@ async def _audio(
     start, end = spec.start_s, spec.end_s
     if spec.info.audio is None:
         raise ClipFailure("no_audio", "the source has no audio")
-    source = await _open_index(spec, budget)
-    stream = await asyncio.to_thread(_audio_input, source, start, end)
     covered: tuple[float, float] | None = None
+    # An MP3 of a separate audio stream is one FFmpeg run reading the stream
+    # itself (as a user's command would): copying the AAC out first only adds
+    # a step. From a muxed source, the copy reads the audio's bytes alone.
+    direct = fmt == "mp3" and spec.streams.audio_url is not None
+    stream = None
+    if not direct:
+        source = await _open_index(spec, budget)
+        stream = await asyncio.to_thread(_audio_input, source, start, end)
     if stream is not None and stream.track.codec == "aac":
         target = tmp if fmt == "m4a" else side_path(tmp, "copy.m4a")
         if target != tmp:
@@ -863,7 +869,8 @@ async def merge_clips(
         raise ValueError(f"crossfade_s must be between 0 and {MAX_CROSSFADE_S:g}")
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
-    clips = [await asyncio.to_thread(_describe_clip, p) for p in paths]
+    # (Described side by side: each is a file open and a few reads.)
+    clips = list(await asyncio.gather(*(asyncio.to_thread(_describe_clip, p) for p in paths)))
     if not all(c.has_video for c in clips):
         raise ValueError("a reel joins video clips (mp4)")
     if crossfade_s > 0 and len(clips) > 1 and crossfade_s >= min(c.duration_s for c in clips):
