@@ -8,6 +8,7 @@ asked to see under test (a killed worker's clip starts again elsewhere in under
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -15,10 +16,11 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -71,8 +73,17 @@ async def redis_url() -> AsyncIterator[str]:
 
 
 def _worker_config(
-    path: Path, data_dir: Path, vidfly_url: str, redis_url: str, max_concurrent_clips: int = 1
+    path: Path,
+    data_dir: Path,
+    vidfly_url: str,
+    redis_url: str,
+    max_concurrent_clips: int = 1,
+    storage: Mapping[str, Any] | None = None,
 ) -> Path:
+    # More [storage] keys (an S3 bucket); JSON strings and numbers are TOML too.
+    more_storage = "".join(
+        f"{key} = {json.dumps(value)}\n" for key, value in (storage or {}).items()
+    )
     path.write_text(
         f"""
 [server]
@@ -80,7 +91,7 @@ shutdown_grace_s = 1
 
 [storage]
 data_dir = "{data_dir}"
-
+{more_storage}
 [resolver]
 base_url = "{vidfly_url}"
 timeout_s = 3
@@ -101,7 +112,8 @@ url = "{redis_url}"
 
 @dataclass
 class Cluster:
-    """Two API nodes and worker processes, all on one Redis and one shared data_dir."""
+    """Two API nodes and worker processes, all on one Redis and one shared data_dir
+    (or, with ``separate_data_dirs``, a data_dir of each node's and worker's own)."""
 
     data_dir: Path
     config: Path
@@ -111,15 +123,20 @@ class Cluster:
     tmp: Path
     redis_url: str
     workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    # Added to the environment of the workers started from now on.
+    worker_env: dict[str, str] = field(default_factory=dict)
+    # Separate data folders: worker n's own config (and data_dir); None = ``config``.
+    config_for: Callable[[int], Path] | None = None
 
     def start_worker(self) -> subprocess.Popen[bytes]:
         n = len(self.workers)
+        config = self.config if self.config_for is None else self.config_for(n)
         log = (self.tmp / f"worker{n}.log").open("wb")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "clipservice", "worker", "--config", str(self.config)],
+            [sys.executable, "-m", "clipservice", "worker", "--config", str(config)],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **self.worker_env},
         )
         log.close()
         self.workers.append(proc)
@@ -187,16 +204,44 @@ async def make_cluster(
     make_service: ServiceFactory,
     redis_url: str,
     max_concurrent_clips: int = 1,
+    resolver_url: str | None = None,
+    storage: Mapping[str, Any] | None = None,
+    separate_data_dirs: bool = False,
 ) -> AsyncIterator[Cluster]:
-    """Two API nodes (no worker yet) on ``redis_url``; the workers started are stopped after."""
+    """Two API nodes (no worker yet) on ``redis_url``; the workers started are stopped after.
+    The workers resolve video ids with ``resolver_url`` (default: the fake Vidfly).
+
+    ``storage``: more ``[storage]`` keys for every node and worker (an S3 bucket).
+    ``separate_data_dirs``: no shared folder; the nodes' data_dirs are ``api0`` and
+    ``api1``, worker n's is ``worker<n>`` (all under ``tmp_path``)."""
     data_dir = tmp_path / "shared"
     store = RedisJobStore.from_url(redis_url)
-    api = await make_service(data_dir, queue={"url": redis_url})
-    api2 = await make_service(data_dir, queue={"url": redis_url})
-    config = _worker_config(
-        tmp_path / "worker.toml", data_dir, vidfly.base_url, redis_url, max_concurrent_clips
+    sections: dict[str, Any] = {"queue": {"url": redis_url}}
+    if storage:
+        sections["storage"] = dict(storage)
+    api = await make_service(tmp_path / "api0" if separate_data_dirs else data_dir, **sections)
+    api2 = await make_service(tmp_path / "api1" if separate_data_dirs else data_dir, **sections)
+
+    def config_for(n: int | None) -> Path:
+        return _worker_config(
+            tmp_path / ("worker.toml" if n is None else f"worker{n}.toml"),
+            data_dir if n is None else tmp_path / f"worker{n}",
+            resolver_url or vidfly.base_url,
+            redis_url,
+            max_concurrent_clips,
+            storage,
+        )
+
+    c = Cluster(
+        data_dir,
+        config_for(None),
+        store,
+        api,
+        api2,
+        tmp_path,
+        redis_url,
+        config_for=config_for if separate_data_dirs else None,
     )
-    c = Cluster(data_dir, config, store, api, api2, tmp_path, redis_url)
     try:
         yield c
     finally:

@@ -2,7 +2,8 @@
 
 Nothing runs at import time. Each resource has one ``cleanup_ctx`` entry, so
 its start-up and shutdown sit together: the outbound HTTP session, the URL
-guard, and the jobs: the job store, the event hub SSE listens to, the runner
+guard, the clip storage (``[storage] kind``: a folder or an S3 bucket), and
+the jobs: the job store, the event hub SSE listens to, the runner
 (which resumes unfinished jobs on start and stops its tasks on shutdown) and
 the webhook sender it tells of every ended job. Without ``[queue] url`` the
 runner is the in-process one (:mod:`clipservice.jobs.runner`); with it, jobs
@@ -25,6 +26,7 @@ from clipservice.api.appkeys import (
     READINESS,
     RUNNER,
     SETTINGS,
+    STORAGE,
     STORE,
     WEBHOOKS,
 )
@@ -47,7 +49,7 @@ from clipservice.metrics import Metrics
 from clipservice.sources.egress import ffmpeg_egress
 from clipservice.sources.factory import make_resolver
 from clipservice.sources.guard import UrlGuard
-from clipservice.storage import SharedFolderStorage
+from clipservice.storage_factory import open_storage
 
 
 def _absolute(settings: Settings) -> Settings:
@@ -78,6 +80,16 @@ async def _url_guard(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
+async def _storage(app: web.Application) -> AsyncIterator[None]:
+    # Before the jobs (which cut into it) and closed after them.
+    settings = app[SETTINGS]
+    async with open_storage(settings) as storage:
+        app[STORAGE] = storage
+        if settings.storage.kind == "s3":
+            app[READINESS].add_check("bucket", storage.check, ttl_s=ops.BUCKET_CHECK_TTL_S)
+        yield
+
+
 async def _jobs(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     events = LocalJobEvents()
@@ -85,7 +97,14 @@ async def _jobs(app: web.Application) -> AsyncIterator[None]:
     store = FileJobStore(settings.jobs_dir, on_change=events.notify)
     await store.open()
     resolver = make_resolver(settings, app[HTTP], app[GUARD])
-    runner = LocalRunner(settings, store, resolver, Cutter(settings.cut.ffmpeg_path), app[METRICS])
+    runner = LocalRunner(
+        settings,
+        store,
+        resolver,
+        Cutter(settings.cut.ffmpeg_path),
+        app[METRICS],
+        storage=app[STORAGE],
+    )
     app[EVENTS] = events
     # Webhook URLs come from clients: checked by the guard, posted through its
     # session, whose resolver refuses forbidden addresses at connect time too.
@@ -112,9 +131,7 @@ async def _distributed_jobs(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     store = RedisJobStore.from_url(settings.queue.url)
     events = RedisJobEvents(store)
-    runner = DistributedRunner(
-        settings, store, SharedFolderStorage(settings.clips_dir), app[METRICS]
-    )
+    runner = DistributedRunner(settings, store, app[STORAGE], app[METRICS])
     guard = app[GUARD]
     # API nodes deliver from the shared outbox too: a worker's delivery outlives the worker.
     outbox = RedisOutbox(store.redis, store.prefix)
@@ -158,6 +175,7 @@ def create_app(settings: Settings) -> web.Application:
     ops.setup(app)
     app.cleanup_ctx.append(_http_session)
     app.cleanup_ctx.append(_url_guard)
+    app.cleanup_ctx.append(_storage)
     app.cleanup_ctx.append(_distributed_jobs if settings.queue.url else _jobs)
     app.add_routes(routes)
     app.add_routes(sse.routes)

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Mapping
-from contextlib import AsyncExitStack
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import format_datetime, parsedate_to_datetime
@@ -42,6 +43,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from clipservice.api.problems import PROBLEM_CONTENT_TYPE, problem_response
 from clipservice.config import StorageSettings
 from clipservice.errors import ClipFailure, ProblemError
+from clipservice.media.cutter import part_path
 from clipservice.storage import SharedFolderStorage
 
 if TYPE_CHECKING:
@@ -240,6 +242,33 @@ class S3Storage:
     async def exists(self, name: str) -> bool:
         return await self.head(name) is not None
 
+    async def metadata(self, name: str) -> Mapping[str, str] | None:
+        """The user metadata :meth:`publish` stored with the object; None when it is missing."""
+        info = await self.head(name)
+        return None if info is None else info.metadata
+
+    @asynccontextmanager
+    async def local_file(self, name: str) -> AsyncIterator[Path]:
+        """Download the object into the staging folder for the block, then remove it.
+
+        Streamed to disk a chunk at a time (a reel's clips may be big), under a
+        temporary name that the stale-part sweep removes if the process dies.
+        """
+        key = self.key(name)
+        path = part_path(self.staging_path(name))
+        try:
+            try:
+                obj = await self.client.get_object(Bucket=self.bucket, Key=key)
+                async with obj["Body"] as body, aiofiles.open(path, "wb") as fh:
+                    async for chunk in body.iter_chunks(STREAM_CHUNK_BYTES):
+                        await fh.write(chunk)
+            except (ClientError, BotoCoreError, aiohttp.ClientError, TimeoutError) as exc:
+                raise StorageError("download", key, _reason(exc)) from exc
+            yield path
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                await aiofiles.os.remove(path)
+
     async def head(self, name: str) -> ObjectInfo | None:
         """Size, ETag and date of the stored output, or None when there is none."""
         key = self.key(name)
@@ -273,6 +302,7 @@ class S3Storage:
         path = self.staging_path(name)
         key = self.key(name)
         size_bytes = (await aiofiles.os.stat(path)).st_size
+        started = time.perf_counter()
         try:
             if size_bytes < self.settings.multipart_threshold_bytes:
                 async with aiofiles.open(path, "rb") as fh:
@@ -288,8 +318,17 @@ class S3Storage:
                 await self._multipart_upload(path, key, content_type_for(name), meta)
         except (ClientError, BotoCoreError) as exc:
             raise StorageError("upload", key, _reason(exc)) from exc
+        upload_s = time.perf_counter() - started
         await aiofiles.os.remove(path)
-        log.info("clip_uploaded", file=name, bucket=self.bucket, key=key, size_bytes=size_bytes)
+        # upload_s: what storing in a bucket adds to each output (bench_workers sums it).
+        log.info(
+            "clip_uploaded",
+            file=name,
+            bucket=self.bucket,
+            key=key,
+            size_bytes=size_bytes,
+            upload_s=round(upload_s, 4),
+        )
 
     async def _multipart_upload(
         self, path: Path, key: str, content_type: str, metadata: dict[str, str]

@@ -41,6 +41,4 @@ async def open_storage(settings: Settings) -> AsyncIterator[ManagedClipStorage]:
     try:
         yield storage
     finally:
-        # Only the S3 storage holds a client; the shared folder has nothing to close.
-        if isinstance(storage, S3Storage):
-            await storage.close()
+        await storage.close()

@@ -14,6 +14,7 @@ from clipservice.jobs.store import JobStore
 from clipservice.jobs.webhooks import WebhookSender
 from clipservice.metrics import Metrics
 from clipservice.sources.guard import UrlGuard
+from clipservice.storage import ClipStorage
 
 if TYPE_CHECKING:
     from clipservice.api.ops import Readiness
@@ -27,3 +28,5 @@ EVENTS = web.AppKey[JobEvents]("events")
 WEBHOOKS = web.AppKey("webhooks", WebhookSender)
 METRICS = web.AppKey("metrics", Metrics)
 READINESS: web.AppKey[Readiness] = web.AppKey("readiness")
+# Where clip outputs live (storage.kind): GET /api/clips/{file} answers from it.
+STORAGE = web.AppKey[ClipStorage]("storage")

@@ -2,7 +2,7 @@
 
 ``/readyz`` answers 200 when the service can take jobs: not draining, the
 storage folder writable, FFmpeg runnable, and any extra check another part
-registers (the distributed mode adds its queue). Checking FFmpeg spawns a
+registers (the distributed mode adds its queue, S3 storage its bucket). Checking FFmpeg spawns a
 process, so its answer is cached for ``FFMPEG_CHECK_TTL_S`` and refreshed by
 at most one request at a time; a readiness probe never costs a process per
 request. While draining it answers 503 at once, as does job creation.
@@ -40,6 +40,9 @@ routes = web.RouteTableDef()
 
 FFMPEG_CHECK_TTL_S = 60.0
 STORAGE_CHECK_TTL_S = 1.0
+# The object store's check is a HEAD of the bucket: a probe every second from
+# each orchestrator should not become a request to the store each time.
+BUCKET_CHECK_TTL_S = 5.0
 # What a client is told to wait before retrying while this instance drains
 # (by then another instance, or this one restarted, takes the request).
 RETRY_AFTER_S = 5
@@ -68,9 +71,21 @@ class Readiness:
     _ffmpeg: _Cached = field(default_factory=_Cached)
     _storage: _Cached = field(default_factory=_Cached)
 
-    def add_check(self, name: str, check: ReadyCheck) -> None:
-        """Add a check (e.g. the queue's reachability) to ``/readyz``."""
-        self.extra[name] = check
+    def add_check(self, name: str, check: ReadyCheck, *, ttl_s: float = 0.0) -> None:
+        """Add a check (e.g. the queue's reachability) to ``/readyz``.
+
+        With ``ttl_s``, its answer is reused that long and refreshed by one probe
+        at a time (a check that costs a request to another service).
+        """
+        if ttl_s > 0:
+            slot = _Cached()
+
+            async def cached() -> str | None:
+                return await self._cached(slot, ttl_s, check)
+
+            self.extra[name] = cached
+        else:
+            self.extra[name] = check
 
     async def _cached(
         self, slot: _Cached, ttl_s: float, check: Callable[[], Awaitable[str | None]]
@@ -86,9 +101,13 @@ class Readiness:
     async def _check_storage(self) -> str | None:
         def probe() -> None:
             path = self.data_dir / f".readyz-{uuid.uuid4().hex[:8]}"
-            with path.open("wb") as fh:
-                fh.write(b"ok")
-            os.unlink(path)
+            try:
+                with path.open("wb") as fh:
+                    fh.write(b"ok")
+            finally:
+                # A full disk fails the write, not the open: no empty file left per probe.
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
 
         try:
             await asyncio.to_thread(probe)

@@ -5,22 +5,20 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
-import stat
 from typing import Any
 
-import aiofiles.os
 from aiohttp import web
 
-from clipservice.api.appkeys import RUNNER, SETTINGS, STORE
+from clipservice.api.appkeys import RUNNER, SETTINGS, STORAGE, STORE
 from clipservice.api.auth import CLIENT_ID, is_admin, job_owner, may_see
 from clipservice.api.ops import refuse_if_draining, refuse_if_queue_full
 from clipservice.api.schemas import CreateClipsRequest, JobCreated, OutputRequest
-from clipservice.domain import OutputOptions, content_type
+from clipservice.domain import OutputOptions
 from clipservice.errors import ProblemError
 from clipservice.jobs.models import ClipSpec, Job, JobSource, JobStatus, new_job_id
 from clipservice.jobs.naming import is_clip_file_name
 from clipservice.media.render import check_options
+from clipservice.storage import clip_not_found
 
 routes = web.RouteTableDef()
 
@@ -241,53 +239,10 @@ async def get_clip(request: web.Request) -> web.StreamResponse:
         else:
             readable = caller is not None and await store.file_owned(name, caller)
         if not readable:
-            raise _clip_not_found()
-    path = settings.clips_dir / name
-    try:
-        st = await aiofiles.os.stat(path)
-    except OSError:
-        st = None
-    if st is None or not stat.S_ISREG(st.st_mode):
-        raise _clip_not_found()
-    if _range_unsatisfiable(request, st):
-        raise ProblemError(
-            416,
-            "Range Not Satisfiable",
-            f"the clip has {st.st_size} bytes; ask for a single range within them",
-            headers={"Content-Range": f"bytes */{st.st_size}"},
-        )
-    # A clip at its final name never changes (outputs are renamed into place when
-    # complete), so the size checked above is the size FileResponse serves.
-    return web.FileResponse(path, headers={"Content-Type": content_type(name)})
-
-
-def _clip_not_found() -> ProblemError:
-    return ProblemError(404, "Clip not found", "no such clip (it may have expired)")
-
-
-def _range_unsatisfiable(request: web.Request, st: os.stat_result) -> bool:
-    """Whether ``FileResponse`` would answer 416, decided first so the 416 is problem JSON.
-
-    It mirrors aiohttp's own rules: a stale ``If-Range`` means the whole file
-    (200), a Range header aiohttp cannot parse (malformed, several ranges, start
-    after end) or one starting at or past the end is unsatisfiable, a suffix
-    range (``bytes=-N``) never is.
-    """
-    if "Range" not in request.headers:
-        return False
-    if_range = request.if_range
-    if if_range is not None and st.st_mtime > if_range.timestamp():
-        return False
-    try:
-        rng = request.http_range
-    except ValueError:
-        return True
-    start: int | None = rng.start
-    if start is None:
-        return False
-    if start < 0 and rng.stop is None:
-        return st.st_size == 0
-    return start >= st.st_size
+            raise clip_not_found()
+    # The storage answers: a file with Range, the object streamed, or a redirect;
+    # a missing clip is its 404 and an unsatisfiable range its 416 problem.
+    return await request.app[STORAGE].response(name)
 
 
 @routes.get("/healthz")

@@ -7,24 +7,37 @@ under it each time, ends ``interrupted`` instead of taking the service down
 in a loop), the wait for a slot, then the cut under ``jobs.clip_timeout_s``:
 a complete earlier output of the same clip is reused, and stream URLs that
 expired mid-cut are renewed and the cut run again. Every ending becomes a
-result or an error with a stable code, and every attempt ends with one
+result or an error with a stable code (a failure to write the output because
+its disk is full is ``storage_full``, whichever step met it), and every attempt ends with one
 ``clip_done`` log line and the clip metrics.
 
 What the runner does around it (claiming the clip in the job store,
 recording the outcome, its FFmpeg slots and progress reports) stays in the
 runner: :mod:`clipservice.jobs.runner` and :mod:`clipservice.jobs.worker`.
+
+Reuse works the same on every storage: a new output is published with its
+outcome as metadata (:func:`outcome_metadata`), and a reuse rebuilds the
+outcome from it, so an object in a bucket is described without being
+downloaded; a file without it (the shared folder) is described by probing
+the file.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import errno
+import json
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
+import aiofiles.os
 import structlog
+from pydantic import TypeAdapter, ValidationError
 
 from clipservice.config import Settings
 from clipservice.domain import JobSource
@@ -33,7 +46,7 @@ from clipservice.jobs.bookkeeping import ClipOutcome, clip_error
 from clipservice.jobs.models import ClipResult, ClipSpec
 from clipservice.jobs.naming import clip_file_name
 from clipservice.jobs.streams import JobStreams, StreamSet
-from clipservice.media.cutter import CutSpec, Cutter
+from clipservice.media.cutter import CutOutcome, CutSpec, Cutter
 from clipservice.media.probe import SourceInfo
 from clipservice.metrics import Metrics
 from clipservice.storage import ClipStorage
@@ -44,6 +57,72 @@ log = structlog.get_logger(__name__)
 RANGE_SLACK_S = 0.05
 # A running clip reports its progress at most this often.
 PROGRESS_INTERVAL_S = 0.5
+# The metadata key a published output carries its outcome under (x-amz-meta-…).
+OUTCOME_KEY = "clipservice-outcome"
+# S3 keeps at most 2 KB of user metadata per object; a long note is dropped first.
+_MAX_METADATA_CHARS = 1800
+_OUTCOME = TypeAdapter(CutOutcome)
+
+
+def outcome_metadata(outcome: CutOutcome) -> dict[str, str]:
+    """The outcome as publish metadata: compact ASCII JSON (safe in a header)."""
+    data = dataclasses.asdict(outcome)
+    text = json.dumps(data, separators=(",", ":"))
+    if len(text) > _MAX_METADATA_CHARS:
+        text = json.dumps({**data, "note": None}, separators=(",", ":"))
+    return {OUTCOME_KEY: text}
+
+
+def outcome_from_metadata(metadata: Mapping[str, str]) -> CutOutcome | None:
+    """The outcome :func:`outcome_metadata` stored, or None if absent or unreadable."""
+    raw = metadata.get(OUTCOME_KEY)
+    if not raw:
+        return None
+    try:
+        outcome: CutOutcome = _OUTCOME.validate_json(raw)
+    except ValidationError:
+        return None
+    return outcome
+
+
+class _NameLocks:
+    """One lock per output name while in use: two jobs of this process wanting the
+    same output make it once (the second reuses it) instead of racing on its file."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, name: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(name, (asyncio.Lock(), 0))
+        self._locks[name] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[name]
+            if users == 1:
+                del self._locks[name]
+            else:
+                self._locks[name] = (lock, users - 1)
+
+
+# A full disk in the OS's and FFmpeg's words (FFmpeg reports it only on stderr).
+_NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_NO_SPACE_WORDS = ("No space left on device", "Disk quota exceeded")
+
+
+def storage_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an error it came from) says the disk is full."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in _NO_SPACE_ERRNOS:
+            return True
+        text = seen.message if isinstance(seen, ClipFailure) else str(seen)
+        if any(words in text for words in _NO_SPACE_WORDS):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 @dataclass(frozen=True)
@@ -56,6 +135,7 @@ class ClipWork:
     clip_timeout_s: float
     # Times a clip may be begun without an outcome before it ends "interrupted".
     max_attempts: int
+    names: _NameLocks = field(default_factory=_NameLocks, compare=False)
 
     @classmethod
     def of(
@@ -77,6 +157,22 @@ def check_range(clip: ClipSpec, info: SourceInfo) -> None:
             "invalid_range",
             f"clip ends at {clip.end}s but the video lasts {info.duration_s:.3f}s",
         )
+
+
+async def _reused(work: ClipWork, clip: ClipSpec, name: str, final: Path) -> CutOutcome | None:
+    """The outcome of a complete stored output of this name, or None to cut it."""
+    stored = await work.storage.metadata(name)
+    if stored is None:
+        return None
+    outcome = outcome_from_metadata(stored)
+    if outcome is not None:
+        log.info("clip_reused", file=name, described_by="metadata")
+        return outcome
+    if not await aiofiles.os.path.isfile(final):
+        # An object stored without its outcome: cut again (the upload replaces it).
+        return None
+    log.info("clip_reused", file=name, described_by="file")
+    return await work.cutter.describe_existing(final, clip.start, clip.end, clip.mode, clip.output)
 
 
 def _never() -> bool:
@@ -130,14 +226,19 @@ async def attempt_clip(
                 return await asyncio.wait_for(streams.run(cut), work.clip_timeout_s)
         except ClipFailure as exc:
             code, message = exc.code, exc.message
+            if code in ("ffmpeg_failed", "output_invalid") and storage_full(exc):
+                code, message = "storage_full", f"the clip's storage is full: {message}"
         except TimeoutError:
             code, message = "timeout", f"clip took over {work.clip_timeout_s}s"
         except asyncio.CancelledError:
             code = "cancelled"
             raise
         except Exception as exc:  # a bug must not leave the clip without an outcome
-            code, message = "ffmpeg_failed", f"internal error: {exc}"
-            log.exception("clip_crashed")
+            if storage_full(exc):
+                code, message = "storage_full", f"the clip's storage is full: {exc}"
+            else:
+                code, message = "ffmpeg_failed", f"internal error: {exc}"
+                log.exception("clip_crashed")
         log.warning("clip_failed", code=code, error=message[:500])
         return clip_error(clip, code, message)
     finally:
@@ -185,28 +286,25 @@ async def produce_clip(
     """Cut ``clip`` into its file (or reuse a complete earlier output) and describe it."""
     name = clip_file_name(source, clip)
     final = work.storage.staging_path(name)
-    if await work.storage.exists(name):
-        log.info("clip_reused", file=name)
-        outcome = await work.cutter.describe_existing(
-            final, clip.start, clip.end, clip.mode, clip.output
-        )
-    else:
-        outcome = await work.cutter.cut(
-            CutSpec(
-                streams=streams.urls,
-                info=info,
-                start_s=clip.start,
-                end_s=clip.end,
-                mode=clip.mode,
-                final=final,
-                timeout_s=work.clip_timeout_s,
-                source=streams.index,
-                on_progress=on_progress,
-                options=clip.output,
+    async with work.names.hold(name):
+        outcome = await _reused(work, clip, name, final)
+        if outcome is None:
+            outcome = await work.cutter.cut(
+                CutSpec(
+                    streams=streams.urls,
+                    info=info,
+                    start_s=clip.start,
+                    end_s=clip.end,
+                    mode=clip.mode,
+                    final=final,
+                    timeout_s=work.clip_timeout_s,
+                    source=streams.index,
+                    on_progress=on_progress,
+                    options=clip.output,
+                )
             )
-        )
-        await work.storage.publish(name)
-        work.metrics.bytes_written.inc(outcome.size_bytes)
+            await work.storage.publish(name, metadata=outcome_metadata(outcome))
+            work.metrics.bytes_written.inc(outcome.size_bytes)
     return ClipResult(
         index=clip.index,
         start=clip.start,

@@ -5,11 +5,16 @@ document has it), by whichever process recorded the last clip: the in-process
 runner at the end of the job, or, in the distributed mode, a ``merge_job``
 task that the queue retries if its worker dies. A reel that cannot be made
 does not fail the job: the reel says why.
+
+The join needs local files: the storage lends them (the shared folder's own
+files, or downloads from the bucket into the staging folder, removed after),
+and the reel is published like any output.
 """
 
 from __future__ import annotations
 
 import asyncio
+from contextlib import AsyncExitStack
 
 import structlog
 
@@ -30,16 +35,12 @@ async def make_reel(job: Job, storage: ClipStorage, *, timeout_s: float) -> Reel
     indexes = [r.index for r in results]
     name = reel_file_name(job.job_id)
     try:
-        # (merge_clips writes under a temporary name and renames when valid.)
-        outcome = await asyncio.wait_for(
-            merge_clips(
-                [storage.staging_path(r.file) for r in results],
-                storage.staging_path(name),
-                crossfade_s=job.crossfade_s,
-                timeout_s=timeout_s,
-            ),
-            timeout_s,
-        )
+        async with asyncio.timeout(timeout_s), AsyncExitStack() as local:
+            inputs = [await local.enter_async_context(storage.local_file(r.file)) for r in results]
+            # (merge_clips writes under a temporary name and renames when valid.)
+            outcome = await merge_clips(
+                inputs, storage.staging_path(name), crossfade_s=job.crossfade_s, timeout_s=timeout_s
+            )
         await storage.publish(name)
     except ClipFailure as exc:
         return _failed(indexes, exc.code, exc.message)

@@ -6,21 +6,30 @@ list (:meth:`JobStore.take_due <clipservice.jobs.store.JobStore.take_due>`)
 deletes it and its files, keeping every file another stored job still uses
 (:func:`still_used`). The loop also removes temporary outputs that crashed
 cuts left behind.
+
+An object store that fails a delete (:class:`~clipservice.s3storage.StorageError`)
+does not cost the object: the job is kept, its expiry pushed
+:data:`DELETE_RETRY_S` ahead in the store (so any node, or this one after a
+restart, takes it up again), and this process retries it then too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Iterable
+from datetime import UTC, datetime
 
 import structlog
 from redis.exceptions import RedisError
 
 from clipservice.config import Settings
+from clipservice.errors import ProblemError
 from clipservice.jobs.models import Job
 from clipservice.jobs.naming import clip_file_name
-from clipservice.jobs.store import JobStore
+from clipservice.jobs.store import JobStore, JobTx
+from clipservice.s3storage import StorageError
 from clipservice.storage import ClipStorage
 
 log = structlog.get_logger(__name__)
@@ -28,6 +37,13 @@ log = structlog.get_logger(__name__)
 # A clip's work outside clip_timeout_s (resolving, probing, validating) takes
 # far less than this; a temporary output untouched this much longer is stale.
 _PART_GRACE_S = 120
+# A job whose files the store failed to delete is tried again this much later.
+DELETE_RETRY_S = 30.0
+
+# Jobs this process took for deletion and must try again (their files' deletion
+# failed), by store: job id -> when (epoch s). Kept per store object because
+# the file store will not hand a job it already handed out to take_due again.
+_deferred: weakref.WeakKeyDictionary[JobStore, dict[str, float]] = weakref.WeakKeyDictionary()
 
 
 def reap_interval_s(settings: Settings) -> float:
@@ -62,26 +78,73 @@ async def delete_job_and_files(store: JobStore, storage: ClipStorage, job_id: st
     if job is None:
         return 0
     removed = 0
-    for name in sorted(job.files() - still_used(await store.all(), job_id)):
-        removed += await storage.delete(name)
+    try:
+        for name in sorted(job.files() - still_used(await store.all(), job_id)):
+            removed += await storage.delete(name)
+    except StorageError as exc:
+        await _defer(store, job_id, exc)
+        raise
     await store.delete(job_id)
+    _deferred.get(store, {}).pop(job_id, None)
     log.info("job_deleted", job_id=job_id, files_removed=removed)
     return removed
 
 
+async def _defer(store: JobStore, job_id: str, exc: StorageError) -> None:
+    """Keep a job whose files could not be deleted, to be tried again later."""
+    retry_at = time.time() + DELETE_RETRY_S
+    log.warning("job_delete_deferred", job_id=job_id, retry_in_s=DELETE_RETRY_S, error=exc.message)
+    _deferred.setdefault(store, {})[job_id] = retry_at
+
+    def push_expiry(tx: JobTx) -> bool:
+        tx.job.expires_at = datetime.fromtimestamp(retry_at, UTC)
+        return True
+
+    # In the store too (the Redis store lists the job as due again at that time),
+    # so the retry outlives this process.
+    await store.transact(job_id, push_expiry)
+
+
 async def delete_now(store: JobStore, storage: ClipStorage, job: Job) -> None:
-    """Delete an ended job and its files before its retention ends (DELETE on an ended job)."""
+    """Delete an ended job and its files before its retention ends (DELETE on an ended job).
+
+    The object store failing answers 503 (the job and its files are deleted
+    later, as by retention).
+    """
     await store.take_due(job.job_id)  # the reaper must not take it too
-    await delete_job_and_files(store, storage, job.job_id)
+    try:
+        await delete_job_and_files(store, storage, job.job_id)
+    except StorageError as exc:
+        raise ProblemError(
+            503,
+            "Storage unavailable",
+            "the clip store did not answer; the job is deleted later, or retry shortly",
+            code="storage_unavailable",
+            headers={"Retry-After": str(int(DELETE_RETRY_S))},
+        ) from exc
 
 
 async def reap_expired(store: JobStore, storage: ClipStorage) -> int:
-    """Delete the jobs whose retention ran out; each by exactly one node."""
+    """Delete the jobs whose retention ran out; each by exactly one node.
+
+    A job whose files the storage failed to delete stays, and is tried again
+    :data:`DELETE_RETRY_S` later.
+    """
     count = 0
-    for job_id in await store.due(time.time()):
+    now = time.time()
+    deferred = _deferred.get(store, {})
+    retry = [job_id for job_id, at in deferred.items() if at <= now]
+    for job_id in retry:
+        deferred.pop(job_id, None)
+    for job_id in await store.due(now):
         if await store.take_due(job_id):
+            retry.append(job_id)
+    for job_id in dict.fromkeys(retry):
+        try:
             await delete_job_and_files(store, storage, job_id)
-            count += 1
+        except StorageError:
+            continue  # deferred (logged): the next rounds try again
+        count += 1
     return count
 
 

@@ -50,7 +50,8 @@ from clipservice.media.cutter import Cutter, warm_join_processes
 from clipservice.media.ffmpeg import running_processes, terminate
 from clipservice.metrics import Metrics
 from clipservice.sources.base import Resolver
-from clipservice.storage import ClipStorage, SharedFolderStorage
+from clipservice.storage import ClipStorage
+from clipservice.storage_factory import make_storage
 
 # source_expired lives in jobs/streams.py; the cut engine's tests import it from here.
 __all__ = ["LocalRunner", "source_expired"]
@@ -77,7 +78,9 @@ class LocalRunner:
         self.store = store
         self.resolver = resolver
         self.metrics = metrics if metrics is not None else Metrics()
-        self.storage = storage if storage is not None else SharedFolderStorage(settings.clips_dir)
+        # The app passes the storage it opened; one made here is closed by stop().
+        self._owns_storage = storage is None
+        self.storage = storage if storage is not None else make_storage(settings)
         self.work = ClipWork.of(settings, cutter, self.storage, self.metrics)
         self.limiter = FairLimiter(settings.jobs.max_concurrent_clips)
         # Called with each job once it has ended and been saved (webhooks); must not block.
@@ -156,6 +159,8 @@ class LocalRunner:
         # Belt and braces: every run_ffmpeg reaps its process when cancelled.
         for proc in list(running_processes):
             await terminate(proc)
+        if self._owns_storage:
+            await self.storage.close()
 
     # -- API-facing -------------------------------------------------------
 

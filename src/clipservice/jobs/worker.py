@@ -78,7 +78,8 @@ from clipservice.sources.base import Resolver
 from clipservice.sources.egress import ffmpeg_egress
 from clipservice.sources.factory import make_resolver
 from clipservice.sources.guard import UrlGuard
-from clipservice.storage import ClipStorage, SharedFolderStorage
+from clipservice.storage import ClipStorage
+from clipservice.storage_factory import open_storage
 
 log = structlog.get_logger(__name__)
 
@@ -397,8 +398,6 @@ async def run_worker(settings: Settings, *, worker_id: str | None = None) -> Non
     worker_id = worker_id or default_worker_id()
     url = settings.queue.url
     store = RedisJobStore.from_url(url)
-    storage = SharedFolderStorage(settings.clips_dir)
-    await storage.open()
     jobs_queue = make_queue(url, JOBS_QUEUE)
     clips_queue = make_queue(url, CLIPS_QUEUE)
     grace_s = int(settings.server.shutdown_grace_s + 0.999)
@@ -413,6 +412,8 @@ async def run_worker(settings: Settings, *, worker_id: str | None = None) -> Non
             timeout_s=settings.resolver.timeout_s,
         ) as guard,
         ffmpeg_egress(allow_private=settings.security.allow_private_sources),
+        # The shared folder, or the bucket (with kind = s3 nothing else is shared).
+        open_storage(settings) as storage,
     ):
         state = ClipWorker(
             settings,
