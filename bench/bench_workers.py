@@ -31,7 +31,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -57,25 +56,14 @@ from clipservice.logging import configure_logging
 from clipservice.media.cutter import Cutter
 from clipservice.sources.base import DirectResolver
 from clipservice.storage_factory import open_storage
-from tests.conftest import make_media
+from tests.conftest import free_port, make_media
+from tests.s3_servers import remove_weed_sockets, seaweed_command, weed_binary
 
-REDIS_URL = "redis://127.0.0.1:6379/13"
+REDIS_URL = "redis://127.0.0.1:6379/15"  # no test uses it: a bench run beside tests is safe
 RESULTS = Path(__file__).parent / "results"
 # The bench's own store's credentials (SeaweedFS checks them; moto takes any).
 ACCESS_KEY = "clipservice-bench"
 SECRET_KEY = "clipservice-bench-secret"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _weed_binary() -> str | None:
-    beside = Path(sys.executable).with_name("weed")
-    return str(beside) if beside.is_file() else shutil.which("weed")
 
 
 def _store_command(kind: str, root: Path) -> tuple[list[str], str, list[int]]:
@@ -83,37 +71,10 @@ def _store_command(kind: str, root: Path) -> tuple[list[str], str, list[int]]:
     whose unix sockets it leaves in /tmp (weed names its gRPC sockets by port)."""
     root.mkdir(parents=True, exist_ok=True)
     if kind == "moto":
-        port = _free_port()
+        port = free_port()
         moto = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
         return moto, f"http://127.0.0.1:{port}", []
-    identities = root / "s3.json"
-    identities.write_text(
-        json.dumps(
-            {
-                "identities": [
-                    {
-                        "name": "bench",
-                        "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
-                        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-                    }
-                ]
-            }
-        )
-    )
-    ports = {name: _free_port() for name in ("master", "volume", "filer", "s3")}
-    grpc = {name: _free_port() for name in ports}
-    weed = _weed_binary()
-    assert weed is not None
-    return [
-        weed, "server", f"-dir={root}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-        f"-master.port={ports['master']}", f"-master.port.grpc={grpc['master']}",
-        "-master.volumeSizeLimitMB=64", "-volume.max=200",
-        f"-volume.port={ports['volume']}", f"-volume.port.grpc={grpc['volume']}",
-        "-filer", f"-filer.port={ports['filer']}", f"-filer.port.grpc={grpc['filer']}",
-        "-s3", f"-s3.port={ports['s3']}", f"-s3.port.grpc={grpc['s3']}",
-        f"-s3.config={identities}", "-s3.port.iceberg=0", "-s3.port.lance=0",
-        f"-filer.localSocket={root / 'filer.sock'}", f"-s3.localSocket={root / 's3.sock'}",
-    ], f"http://127.0.0.1:{ports['s3']}", list(grpc.values())  # fmt: skip
+    return seaweed_command(root, ACCESS_KEY, SECRET_KEY)
 
 
 @asynccontextmanager
@@ -137,9 +98,7 @@ async def s3_server(kind: str, root: Path) -> AsyncIterator[str]:
         proc.kill()
         await proc.wait()
         log.close()
-        for port in socket_ports:
-            for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):  # noqa: ASYNC240
-                sock.unlink(missing_ok=True)
+        remove_weed_sockets(socket_ports)
 
 
 async def new_bucket(endpoint_url: str) -> dict[str, Any]:
@@ -352,7 +311,7 @@ async def main() -> None:
     configure_logging("WARNING")  # the embedded runner's clip lines would bury the table
     server = args.s3_server
     if server == "auto":
-        server = "seaweedfs" if _weed_binary() else "moto"
+        server = "seaweedfs" if weed_binary() else "moto"
     # The bench's store, through the standard credential chain (as the service reads it).
     os.environ.update(
         AWS_ACCESS_KEY_ID=ACCESS_KEY,

@@ -18,7 +18,6 @@ import os
 import random
 import select
 import signal
-import socket
 import struct
 import sys
 import threading
@@ -36,7 +35,15 @@ from aiohttp import web
 from clipservice.jobs.models import Job
 from clipservice.jobs.queue import CLIPS_QUEUE, JOBS_QUEUE, make_queue
 from clipservice.media.cutter import PART_MARKER
-from tests.conftest import FIXTURES, MEDIA_SECONDS, FakeVidfly, MediaServer, ServiceFactory
+from tests.conftest import (
+    FIXTURES,
+    MEDIA_SECONDS,
+    FakeVidfly,
+    MediaServer,
+    ServiceFactory,
+    alive,
+    free_port,
+)
 from tests.test_distributed import Cluster, make_cluster, redis_url  # noqa: F401 (a fixture)
 
 # Ten trials take about half a minute on an idle two-core machine; the bound is for a busy one.
@@ -64,21 +71,6 @@ ALLOWED_CODES = {"interrupted"}
 # Each process the service starts inherits this variable: a process carrying
 # the run's value after the end is an orphan (found by its environment).
 MARK_VAR = "CHAOS_TEST_MARK"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def alive(pid: int) -> bool:
-    """True if ``pid`` runs and is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
 
 
 def children(pid: int) -> list[int]:
@@ -277,7 +269,7 @@ class Serve:
 async def start_serve(
     data: Path, resolver_url: str, mark: str, http: aiohttp.ClientSession, log: Path
 ) -> Serve:
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "CLIPSERVICE_STORAGE__DATA_DIR": str(data),

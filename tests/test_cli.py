@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,6 +11,7 @@ import urllib.request
 from pathlib import Path
 
 from clipservice import __version__
+from tests.conftest import free_port
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -35,15 +35,9 @@ def test_bad_flag_exits_2() -> None:
         assert proc.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_serve_starts_and_answers(tmp_path: Path) -> None:
     """`clipservice serve` on built-in defaults answers /healthz and stops on SIGTERM."""
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "CLIPSERVICE_STORAGE__DATA_DIR": str(tmp_path / "data")}
     log = (tmp_path / "serve.log").open("wb")
     proc = subprocess.Popen(

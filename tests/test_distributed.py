@@ -79,10 +79,16 @@ def _worker_config(
     redis_url: str,
     max_concurrent_clips: int = 1,
     storage: Mapping[str, Any] | None = None,
+    security: Mapping[str, Any] | None = None,
 ) -> Path:
-    # More [storage] keys (an S3 bucket); JSON strings and numbers are TOML too.
-    more_storage = "".join(
-        f"{key} = {json.dumps(value)}\n" for key, value in (storage or {}).items()
+    # More [storage] keys (an S3 bucket) and [security] keys (a webhook secret);
+    # JSON strings and numbers are TOML too.
+    def more(keys: Mapping[str, Any] | None) -> str:
+        return "".join(f"{key} = {json.dumps(value)}\n" for key, value in (keys or {}).items())
+
+    more_storage = more(storage)
+    more_security = more(
+        {k: v for k, v in (security or {}).items() if k != "allow_private_sources"}
     )
     path.write_text(
         f"""
@@ -98,7 +104,7 @@ timeout_s = 3
 
 [security]
 allow_private_sources = true
-
+{more_security}
 [jobs]
 clip_timeout_s = 60
 max_concurrent_clips = {max_concurrent_clips}
@@ -207,11 +213,13 @@ async def make_cluster(
     resolver_url: str | None = None,
     storage: Mapping[str, Any] | None = None,
     separate_data_dirs: bool = False,
+    security: Mapping[str, Any] | None = None,
 ) -> AsyncIterator[Cluster]:
     """Two API nodes (no worker yet) on ``redis_url``; the workers started are stopped after.
     The workers resolve video ids with ``resolver_url`` (default: the fake Vidfly).
 
-    ``storage``: more ``[storage]`` keys for every node and worker (an S3 bucket).
+    ``storage``, ``security``: more ``[storage]`` keys (an S3 bucket) and ``[security]``
+    keys (a webhook secret) for every node and worker.
     ``separate_data_dirs``: no shared folder; the nodes' data_dirs are ``api0`` and
     ``api1``, worker n's is ``worker<n>`` (all under ``tmp_path``)."""
     data_dir = tmp_path / "shared"
@@ -219,6 +227,8 @@ async def make_cluster(
     sections: dict[str, Any] = {"queue": {"url": redis_url}}
     if storage:
         sections["storage"] = dict(storage)
+    if security:
+        sections["security"] = {"allow_private_sources": True, **security}
     api = await make_service(tmp_path / "api0" if separate_data_dirs else data_dir, **sections)
     api2 = await make_service(tmp_path / "api1" if separate_data_dirs else data_dir, **sections)
 
@@ -230,6 +240,7 @@ async def make_cluster(
             redis_url,
             max_concurrent_clips,
             storage,
+            security,
         )
 
     c = Cluster(

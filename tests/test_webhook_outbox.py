@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -24,7 +23,6 @@ import tests.test_webhooks as webhooks
 from clipservice.api.appkeys import WEBHOOKS
 from clipservice.jobs.models import Job, JobSource, JobStatus, WebhookAttempt, new_job_id
 from clipservice.jobs.outbox import Delivery, FileOutbox, RedisOutbox
-from clipservice.jobs.queue import CLIPS_QUEUE, make_queue
 from clipservice.jobs.redis_store import RedisJobStore
 from clipservice.jobs.store import FileJobStore
 from clipservice.jobs.webhooks import WebhookSender, verify
@@ -34,6 +32,7 @@ from tests.test_webhooks import SECRET, Receiver, _sections
 # Fixtures from the modules that own them (assigned, so they register here too).
 receiver = webhooks.receiver
 start_serve = lifecycle.start_serve
+redis_url = distributed.redis_url
 
 REDIS_URL = "redis://127.0.0.1:6379/13"  # a database of its own: other tests flush theirs
 WAIT_S = 60
@@ -386,47 +385,16 @@ async def test_kill9_mid_backoff_then_restart_delivers(
 
 @pytest.fixture
 async def cluster(
-    tmp_path: Path, vidfly: FakeVidfly, make_service: ServiceFactory
+    tmp_path: Path,
+    vidfly: FakeVidfly,
+    make_service: ServiceFactory,
+    redis_url: str,
 ) -> AsyncIterator[distributed.Cluster]:
-    """test_distributed's cluster, on a Redis database of its own and with a webhook secret."""
-    data_dir = tmp_path / "shared"
-    store = RedisJobStore.from_url(REDIS_URL)
-    await store.redis.flushdb()
-    api = await make_service(data_dir, queue={"url": REDIS_URL}, **_sections())
-    api2 = await make_service(data_dir, queue={"url": REDIS_URL}, **_sections())
-    config = distributed._worker_config(
-        tmp_path / "worker.toml", data_dir, vidfly.base_url, REDIS_URL
-    )
-    text = config.read_text()
-    config.write_text(text.replace("[security]\n", f'[security]\nwebhook_secret = "{SECRET}"\n'))
-    c = distributed.Cluster(data_dir, config, store, api, api2, tmp_path, REDIS_URL)
-    try:
+    """test_distributed's cluster (on a leased Redis database) with a webhook secret."""
+    async with distributed.make_cluster(
+        tmp_path, vidfly, make_service, redis_url, security=_sections()["security"]
+    ) as c:
         yield c
-    finally:
-        for proc in c.workers:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in c.workers:
-            try:
-                await asyncio.to_thread(proc.wait, 30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                await asyncio.to_thread(proc.wait)
-        await store.redis.flushdb()
-        await store.close()
-
-
-async def _wait_workers(cluster: distributed.Cluster, n: int) -> None:
-    queue = make_queue(REDIS_URL, CLIPS_QUEUE)
-    await queue.connect()
-    try:
-        async with asyncio.timeout(WAIT_S):
-            while len((await queue.info())["workers"]) < n:
-                for proc in cluster.workers:
-                    assert proc.poll() is None, cluster.log(proc)
-                await asyncio.sleep(0.2)
-    finally:
-        await queue.disconnect()
 
 
 async def test_worker_killed_mid_backoff_delivery_arrives_from_the_api_node(
@@ -439,7 +407,7 @@ async def test_worker_killed_mid_backoff_delivery_arrives_from_the_api_node(
         await api.app[WEBHOOKS].close()
     receiver.failing = True
     worker = cluster.start_worker()
-    await _wait_workers(cluster, 1)
+    await cluster.wait_workers(1)
     resp = await cluster.api.create({**FAILED_JOB, "callback_url": receiver.url})
     job_id = (await resp.json())["job_id"]
     outbox = RedisOutbox(cluster.store.redis, cluster.store.prefix)

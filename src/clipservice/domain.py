@@ -37,6 +37,19 @@ class StreamUrls:
     audio_url: str | None = None
 
 
+class StreamSummary(BaseModel):
+    """One stream of a source as a preview describes it (None: not known)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: str = Field(description="video_with_audio, video_only or audio")
+    container: str | None = Field(None, description="mp4, fmp4 (fragmented MP4), webm, m4a…")
+    codec: str | None = Field(None, description="FFmpeg's codec name: h264, vp9, av1, aac, opus…")
+    width: int | None = None
+    height: int | None = None
+    fps: float | None = None
+
+
 # -- output options: what a clip is made into ---------------------------------------
 
 Aspect = Literal["source", "9:16", "1:1", "4:5", "16:9"]

@@ -42,6 +42,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from clipservice.api.problems import PROBLEM_CONTENT_TYPE, problem_response
 from clipservice.config import StorageSettings
+from clipservice.domain import content_type
 from clipservice.errors import ClipFailure, ProblemError
 from clipservice.media.cutter import part_path
 from clipservice.storage import SharedFolderStorage
@@ -56,26 +57,11 @@ log = structlog.get_logger(__name__)
 # Bytes handed to the client per write while streaming a download.
 STREAM_CHUNK_BYTES = 256 * 1024
 
-CONTENT_TYPES: Mapping[str, str] = {
-    ".mp4": "video/mp4",
-    ".m4a": "audio/mp4",
-    ".mp3": "audio/mpeg",
-    ".gif": "image/gif",
-    ".webp": "image/webp",
-    ".jpg": "image/jpeg",
-    ".jpeg": "image/jpeg",
-    ".png": "image/png",
-}
 
 _MISSING_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
 _CREDENTIAL_CODES = frozenset(
     {"403", "AccessDenied", "SignatureDoesNotMatch", "InvalidAccessKeyId", "ExpiredToken"}
 )
-
-
-def content_type_for(name: str) -> str:
-    """The Content-Type of an output, from its extension."""
-    return CONTENT_TYPES.get(Path(name).suffix.lower(), "application/octet-stream")
 
 
 class StorageError(ClipFailure):
@@ -311,11 +297,11 @@ class S3Storage:
                     Bucket=self.bucket,
                     Key=key,
                     Body=body,
-                    ContentType=content_type_for(name),
+                    ContentType=content_type(name),
                     Metadata=meta,
                 )
             else:
-                await self._multipart_upload(path, key, content_type_for(name), meta)
+                await self._multipart_upload(path, key, content_type(name), meta)
         except (ClientError, BotoCoreError) as exc:
             raise StorageError("upload", key, _reason(exc)) from exc
         upload_s = time.perf_counter() - started
@@ -557,7 +543,7 @@ class S3ObjectResponse(web.StreamResponse):
 
     def _set_body_headers(self, byte_range: tuple[int, int] | None) -> None:
         size = self._info.size_bytes
-        self.content_type = content_type_for(self._name)
+        self.content_type = content_type(self._name)
         if byte_range is None:
             self.set_status(200)
             self.content_length = size
@@ -610,11 +596,9 @@ def _etag_matches(header: str | None, etag: str) -> bool:
 
 
 __all__ = [
-    "CONTENT_TYPES",
     "ObjectInfo",
     "PresignedRedirect",
     "S3ObjectResponse",
     "S3Storage",
     "StorageError",
-    "content_type_for",
 ]

@@ -49,7 +49,6 @@ from clipservice.api.preview_models import (
     SourcePreview,
     SourcePreviewQuery,
     StoryboardLinks,
-    StreamDescription,
 )
 from clipservice.api.problems import validation_errors
 from clipservice.api.ratelimit import RateLimiter
@@ -58,7 +57,6 @@ from clipservice.domain import JobSource
 from clipservice.errors import ProblemError, SourceError
 from clipservice.media.preview import (
     PreviewInfo,
-    StreamSummary,
     TTLCache,
     cache_key,
     cache_ttl_s,
@@ -379,9 +377,9 @@ def _links(request: web.Request, key: str, source: PreviewSource) -> SourcePrevi
         title=info.title,
         duration_s=info.duration_s,
         cover_url=f"{root}/cover" if info.cover_url else None,
-        video=_description(info.video),
-        audio=_description(info.audio),
-        preview=_description(info.preview),
+        video=info.video,
+        audio=info.audio,
+        preview=info.preview,
         preview_url=f"{root}/preview",
         storyboard=StoryboardLinks(
             sprite_url=f"{root}/storyboard.jpg",
@@ -392,10 +390,6 @@ def _links(request: web.Request, key: str, source: PreviewSource) -> SourcePrevi
         ),
         expires_in_s=round(max(0.0, source.ttl_s()), 1),
     )
-
-
-def _description(summary: StreamSummary | None) -> StreamDescription | None:
-    return None if summary is None else StreamDescription(**summary.model_dump())
 
 
 def _query(request: web.Request) -> SourcePreviewQuery:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from clipservice.api.schemas import VIDEO_ID_PATTERN, _http_url, _settings
+from clipservice.api.schemas import VIDEO_ID_PATTERN, _http_url, _settings, check_one_source
+from clipservice.domain import StreamSummary
 
 # The opaque name of a previewed source in the /api/sources/{key}/… routes.
 SOURCE_KEY_PATTERN = r"^[0-9a-f]{32}$"
@@ -32,11 +33,7 @@ class SourcePreviewQuery(BaseModel):
 
     @model_validator(mode="after")
     def _one_source(self, info: ValidationInfo) -> SourcePreviewQuery:
-        given = [n for n in ("video_id", "url", "video_url") if getattr(self, n)]
-        if len(given) != 1:
-            raise ValueError("give exactly one source: video_id, url or video_url")
-        if self.audio_url and not self.video_url:
-            raise ValueError("audio_url goes with video_url")
+        check_one_source(self)
         settings = _settings(info)
         if settings and settings.resolver.kind == "direct" and not self.video_url:
             raise ValueError("this service resolves only video_url/audio_url (resolver: direct)")
@@ -45,17 +42,6 @@ class SourcePreviewQuery(BaseModel):
     def fields(self) -> dict[str, str]:
         """The source fields given (what a job for this source would be created with)."""
         return {k: v for k, v in self.model_dump().items() if v is not None}
-
-
-class StreamDescription(BaseModel):
-    """One stream of the source (None: not known)."""
-
-    kind: str = Field(description="video_with_audio, video_only or audio")
-    container: str | None = Field(None, description="mp4, fmp4 (fragmented MP4), webm, m4a…")
-    codec: str | None = Field(None, description="FFmpeg's codec name: h264, vp9, av1, aac, opus…")
-    width: int | None = None
-    height: int | None = None
-    fps: float | None = None
 
 
 class StoryboardLinks(BaseModel):
@@ -85,11 +71,11 @@ class SourcePreview(BaseModel):
     title: str | None = None
     duration_s: float | None = None
     cover_url: str | None = Field(None, description="The source's poster image (proxied).")
-    video: StreamDescription | None = Field(None, description="The video stream a job would cut.")
-    audio: StreamDescription | None = Field(
+    video: StreamSummary | None = Field(None, description="The video stream a job would cut.")
+    audio: StreamSummary | None = Field(
         None, description="The separate audio stream a job would cut, if any."
     )
-    preview: StreamDescription | None = Field(
+    preview: StreamSummary | None = Field(
         None, description="The low-resolution stream the preview player and storyboard read."
     )
     preview_url: str = Field(
@@ -106,5 +92,5 @@ __all__ = [
     "SourcePreview",
     "SourcePreviewQuery",
     "StoryboardLinks",
-    "StreamDescription",
+    "StreamSummary",
 ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol
 
 from pydantic import (
     AnyUrl,
@@ -120,6 +120,23 @@ def _http_url(value: str | None) -> str | None:
 # Subtitles sent in a request's body are bounded by the body's own limit
 # (64 KiB); longer ones come by URL (fetched under a 1 MiB cap at cut time).
 MAX_CAPTIONS_CHARS = 64 * 1024
+
+
+class _SourceFields(Protocol):
+    video_id: str | None
+    url: str | None
+    video_url: str | None
+    audio_url: str | None
+
+
+def check_one_source(body: _SourceFields) -> None:
+    """A request names exactly one source (video_id, url or video_url), and
+    audio_url only beside video_url. Raises ValueError (a 422) otherwise."""
+    given = [n for n in ("video_id", "url", "video_url") if getattr(body, n)]
+    if len(given) != 1:
+        raise ValueError("give exactly one source: video_id, url or video_url")
+    if body.audio_url and not body.video_url:
+        raise ValueError("audio_url goes with video_url")
 
 
 class CaptionsRequest(Captions):
@@ -255,11 +272,7 @@ class CreateClipsRequest(BaseModel):
 
     @model_validator(mode="after")
     def _one_source(self, info: ValidationInfo) -> CreateClipsRequest:
-        given = [n for n in ("video_id", "url", "video_url") if getattr(self, n)]
-        if len(given) != 1:
-            raise ValueError("give exactly one source: video_id, url or video_url")
-        if self.audio_url and not self.video_url:
-            raise ValueError("audio_url goes with video_url")
+        check_one_source(self)
         settings = _settings(info)
         total_s = sum(c.end - c.start for c in self.clips)
         if settings and total_s > settings.jobs.max_job_duration_s:

@@ -30,7 +30,7 @@ from clipservice.media.captions import Cue, load_cues
 from clipservice.media.fetch import FetchError
 from clipservice.media.ffmpeg import FFmpegError, ProgressCallback, run_ffmpeg
 from clipservice.media.join import CutFailed, CutRequest, CutResult
-from clipservice.media.probe import SourceInfo, validate_media, validate_output
+from clipservice.media.probe import OutputInfo, SourceInfo, validate_media, validate_output
 from clipservice.media.source import SourceIndex, SourceUnsupported
 
 if TYPE_CHECKING:
@@ -57,6 +57,19 @@ class CutOutcome:
     format: OutputFormat = "mp4"
     width: int = 0
     height: int = 0
+
+    @classmethod
+    def of_video(cls, start_s: float, out: OutputInfo, note: str | None = None) -> CutOutcome:
+        """A validated MP4 clip whose first frame is at ``start_s`` (source time)."""
+        return cls(
+            start_s,
+            start_s + out.video_duration_s,
+            out.video_duration_s,
+            out.size_bytes,
+            note,
+            width=out.width,
+            height=out.height,
+        )
 
 
 def part_path(final: Path) -> Path:
@@ -308,15 +321,7 @@ class Cutter:
         note = None
         if spec.info.audio is not None and not result.has_audio:
             note = "the source has no audio in this range"
-        return CutOutcome(
-            result.first_s,
-            result.first_s + out.video_duration_s,
-            out.video_duration_s,
-            out.size_bytes,
-            note,
-            width=out.width,
-            height=out.height,
-        )
+        return CutOutcome.of_video(result.first_s, out, note)
 
     async def _reencode(self, work: _Work, note: str | None = None) -> CutOutcome:
         spec = work.spec
@@ -333,15 +338,7 @@ class Cutter:
             expect_audio=spec.info.audio is not None,
             tol_s=2 * _frame_s(spec.info),
         )
-        return CutOutcome(
-            spec.start_s,
-            spec.start_s + out.video_duration_s,
-            out.video_duration_s,
-            out.size_bytes,
-            note,
-            width=out.width,
-            height=out.height,
-        )
+        return CutOutcome.of_video(spec.start_s, out, note)
 
     async def describe_existing(
         self,
@@ -356,12 +353,8 @@ class Cutter:
         if options is None or options.is_default:
             out = await validate_output(final, end_s - start_s, expect_audio=False, tol_s=10.0)
             actual_start = start_s if mode != "fast" else max(0.0, end_s - out.video_duration_s)
-            return CutOutcome(
-                actual_start,
-                actual_start + out.video_duration_s,
-                out.video_duration_s,
-                out.size_bytes,
-            )
+            # (The same description as when it was cut, its frame size included.)
+            return CutOutcome.of_video(actual_start, out)
         kind = render.output_kind(options)
         out = await validate_media(final, kind, end_s - start_s, tol_s=10.0)
         fmt = options.format

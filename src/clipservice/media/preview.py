@@ -28,6 +28,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from clipservice.domain import StreamSummary
 from clipservice.errors import SourceError
 from clipservice.media.containers.base import ContainerIndex, Track
 from clipservice.media.fetch import FetchError
@@ -43,19 +44,6 @@ MAX_TTL_S = 6 * 3600.0
 EXPIRY_MARGIN_S = 300.0
 
 V = TypeVar("V")
-
-
-class StreamSummary(BaseModel):
-    """One stream as the preview describes it (None: not known)."""
-
-    model_config = ConfigDict(frozen=True)
-
-    kind: str = Field(description="video_with_audio, video_only or audio")
-    container: str | None = Field(None, description="mp4, fmp4 (fragmented MP4), webm, m4a…")
-    codec: str | None = Field(None, description="FFmpeg's codec name: h264, vp9, av1, aac, opus…")
-    width: int | None = None
-    height: int | None = None
-    fps: float | None = None
 
 
 class PreviewInfo(BaseModel):
