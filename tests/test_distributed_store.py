@@ -6,6 +6,7 @@ test_store.py.)"""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 from saq.job import Job as SaqJob
 
 from clipservice.domain import StreamUrls
-from clipservice.jobs import bookkeeping
+from clipservice.jobs import bookkeeping, retention
 from clipservice.jobs.models import (
     ClipResult,
     ClipSpec,
@@ -26,8 +27,10 @@ from clipservice.jobs.naming import clip_file_name
 from clipservice.jobs.queue import CLIPS_QUEUE, make_queue
 from clipservice.jobs.redis_store import RedisJobStore, StoredSource
 from clipservice.jobs.retention import delete_job_and_files, reap_expired
+from clipservice.jobs.store import FileJobStore, JobStore
 from clipservice.jobs.worker import ClipWorker
 from clipservice.metrics import Metrics
+from clipservice.s3storage import StorageError
 from clipservice.sources.base import ResolvedSource
 from clipservice.storage import SharedFolderStorage
 from tests.conftest import MediaServer, settings_for
@@ -265,3 +268,51 @@ async def test_workers_share_one_resolve_of_expired_urls(
         w.metrics.registry.get_sample_value("clipservice_resolve_seconds_count") for w in workers
     ]
     assert sorted(resolves) == [0, 1]
+
+
+class _FlakyStorage(SharedFolderStorage):
+    """A folder whose deletes fail (as an object store that does not answer) while ``down``."""
+
+    down = True
+
+    async def delete(self, name: str) -> bool:
+        if self.down:
+            raise StorageError("delete", name, "the store did not answer")
+        return await super().delete(name)
+
+
+@pytest.mark.parametrize("kind", ["file", "redis"])
+async def test_a_failed_delete_keeps_the_job_and_is_retried_later(
+    kind: str, store: RedisJobStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Retention whose storage fails a delete keeps the job and its file, pushes its expiry
+    DELETE_RETRY_S ahead (not due before then, on either store), and deletes both on the
+    round after that once the storage answers."""
+    monkeypatch.setattr(retention, "DELETE_RETRY_S", 0.3)
+    jobs: JobStore = store
+    if kind == "file":
+        jobs = FileJobStore(tmp_path / "jobs")
+        await jobs.open()
+    storage = _FlakyStorage(tmp_path / "clips")
+    await storage.open()
+    job = make_job(1)
+    await jobs.save(job)
+    (tmp_path / "clips" / result(job, 0).file).write_bytes(b"x")
+    n = await bookkeeping.claim_clip(jobs, job.job_id, 0, "w")
+    assert n is not None
+    await bookkeeping.record_clip(jobs, job.job_id, n, result(job, 0), 0)  # ends, expires now
+    await asyncio.sleep(0.01)
+
+    assert await retention.reap_expired(jobs, storage) == 0
+    kept = await jobs.get(job.job_id)
+    assert kept is not None and kept.expires_at is not None
+    assert kept.expires_at.timestamp() > time.time()  # pushed ahead
+    assert await jobs.due(time.time()) == []  # not before its new expiry
+    assert (tmp_path / "clips" / result(job, 0).file).exists()
+
+    storage.down = False
+    await asyncio.sleep(0.35)
+    assert await jobs.due(time.time()) == [job.job_id]
+    assert await retention.reap_expired(jobs, storage) == 1
+    assert await jobs.get(job.job_id) is None
+    assert not (tmp_path / "clips" / result(job, 0).file).exists()

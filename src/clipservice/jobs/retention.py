@@ -8,16 +8,16 @@ deletes it and its files, keeping every file another stored job still uses
 cuts left behind.
 
 An object store that fails a delete (:class:`~clipservice.s3storage.StorageError`)
-does not cost the object: the job is kept, its expiry pushed
-:data:`DELETE_RETRY_S` ahead in the store (so any node, or this one after a
-restart, takes it up again), and this process retries it then too.
+does not cost the object: the job is kept and its expiry pushed
+:data:`DELETE_RETRY_S` ahead; both stores list a job whose expiry was set
+again as due at that time, so any node (or this one after a restart) takes it
+up again then.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-import weakref
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime
 
@@ -39,11 +39,6 @@ log = structlog.get_logger(__name__)
 _PART_GRACE_S = 120
 # A job whose files the store failed to delete is tried again this much later.
 DELETE_RETRY_S = 30.0
-
-# Jobs this process took for deletion and must try again (their files' deletion
-# failed), by store: job id -> when (epoch s). Kept per store object because
-# the file store will not hand a job it already handed out to take_due again.
-_deferred: weakref.WeakKeyDictionary[JobStore, dict[str, float]] = weakref.WeakKeyDictionary()
 
 
 def reap_interval_s(settings: Settings) -> float:
@@ -85,7 +80,6 @@ async def delete_job_and_files(store: JobStore, storage: ClipStorage, job_id: st
         await _defer(store, job_id, exc)
         raise
     await store.delete(job_id)
-    _deferred.get(store, {}).pop(job_id, None)
     log.info("job_deleted", job_id=job_id, files_removed=removed)
     return removed
 
@@ -94,14 +88,11 @@ async def _defer(store: JobStore, job_id: str, exc: StorageError) -> None:
     """Keep a job whose files could not be deleted, to be tried again later."""
     retry_at = time.time() + DELETE_RETRY_S
     log.warning("job_delete_deferred", job_id=job_id, retry_in_s=DELETE_RETRY_S, error=exc.message)
-    _deferred.setdefault(store, {})[job_id] = retry_at
 
     def push_expiry(tx: JobTx) -> bool:
         tx.job.expires_at = datetime.fromtimestamp(retry_at, UTC)
         return True
 
-    # In the store too (the Redis store lists the job as due again at that time),
-    # so the retry outlives this process.
     await store.transact(job_id, push_expiry)
 
 
@@ -131,19 +122,13 @@ async def reap_expired(store: JobStore, storage: ClipStorage) -> int:
     :data:`DELETE_RETRY_S` later.
     """
     count = 0
-    now = time.time()
-    deferred = _deferred.get(store, {})
-    retry = [job_id for job_id, at in deferred.items() if at <= now]
-    for job_id in retry:
-        deferred.pop(job_id, None)
-    for job_id in await store.due(now):
-        if await store.take_due(job_id):
-            retry.append(job_id)
-    for job_id in dict.fromkeys(retry):
+    for job_id in await store.due(time.time()):
+        if not await store.take_due(job_id):
+            continue
         try:
             await delete_job_and_files(store, storage, job_id)
         except StorageError:
-            continue  # deferred (logged): the next rounds try again
+            continue  # deferred (logged): due again DELETE_RETRY_S later
         count += 1
     return count
 

@@ -255,9 +255,13 @@ class FileJobStore:
             workers=dict(self._workers.get(job_id, {})),
             partials=dict(self._partials.get(job_id, {})),
         )
-        files_before = job.files()
+        files_before, expiry_before = job.files(), job.expires_at
         if not change(tx):
             return tx
+        if job.status.ended and job.expires_at != expiry_before:
+            # A new expiry lists the job as due again at that time, even if its
+            # deletion was taken (as the Redis store's expiry index does).
+            self._taken.discard(job_id)
         self._index_files(job, job.files(), files_before)
         for clip in job.clips:
             clip.attempts = tx.attempts.get(clip.index, clip.attempts)
