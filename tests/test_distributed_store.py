@@ -316,3 +316,23 @@ async def test_a_failed_delete_keeps_the_job_and_is_retried_later(
     assert await retention.reap_expired(jobs, storage) == 1
     assert await jobs.get(job.job_id) is None
     assert not (tmp_path / "clips" / result(job, 0).file).exists()
+
+
+async def test_one_round_deletes_jobs_that_share_a_file_and_the_file(
+    store: RedisJobStore, tmp_path: Path
+) -> None:
+    """Two ended jobs naming the same clip file, due in the same round: the round reads
+    the jobs once and still deletes both and, with the second, the file they shared."""
+    storage = SharedFolderStorage(tmp_path / "clips")
+    await storage.open()
+    a, b = make_job(1), make_job(1)  # same source and range: one file
+    (tmp_path / "clips" / result(a, 0).file).write_bytes(b"x")
+    for job in (a, b):
+        await store.save(job)
+        n = await bookkeeping.claim_clip(store, job.job_id, 0, "w")
+        assert n is not None
+        await bookkeeping.record_clip(store, job.job_id, n, result(job, 0), 0)
+    await asyncio.sleep(0.01)
+    assert await reap_expired(store, storage) == 2
+    assert await store.all() == []
+    assert list((tmp_path / "clips").iterdir()) == []

@@ -67,14 +67,21 @@ def still_used(jobs: Iterable[Job], but: str) -> set[str]:
     return used
 
 
-async def delete_job_and_files(store: JobStore, storage: ClipStorage, job_id: str) -> int:
-    """Delete a job and every file of it no other stored job uses; files removed."""
+async def delete_job_and_files(
+    store: JobStore, storage: ClipStorage, job_id: str, jobs: Iterable[Job] | None = None
+) -> int:
+    """Delete a job and every file of it no other stored job uses; files removed.
+
+    ``jobs``: the stored jobs, when the caller has just read them (a round of
+    deletions reads them once, not once per job)."""
     job = await store.get(job_id)
     if job is None:
         return 0
     removed = 0
+    if jobs is None:
+        jobs = await store.all()
     try:
-        for name in sorted(job.files() - still_used(await store.all(), job_id)):
+        for name in sorted(job.files() - still_used(jobs, job_id)):
             removed += await storage.delete(name)
     except StorageError as exc:
         await _defer(store, job_id, exc)
@@ -122,13 +129,20 @@ async def reap_expired(store: JobStore, storage: ClipStorage) -> int:
     :data:`DELETE_RETRY_S` later.
     """
     count = 0
-    for job_id in await store.due(time.time()):
+    due = await store.due(time.time())
+    if not due:
+        return 0
+    # The stored jobs, read once for the round (each deletion asks which files
+    # the others use); a deleted job leaves the snapshot.
+    jobs = {job.job_id: job for job in await store.all()}
+    for job_id in due:
         if not await store.take_due(job_id):
             continue
         try:
-            await delete_job_and_files(store, storage, job_id)
+            await delete_job_and_files(store, storage, job_id, jobs.values())
         except StorageError:
             continue  # deferred (logged): due again DELETE_RETRY_S later
+        jobs.pop(job_id, None)
         count += 1
     return count
 
