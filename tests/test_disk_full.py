@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import MediaServer, ServiceFactory, assert_problem, ffmpeg_children
+from tests.test_lifecycle import leftovers
 
 DISK_BYTES = 8 * 1024 * 1024
 WAIT_S = 60
@@ -51,10 +52,6 @@ def fill(folder: Path) -> Path:
             except OSError as exc:
                 assert exc.errno == errno.ENOSPC, exc
     return filler
-
-
-def tmp_files(data: Path) -> list[str]:
-    return sorted(p.name for p in data.rglob("*") if ".tmp-" in p.name or ".part-" in p.name)
 
 
 async def test_full_disk_fails_clips_as_storage_full_and_recovers(
@@ -98,7 +95,7 @@ async def test_full_disk_fails_clips_as_storage_full_and_recovers(
     assert [(e["index"], e["code"]) for e in doc["errors"]] == [(1, "storage_full")], doc
     assert job_file.read_bytes() == saved  # the end could not be written: the last version
     assert json.loads(saved)["status"] == "processing"
-    assert tmp_files(data) == []
+    assert leftovers(data) == []
     async with http.get(f"{base}/healthz") as resp:
         assert resp.status == 200
     async with http.get(f"{base}/readyz") as resp:
@@ -129,5 +126,5 @@ async def test_full_disk_fails_clips_as_storage_full_and_recovers(
     async with asyncio.timeout(WAIT_S):  # the first job's end is written once space is back
         while json.loads(job_file.read_text())["status"] != "finished":
             await asyncio.sleep(0.05)
-    assert tmp_files(data) == []
+    assert leftovers(data) == []
     assert not list(data.glob(".readyz-*"))
