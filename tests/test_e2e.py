@@ -170,24 +170,33 @@ async def test_cleanup_after_retention(make_service: ServiceFactory, tmp_path: P
         assert r.status == 404
 
 
-async def test_cleanup_keeps_files_of_other_live_jobs(make_service: ServiceFactory) -> None:
-    """A file also used by another job survives the first job's cleanup."""
+async def test_cleanup_keeps_files_of_other_live_jobs(
+    make_service: ServiceFactory, media_server: MediaServer
+) -> None:
+    """A file also used by another, still live job survives the first job's cleanup."""
     service = await make_service(jobs={"retention_s": 0.3})
-    body = {"video_id": "shared1", "clips": [{"start": 1, "end": 2}]}
-    a = await service.wait((await (await service.create(body)).json())["job_id"])
-    service2_settings = service.settings
-    b_resp = await service.create(body)
-    b = await service.wait((await b_resp.json())["job_id"])
+    shared = {"start": 1, "end": 2}
+    a = await service.wait(
+        (await (await service.create({"video_id": "stall", "clips": [shared]})).json())["job_id"]
+    )
+    # b reuses a's file for its first clip and stays live on its second (reads past
+    # half of the source hang until the test releases them).
+    stalled = {"start": 20, "end": 25, "mode": "reencode"}
+    b_resp = await service.create({"video_id": "stall", "clips": [shared, stalled]})
+    b_id = (await b_resp.json())["job_id"]
+    async with asyncio.timeout(30):
+        while not (b := await service.job(b_id))["results"]:
+            await asyncio.sleep(0.05)
     assert a["results"][0]["file"] == b["results"][0]["file"]
-    clip = service2_settings.clips_dir / a["results"][0]["file"]
-    job_a = service2_settings.jobs_dir / f"{a['job_id']}.json"
+    clip = service.settings.clips_dir / a["results"][0]["file"]
+    job_a = service.settings.jobs_dir / f"{a['job_id']}.json"
     async with asyncio.timeout(10):
         while job_a.exists():
             await asyncio.sleep(0.05)
-    # b ended later than a; right after a's cleanup the file must still be there
-    # unless b's own retention has passed too.
-    b_file = service2_settings.jobs_dir / f"{b['job_id']}.json"
-    assert clip.exists() or not b_file.exists()
+    assert (await service.job(b_id))["status"] == "processing"
+    assert clip.exists()  # a is gone; the live b still names the file
+    media_server.unstall.set()
+    assert (await service.wait(b_id))["status"] == "finished"
 
 
 async def test_cancel_running_job(make_service: ServiceFactory) -> None:
