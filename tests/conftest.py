@@ -7,7 +7,7 @@ import asyncio
 import json
 import socket
 import subprocess
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,12 +19,24 @@ from aiohttp import web
 from clipservice.api.protocol import make_runner
 from clipservice.app import create_app
 from clipservice.config import Settings
+from clipservice.media.codecs import normal_scheduling
 from clipservice.media.ffmpeg import bundled_ffmpeg
 from tests.media_shapes import Shape, make_shape
 
 FIXTURES = Path(__file__).parent / "fixtures"
 MEDIA_SECONDS = 30
 GOP_FRAMES = 60  # 2 s at 30 fps
+
+
+@pytest.fixture(autouse=True)
+def _normal_scheduling() -> Iterator[None]:
+    """Every test starts and ends with this process's threads under the normal policy:
+    an SVT-AV1 encoder opened here as root (tests encode AV1 in-process) switches threads
+    to SCHED_FIFO, which every process started later (the service, workers, Chromium)
+    would inherit."""
+    normal_scheduling()
+    yield
+    normal_scheduling()
 
 
 def free_port() -> int:

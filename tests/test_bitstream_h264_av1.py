@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -352,3 +353,22 @@ def test_arbitrary_bytes_never_crash_the_obu_reader(data: bytes) -> None:
         av1.config_sequence_header(b"\x81\x00\x0c\x00" + data)
     except Av1Unsupported:
         pytest.fail("OBUs that parse are a valid av1C body")
+
+
+def test_svt_av1_encoder_leaves_no_real_time_thread() -> None:
+    """Opening SVT-AV1 as root switches threads to SCHED_FIFO (a busy real-time thread, and
+    every process started from it, would starve the machine); normal_scheduling, which the
+    AV1 smart cut runs after opening its encoder, puts every thread back."""
+    from clipservice.media.codecs import normal_scheduling
+
+    enc = av.CodecContext.create("libsvtav1", "w")
+    enc.width, enc.height, enc.pix_fmt = 64, 64, "yuv420p"
+    enc.time_base, enc.framerate = Fraction(1, 30), Fraction(30)
+    enc.options = {"preset": "12"}
+    enc.open()
+    try:
+        normal_scheduling()
+        policies = {os.sched_getscheduler(int(tid)) for tid in os.listdir("/proc/self/task")}
+        assert policies == {os.SCHED_OTHER}, policies
+    finally:
+        del enc

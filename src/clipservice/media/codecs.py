@@ -21,6 +21,7 @@ first decoded frame, whose format, size and colour it takes.
 from __future__ import annotations
 
 import contextlib
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from fractions import Fraction
@@ -78,6 +79,21 @@ class PartEncoder:
             self.codec.sample(bytes(p), bool(p.is_keyframe), self)
             for p in self.context.encode(frame)
         ]
+
+
+def normal_scheduling() -> None:
+    """Put every thread of this process back under the normal scheduling policy.
+
+    SVT-AV1, run as root, switches the thread that opens an encoder (and
+    threads of its own) to SCHED_FIFO: a real-time thread busy encoding, and
+    every process started from it later (FFmpeg inherits the policy), would
+    starve the rest of the machine, the API's event loop included."""
+    with contextlib.suppress(OSError):
+        tids = os.listdir("/proc/self/task")
+        for tid in tids:
+            with contextlib.suppress(OSError, ValueError):
+                if os.sched_getscheduler(int(tid)) != os.SCHED_OTHER:
+                    os.sched_setscheduler(int(tid), os.SCHED_OTHER, os.sched_param(0))
 
 
 class CodecJoin(ABC):
@@ -263,7 +279,10 @@ class Av1Join(CodecJoin):
             "crf": "20",
             "svtav1-params": f"pred-struct=1:lp={part.threads}:keyint=-1",
         }
-        return _open(enc)
+        try:
+            return _open(enc)
+        finally:
+            normal_scheduling()
 
     def sample(self, packet: bytes, key: bool, part: PartEncoder) -> Encoded:
         return Encoded(av1_bits.strip_temporal_delimiters(packet), key)
