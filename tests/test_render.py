@@ -32,9 +32,11 @@ import pytest
 from clipservice.domain import Captions, CutMode, OutputOptions, StreamUrls
 from clipservice.errors import ClipFailure
 from clipservice.media import ffmpeg_args as fa
+from clipservice.media import render
 from clipservice.media.captions import Cue, caption_style
 from clipservice.media.cutter import CutOutcome, CutSpec, Cutter
 from clipservice.media.ffmpeg import bundled_ffmpeg
+from clipservice.media.join import CutFailed
 from clipservice.media.probe import probe_source, webp_info
 from clipservice.media.render import (
     check_options,
@@ -634,6 +636,80 @@ async def test_soft_captions_on_the_fast_cut(
     assert cues[0][:2] == pytest.approx((2.0, 1.5), abs=0.002)
     assert cues[1][0] == pytest.approx(4.0, abs=0.002)
     assert cues[1][0] + cues[1][1] == pytest.approx(min(5.0, end), abs=0.002)
+
+
+@pytest.mark.parametrize(
+    ("shape", "mode", "start"),
+    [("progressive", "accurate", 3.5), ("dash_fmp4", "fast", 2.0), ("webm_vp9", "accurate", 3.5)],
+)
+async def test_soft_captions_are_muxed_as_the_join_cuts(
+    media_server: MediaServer,
+    shapes: Shapes,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    shape: str,
+    mode: CutMode,
+    start: float,
+) -> None:
+    """The join process writes the text track in its one pass (no remux after
+    it): same video packets as the plain cut, cues from the clip's first frame."""
+
+    async def no_remux(*_: Any) -> Any:
+        raise AssertionError("the soft captions were added by a second pass")
+
+    monkeypatch.setattr(render, "add_soft_captions", no_remux)
+    src = shapes.get(shape)
+    plain, plain_out = await make(
+        media_server, src, tmp_path, OutputOptions(), (start, 6.5), mode=mode, name="p"
+    )
+    options = OutputOptions(captions=Captions(text=VTT))
+    outcome, out = await make(
+        media_server, src, tmp_path, options, (start, 6.5), mode=mode, name="s"
+    )
+    assert outcome.actual_start == pytest.approx(plain.actual_start, abs=1e-3)
+    assert outcome.note == plain.note
+    assert streams(out)["subtitles"] == ["mov_text"]
+    assert _video_packets(out) == _video_packets(plain_out)
+    assert ffmpeg_errors(out) == ""
+    first = outcome.actual_start
+    cues = _cues(out)
+    assert [text for _, _, text in cues] == ["Hello there", "Second cue"]
+    assert cues[0][0] == pytest.approx(max(0.0, 4.0 - first), abs=0.002)
+    assert cues[0][0] + cues[0][1] == pytest.approx(5.5 - first, abs=0.002)
+    assert cues[1][0] == pytest.approx(6.0 - first, abs=0.002)
+    assert cues[1][0] + cues[1][1] == pytest.approx(outcome.actual_end - first, abs=0.002)
+
+
+async def test_soft_captions_outside_the_clip_leave_no_track(
+    media_server: MediaServer, progressive: Shape, tmp_path: Path
+) -> None:
+    """No cue within the clip: no text track, and the note says why."""
+    options = OutputOptions(captions=Captions(text=VTT))
+    outcome, out = await make(media_server, progressive, tmp_path, options, (8.0, 10.0))
+    assert streams(out)["subtitles"] == []
+    assert outcome.note == "no caption cue falls within the clip"
+
+
+async def test_soft_captions_after_a_fallback_are_remuxed(
+    media_server: MediaServer,
+    progressive: Shape,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A cut the join cannot make is re-encoded by FFmpeg; the captions are then
+    added by a stream-copy remux, shifted alike."""
+
+    async def unsupported(*_: Any) -> Any:
+        raise CutFailed("not this time")
+
+    monkeypatch.setattr(Cutter, "_cut_mode", unsupported)
+    options = OutputOptions(captions=Captions(text=VTT))
+    outcome, out = await make(media_server, progressive, tmp_path, options, (3.5, 6.5))
+    assert outcome.note is not None and "not this time" in outcome.note
+    assert streams(out)["subtitles"] == ["mov_text"]
+    cues = _cues(out)
+    assert [text for _, _, text in cues] == ["Hello there", "Second cue"]
+    assert cues[0][0] == pytest.approx(0.5, abs=0.002)
 
 
 async def test_burned_captions_change_only_the_caption_area(

@@ -29,6 +29,7 @@ from yarl import URL
 
 from clipservice.domain import Captions
 from clipservice.errors import ClipFailure, SourceError
+from clipservice.media import movtext
 from clipservice.sources.guard import MAX_REDIRECTS, ForbiddenAddressError, UrlGuard
 
 MAX_CAPTIONS_BYTES = 1024 * 1024
@@ -108,17 +109,18 @@ def parse_captions(text: str) -> list[Cue]:
     return cues
 
 
+NO_CUES_NOTE = "no caption cue falls within the clip"
+
+
 def cut_cues(cues: list[Cue], start_s: float, end_s: float) -> list[Cue]:
     """The cues shown within [start_s, end_s), clipped to it and shifted so
     ``start_s`` is 0 (the clip's first frame)."""
-    out = []
-    for cue in cues:
-        if cue.end_s <= start_s or cue.start_s >= end_s:
-            continue
-        a, b = max(cue.start_s, start_s) - start_s, min(cue.end_s, end_s) - start_s
-        if b - a >= 0.001:
-            out.append(Cue(a, b, cue.text))
-    return out
+    return [Cue(*c) for c in movtext.clip_cues(cue_tuples(cues), start_s, end_s)]
+
+
+def cue_tuples(cues: list[Cue]) -> tuple[movtext.CueTuple, ...]:
+    """The cues as plain tuples (what a join process is sent)."""
+    return tuple((c.start_s, c.end_s, c.text) for c in cues)
 
 
 def _srt_time(seconds: float) -> str:

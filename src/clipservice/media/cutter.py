@@ -26,7 +26,7 @@ import structlog
 from clipservice.domain import CutMode, OutputFormat, OutputOptions, StreamUrls
 from clipservice.errors import ClipFailure
 from clipservice.media import ffmpeg_args, joinproc, render
-from clipservice.media.captions import Cue, load_cues
+from clipservice.media.captions import NO_CUES_NOTE, Cue, cue_tuples, load_cues
 from clipservice.media.fetch import FetchError
 from clipservice.media.ffmpeg import FFmpegError, ProgressCallback, run_ffmpeg
 from clipservice.media.join import CutFailed, CutRequest, CutResult
@@ -227,9 +227,10 @@ class Cutter:
             path = render.render_path(spec.options)
             cues = await self._cues(work)
             if path in ("clip", "soft_captions"):
-                outcome = await self._cut_clip(work)
-                if path == "soft_captions" and cues is not None:
-                    outcome = await self._add_captions(work, outcome, cues)
+                soft = cues if path == "soft_captions" else None
+                outcome, captioned = await self._cut_clip(work, soft)
+                if soft is not None and not captioned:
+                    outcome = await self._add_captions(work, outcome, soft)
             else:
                 made = await render.render(
                     spec, work.tmp, work.budget, cues, ffmpeg_path=self.ffmpeg_path
@@ -264,21 +265,24 @@ class Cutter:
         loading = load_cues(captions, guard=work.spec.url_guard)
         return await asyncio.wait_for(loading, work.budget.left_s())
 
-    async def _cut_clip(self, work: _Work) -> CutOutcome:
-        """The plain cut in the spec's mode, re-encoded when that mode cannot make it."""
+    async def _cut_clip(
+        self, work: _Work, cues: list[Cue] | None = None
+    ) -> tuple[CutOutcome, bool]:
+        """The plain cut in the spec's mode, re-encoded when that mode cannot make
+        it; and whether ``cues`` were dealt with (a join muxes them as it cuts)."""
         spec = work.spec
         try:
-            return await self._cut_mode(work)
+            return await self._cut_mode(work, cues)
         except (CutFailed, SourceUnsupported) as exc:
             log.info("cut_fallback", mode=spec.mode, reason=str(exc))
             note = f"{spec.mode} cut not possible ({exc}); the clip was re-encoded"
-            return await self._reencode(work, note)
+            return await self._reencode(work, note), False
         except ClipFailure as exc:
             if exc.code != "output_invalid" or spec.mode == "reencode":
                 raise
             log.warning("output_invalid_retry", mode=spec.mode, reason=exc.message)
             note = f"the {spec.mode} output failed validation ({exc.message}); re-encoded"
-            return await self._reencode(work, note)
+            return await self._reencode(work, note), False
 
     async def _add_captions(self, work: _Work, outcome: CutOutcome, cues: list[Cue]) -> CutOutcome:
         out, note = await render.add_soft_captions(
@@ -289,10 +293,10 @@ class Cutter:
             return dataclasses.replace(outcome, note="; ".join(notes) or None)
         return dataclasses.replace(outcome, size_bytes=out)
 
-    async def _cut_mode(self, work: _Work) -> CutOutcome:
+    async def _cut_mode(self, work: _Work, cues: list[Cue] | None) -> tuple[CutOutcome, bool]:
         spec, budget = work.spec, work.budget
         if spec.mode == "reencode":
-            return await self._reencode(work)
+            return await self._reencode(work), False
         source = spec.source or SourceIndex(spec.streams.video_url, spec.streams.audio_url)
         await asyncio.wait_for(source.open(), budget.left_s())
         threads = max(1, (os.cpu_count() or 1) // max(1, self._running))
@@ -309,6 +313,8 @@ class Cutter:
             ),
             budget.left_s(),
         )
+        if cues is not None:
+            request = dataclasses.replace(request, captions=cue_tuples(cues))
         result = await _in_join_process(request, budget, spec.on_progress)
         if spec.on_progress is not None:
             spec.on_progress(result.end_s - result.first_s)
@@ -318,10 +324,14 @@ class Cutter:
             expect_audio=result.has_audio,
             tol_s=1.5 * _frame_s(spec.info),
         )
-        note = None
+        notes = []
         if spec.info.audio is not None and not result.has_audio:
-            note = "the source has no audio in this range"
-        return CutOutcome.of_video(result.first_s, out, note)
+            notes.append("the source has no audio in this range")
+        if cues is not None and not result.captions:
+            notes.append(NO_CUES_NOTE)
+        if out.subtitle_streams != (1 if result.captions else 0):
+            raise ClipFailure("output_invalid", f"{out.subtitle_streams} subtitle streams")
+        return CutOutcome.of_video(result.first_s, out, "; ".join(notes) or None), True
 
     async def _reencode(self, work: _Work, note: str | None = None) -> CutOutcome:
         spec = work.spec

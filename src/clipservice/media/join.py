@@ -38,7 +38,7 @@ from typing import Any, Literal
 
 import av
 
-from clipservice.media import cutplan
+from clipservice.media import cutplan, movtext
 from clipservice.media.codecs import CodecJoin, Encoded, JoinUnsupported, PartEncoder, codec_join
 from clipservice.media.containers.base import (
     ContainerError,
@@ -102,6 +102,9 @@ class CutRequest:
     deadline: float  # time.monotonic() (system-wide on Linux)
     connections: int = DEFAULT_CONNECTIONS
     threads: int = 1  # encoder threads (1 when clips run side by side)
+    # Soft captions (user time): those shown in the clip are muxed as a
+    # mov_text track in the same pass, shifted to the clip's first frame.
+    captions: tuple[movtext.CueTuple, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,7 @@ class CutResult:
     has_audio: bool
     bytes_fetched: int
     requests: int
+    captions: int = 0  # text samples muxed (0: no track)
 
 
 class Guard:
@@ -717,6 +721,9 @@ def _mux(
     counter = 0
     vtemplate, vin = _template(req.video.init, track)
     atemplate: Any = None
+    first_user = (plan.first_pts - req.video.origin_ticks) / track.timescale
+    end_user = (plan.end_pts - req.video.origin_ticks) / track.timescale
+    text_samples = movtext.text_samples(movtext.clip_cues(req.captions, first_user, end_user))
     try:
         with av.open(req.out, "w", format="mp4", options={"movflags": "+faststart"}) as oc:
             # (opaque: keep the template's codec object, as the default looks up
@@ -817,6 +824,9 @@ def _mux(
             streams: list[Iterator[tuple[float, int, Any]]] = [video_packets()]
             if aout is not None:
                 streams.append(audio_packets())
+            if text_samples:
+                text = movtext.add_stream(oc)
+                streams.append((p.pts / 1000, 2, p) for p in movtext.packets(text, text_samples))
             merged = heapq.merge(*streams, key=lambda x: (x[0], x[1]))
             pending = _wait_for_config(head, tail, guard)
             if codec is not None and pending:
@@ -839,8 +849,6 @@ def _mux(
             atemplate.close()
     audio_track = req.audio.track if req.audio is not None else None
     has_audio = bool(audio_copied) or (audio_track is not None and audio_track.codec != "aac")
-    first_user = (plan.first_pts - req.video.origin_ticks) / track.timescale
-    end_user = (plan.end_pts - req.video.origin_ticks) / track.timescale
     stats = list(
         {id(f.prefetch.fetcher): f.prefetch.fetcher.stats for f in (video, audio) if f}.values()
     )
@@ -852,6 +860,7 @@ def _mux(
         has_audio=has_audio,
         bytes_fetched=sum(s.bytes for s in stats),
         requests=sum(s.requests for s in stats),
+        captions=len(text_samples),
     )
 
 

@@ -6,8 +6,9 @@ cutter (:mod:`.cutter`) takes each option set down one of these paths
 
 - ``clip``: the default options, today's cut (fast/accurate in a join
   process, or FFmpeg), unchanged;
-- ``soft_captions``: that same cut, then a mov_text track added by a stream
-  copy remux (:func:`add_soft_captions`): no re-encode;
+- ``soft_captions``: that same cut with a mov_text track: muxed by the join
+  process as it cuts (:mod:`.movtext`), or, after a cut the join could not
+  make, added by a stream copy remux (:func:`add_soft_captions`): no re-encode;
 - ``audio``: the audio alone. AAC from an indexed source is copied into the
   m4a from the audio window's own byte ranges (no decode, trimmed to the
   sample by an edit list); MP3 is encoded from that copy; other audio
@@ -47,10 +48,11 @@ import structlog
 
 from clipservice.domain import OutputFormat, OutputOptions
 from clipservice.errors import ClipFailure
-from clipservice.media import ffmpeg_args
+from clipservice.media import ffmpeg_args, movtext
 from clipservice.media.captions import (
     FONTS_DIR,
     MAX_CAPTIONS_BYTES,
+    NO_CUES_NOTE,
     CaptionsError,
     Cue,
     cut_cues,
@@ -369,7 +371,7 @@ async def _reencode(
     clip_cues = cut_cues(cues, start, end) if cues else []
     note = None
     if o.captions is not None and not clip_cues:
-        note = "no caption cue falls within the clip"
+        note = NO_CUES_NOTE
     ass = srt = None
     if clip_cues and o.captions is not None and o.captions.mode == "burn":
         ass = side_path(tmp, "captions.ass")
@@ -408,49 +410,10 @@ async def _reencode(
 
 # -- soft captions on a cut clip ------------------------------------------------------------
 
-# The default style FFmpeg gives a text track (its mov_text encoder reads the
-# track's sample description from an ASS header): players draw soft captions
-# in their own style, this is only the fallback.
-_MOV_TEXT_HEADER = "\n".join(
-    (
-        "[Script Info]",
-        "ScriptType: v4.00+",
-        "PlayResX: 384",
-        "PlayResY: 288",
-        "",
-        "[V4+ Styles]",
-        "Format: Name, Fontname, Fontsize, PrimaryColour, SecondaryColour, OutlineColour,"
-        " BackColour, Bold, Italic, Underline, StrikeOut, ScaleX, ScaleY, Spacing, Angle,"
-        " BorderStyle, Outline, Shadow, Alignment, MarginL, MarginR, MarginV, Encoding",
-        "Style: Default,Arial,16,&Hffffff,&Hffffff,&H0,&H0,0,0,0,0,100,100,0,0,1,1,0,2,10,10,10,0",
-        "",
-        "[Events]",
-        "Format: Layer, Start, End, Style, Name, MarginL, MarginR, MarginV, Effect, Text",
-        "",
-    )
-).encode()
-_MS = Fraction(1, 1000)
-_MAX_SAMPLE_TEXT = 0xFFFF  # a mov_text sample's text length is 16 bits
-
 
 def text_samples(cues: list[Cue]) -> list[tuple[int, int, bytes]]:
-    """(start ms, duration ms, sample) of each cue: a 16-bit length and the UTF-8
-    text (3GPP timed text). Cues starting at the same millisecond become one
-    sample (a track shows one sample at a time; a cue that starts while
-    another shows cuts it short)."""
-    merged: list[tuple[int, int, str]] = []
-    for cue in sorted(cues, key=lambda c: c.start_s):
-        start, end = round(cue.start_s * 1000), round(cue.end_s * 1000)
-        if merged and merged[-1][0] == start:
-            _, last_end, text = merged[-1]
-            merged[-1] = (start, max(end, last_end), f"{text}\n{cue.text}")
-        elif end > start:
-            merged.append((start, end, cue.text))
-    out = []
-    for start, end, text in merged:
-        data = text.encode()[:_MAX_SAMPLE_TEXT].decode(errors="ignore").encode()
-        out.append((start, end - start, len(data).to_bytes(2, "big") + data))
-    return out
+    """(start ms, duration ms, sample) of each cue (:func:`.movtext.text_samples`)."""
+    return movtext.text_samples((c.start_s, c.end_s, c.text) for c in cues)
 
 
 def _summary(streams: list[Any]) -> list[tuple[str, int, float]]:
@@ -478,20 +441,12 @@ def remux_with_cues(clip: Path, cues: list[Cue], out: Path, guard: Guard) -> Non
     ):
         inputs = [s for s in ic.streams if s.type in ("video", "audio")]
         outs = {s.index: oc.add_stream_from_template(s, opaque=True) for s in inputs}
-        text = oc.add_stream("mov_text")
-        text.codec_context.subtitle_header = _MOV_TEXT_HEADER
-        text.time_base = _MS
-        pending = list(reversed(samples))
+        text = movtext.add_stream(oc)
+        pending = list(reversed(list(movtext.packets(text, samples))))
 
         def flush_until(ms: float) -> None:
-            while pending and pending[-1][0] <= ms:
-                start, duration, data = pending.pop()
-                packet = av.Packet(data)
-                packet.stream = text
-                packet.time_base = _MS
-                packet.pts = packet.dts = start
-                packet.duration = duration
-                oc.mux(packet)
+            while pending and pending[-1].pts <= ms:
+                oc.mux(pending.pop())
 
         for n, packet in enumerate(ic.demux(*inputs)):
             if packet.dts is None:
@@ -529,7 +484,7 @@ async def add_soft_captions(
     is) and a note."""
     clip_cues = cut_cues(cues, actual_start, actual_end)
     if not clip_cues:
-        return None, "no caption cue falls within the clip"
+        return None, NO_CUES_NOTE
     with _side_files() as sides:
         remuxed = side_path(clip, "captions.mp4")
         sides.append(remuxed)
