@@ -785,6 +785,57 @@ async def test_reel_by_stream_copy_is_the_sum_in_order(
         at += outcome.duration_s
     assert streams(reel)["audio"] == "aac" and ffmpeg_errors(reel) == ""
     assert _parts(tmp_path) == []
+    # One pass: the moov written into the room left for it at the front (the
+    # rest a padding free box), not moved there by a second pass over the file.
+    boxes = _top_level(reel)
+    assert [kind for kind, _ in boxes[:2]] == [b"ftyp", b"moov"]
+    assert boxes[2][0] == b"free" and boxes[2][1] > 1024
+    assert [kind for kind, _ in boxes].index(b"mdat") > 2
+    # The clips as the reel reads them (their moov) and as FFmpeg does (decoding).
+    for _, path in clips:
+        by_index, decoded = render._describe_clip(path), render._describe_decoded(path)
+        assert by_index.header_bytes > 0
+        assert by_index.duration_s == pytest.approx(decoded.duration_s, abs=1e-3)
+        assert (by_index.width, by_index.height, by_index.fps, by_index.has_audio) == (
+            decoded.width,
+            decoded.height,
+            decoded.fps,
+            decoded.has_audio,
+        )
+
+
+def _top_level(path: Path) -> list[tuple[bytes, int]]:
+    """(kind, size) of each top-level box of an MP4."""
+    data, pos, boxes = path.read_bytes(), 0, []
+    while pos + 8 <= len(data):
+        size = int.from_bytes(data[pos : pos + 4], "big")
+        boxes.append((data[pos + 4 : pos + 8], size))
+        pos += size
+    return boxes
+
+
+async def test_reel_whose_moov_outgrows_its_room_is_made_in_two_passes(
+    media_server: MediaServer,
+    progressive: Shape,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Too little room for the moov fails FFmpeg's one pass; the reel is made
+    again with the moov moved to the front (+faststart), complete."""
+    paths = []
+    for i, clip in enumerate(((0.5, 2.5), (4.2, 6.0))):
+        _, path = await make(
+            media_server, progressive, tmp_path, OutputOptions(), clip, mode="fast", name=f"c{i}"
+        )
+        paths.append(path)
+    monkeypatch.setattr(render, "_moov_reserve", lambda clips: 64)
+    merged = await merge_clips(paths, tmp_path / "reel.mp4", timeout_s=60)
+    assert merged.copied
+    boxes = _top_level(tmp_path / "reel.mp4")
+    assert [kind for kind, _ in boxes[:2]] == [b"ftyp", b"moov"]
+    assert all(size <= 8 for kind, size in boxes if kind == b"free")  # no room left
+    assert ffmpeg_errors(tmp_path / "reel.mp4") == ""
+    assert _parts(tmp_path) == []
 
 
 async def test_reel_with_crossfade_and_mixed_shapes(

@@ -371,11 +371,15 @@ def local_thumbnail_args(
     ]  # fmt: skip
 
 
-def concat_copy_args(list_file: str, out: str) -> list[str]:
-    """Clips joined by stream copy (the concat demuxer over a local list)."""
+def concat_copy_args(list_file: str, out: str, *, moov_bytes: int = 0) -> list[str]:
+    """Clips joined by stream copy (the concat demuxer over a local list). With
+    ``moov_bytes``, that much room is left at the front for the moov (one
+    pass; FFmpeg fails if it is short) instead of ``+faststart``'s second
+    pass over the file."""
+    mp4 = ("-moov_size", str(moov_bytes), "-f", "mp4") if moov_bytes > 0 else MP4_OUT
     return [
         "-f", "concat", "-safe", "0", "-i", list_file, "-map", "0", "-c", "copy",
-        *MP4_OUT, out,
+        *mp4, out,
     ]  # fmt: skip
 
 

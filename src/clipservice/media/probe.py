@@ -236,6 +236,10 @@ def _validate_sync(path: Path, expected_s: float, expect_audio: bool, tol_s: flo
             vs = c.streams.video[0]
             duration = float(c.duration / av.time_base) if c.duration else 0.0
             vdur = float(vs.duration * vs.time_base) if vs.duration and vs.time_base else duration
+            # One frame: a decoder with threads would start them all and, with
+            # frame threads, wait for as many packets (twice the time at 1080p).
+            vs.thread_type = "NONE"
+            vs.thread_count = 1
             first = next(c.decode(video=0), None)
             if first is None:
                 raise ClipFailure("output_invalid", "output's first video frame does not decode")

@@ -61,10 +61,11 @@ from clipservice.media.captions import (
     to_srt,
 )
 from clipservice.media.containers.base import ContainerError, Sample
+from clipservice.media.containers.mp4 import Mp4Index, open_mp4
 from clipservice.media.fetch import Prefetch, RangeFetcher
 from clipservice.media.ffmpeg import FFmpegError, ProgressCallback, run_ffmpeg
 from clipservice.media.join import CutFailed, Feed, Guard, StreamInput
-from clipservice.media.probe import OutputKind, probe_source, validate_media
+from clipservice.media.probe import OutputInfo, OutputKind, probe_source, validate_media
 from clipservice.media.source import SourceIndex
 
 if TYPE_CHECKING:
@@ -750,9 +751,112 @@ class _Clip:
     width: int
     height: int
     fps: Fraction | None
+    header_bytes: int = 0  # its ftyp and moov (0: not known)
+
+
+def _local_index(path: Path) -> Mp4Index:
+    """The MP4 index of a local file (its moov read, nothing decoded)."""
+    with path.open("rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        return open_mp4(lambda offset, length: os.pread(f.fileno(), length, offset), size)
 
 
 def _describe_clip(path: Path) -> _Clip:
+    """What a reel needs to know of a clip, from its MP4 index (a clip of ours
+    is a faststart MP4: its moov alone says it all, nothing decoded); from
+    FFmpeg's reading of it when the index cannot be read."""
+    try:
+        return _describe_clip_index(path)
+    except (ContainerError, OSError):
+        return _describe_decoded(path)
+
+
+def _describe_clip_index(path: Path) -> _Clip:
+    index = _local_index(path)
+    v, a = index.track("video"), index.track("audio")
+    sig = tuple(
+        None
+        if t is None
+        else (t.kind, t.codec, t.config, t.timescale, t.width, t.height, t.sample_rate, t.channels)
+        for t in (v, a)
+    )
+    duration = (v.duration_s if v is not None else a.duration_s if a is not None else None) or 0.0
+    fps = Fraction(v.fps).limit_denominator(1001) if v is not None and v.fps else None
+    return _Clip(
+        path,
+        duration,
+        v is not None,
+        a is not None,
+        sig,
+        v.width if v is not None else 0,
+        v.height if v is not None else 0,
+        fps,
+        sum(n for kind, n in _top_level_boxes(path) if kind in (b"ftyp", b"moov")),
+    )
+
+
+# Room left at the front of a copied reel for its moov: the clips' own headers
+# (the reel's sample tables are theirs, end to end) and a margin; FFmpeg fills
+# what is left with a free box, and fails if it is short (then a second pass).
+_MOOV_MARGIN = 1.25
+_MOOV_EXTRA_BYTES = 16 * 1024
+
+
+def _moov_reserve(clips: list[_Clip]) -> int:
+    return round(sum(c.header_bytes for c in clips) * _MOOV_MARGIN) + _MOOV_EXTRA_BYTES
+
+
+def _check_copied_reel(path: Path, expected_s: float, tol_s: float, first: _Clip) -> OutputInfo:
+    """A stream-copied reel, checked by its index: it opens as an MP4 with the
+    clips' streams and codec parameters (the samples are the validated clips'
+    own, nothing to decode again), moov before the media, and lasts the sum."""
+    try:
+        clip = _describe_clip_index(path)
+        moov_first = _moov_before_mdat(path)
+    except (ContainerError, OSError) as exc:
+        raise ClipFailure("output_invalid", f"the reel does not open: {exc}") from exc
+    if clip.signature != first.signature:
+        raise ClipFailure("output_invalid", "the reel's streams differ from its clips'")
+    if not moov_first:
+        raise ClipFailure("output_invalid", "the reel's moov is not before its media")
+    if abs(clip.duration_s - expected_s) > tol_s:
+        raise ClipFailure(
+            "output_invalid",
+            f"output lasts {clip.duration_s:.3f}s, expected {expected_s:.3f}s (±{tol_s:.3f}s)",
+        )
+    size = path.stat().st_size
+    return OutputInfo(
+        clip.duration_s, clip.duration_s, clip.has_audio, 0, size, clip.width, clip.height
+    )
+
+
+def _top_level_boxes(path: Path) -> list[tuple[bytes, int]]:
+    """The kinds and sizes of a file's top-level boxes, in order, up to its mdat."""
+    boxes: list[tuple[bytes, int]] = []
+    with path.open("rb") as f:
+        pos, size = 0, os.fstat(f.fileno()).st_size
+        while pos + 8 <= size and len(boxes) < 64:
+            header = os.pread(f.fileno(), 16, pos)
+            length, kind = int.from_bytes(header[:4], "big"), header[4:8]
+            if length == 1 and len(header) == 16:
+                length = int.from_bytes(header[8:16], "big")
+            elif length == 0:
+                length = size - pos
+            if length < 8:
+                raise ContainerError(f"a {kind!r} box of {length} bytes at {pos}")
+            boxes.append((kind, length))
+            if kind == b"mdat":
+                break
+            pos += length
+    return boxes
+
+
+def _moov_before_mdat(path: Path) -> bool:
+    kinds = [kind for kind, _ in _top_level_boxes(path)]
+    return b"moov" in kinds and kinds[-1] == b"mdat"
+
+
+def _describe_decoded(path: Path) -> _Clip:
     try:
         with av.open(str(path)) as c:
             v = c.streams.video[0] if c.streams.video else None
@@ -846,7 +950,8 @@ async def merge_clips(
                 listing = side_path(tmp, "concat.txt")
                 sides.append(listing)
                 await asyncio.to_thread(listing.write_text, _concat_list(paths), "utf-8")
-                args = ffmpeg_args.concat_copy_args(str(listing), str(tmp))
+                reserve = _moov_reserve(clips)
+                args = ffmpeg_args.concat_copy_args(str(listing), str(tmp), moov_bytes=reserve)
             else:
                 parts = [
                     ffmpeg_args.MergePart(str(c.path), c.duration_s, c.has_audio) for c in clips
@@ -860,17 +965,30 @@ async def merge_clips(
                     crossfade_s=crossfade_s if n > 1 else 0.0,
                     audio=any(c.has_audio for c in clips),
                 )
-            await run_ffmpeg(
-                args,
-                timeout_s=max(0.001, deadline - loop.time()),
-                ffmpeg_path=ffmpeg_path,
-                on_progress=on_progress,
-            )
+            try:
+                await run_ffmpeg(
+                    args,
+                    timeout_s=max(0.001, deadline - loop.time()),
+                    ffmpeg_path=ffmpeg_path,
+                    on_progress=on_progress,
+                )
+            except FFmpegError as exc:
+                if not copied or "reserved_moov_size is too small" not in (exc.stderr_tail or ""):
+                    raise
+                # (The room left for the moov was short: written again, the
+                # moov moved to the front by a second pass.)
+                log.warning("reel_moov_reserve_short", reserved=reserve)
+                args = ffmpeg_args.concat_copy_args(str(listing), str(tmp))
+                await run_ffmpeg(
+                    args, timeout_s=max(0.001, deadline - loop.time()), ffmpeg_path=ffmpeg_path
+                )
         except FFmpegError as exc:
             raise ClipFailure("ffmpeg_failed", exc.stderr_tail or str(exc)) from exc
         tol = len(clips) * 2 / float(fps) + 0.05
-        info = await validate_media(
-            tmp, "video", expected, tol_s=tol, expect_audio=any(c.has_audio for c in clips)
-        )
+        audio = any(c.has_audio for c in clips)
+        if copied and all(c.header_bytes for c in clips):
+            info = await asyncio.to_thread(_check_copied_reel, tmp, expected, tol, clips[0])
+        else:
+            info = await validate_media(tmp, "video", expected, tol_s=tol, expect_audio=audio)
         await asyncio.to_thread(os.replace, tmp, out)
     return MergeOutcome(info.video_duration_s, info.size_bytes, copied, info.width, info.height)
