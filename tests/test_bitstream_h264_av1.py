@@ -27,6 +27,7 @@ from clipservice.media.bitstream.h264 import (
     sps_id,
     to_length_prefixed,
 )
+from tests.conftest import Shapes
 
 # -- H.264 --------------------------------------------------------------------------
 
@@ -145,6 +146,46 @@ def test_parameter_set_ids_read_exp_golomb_codes() -> None:
             sps_id(sps)  # truncated
     with pytest.raises(H264Unsupported):
         pps_id(b"\x68" + b"\x00" * 8)  # more than 31 leading zeros
+
+
+def _decoded(packets: list[Any], extradata: bytes) -> dict[int, bytes]:
+    dec: Any = av.CodecContext.create("h264", "r")
+    dec.extradata = extradata
+    out = {}
+    for packet in [*packets, None]:
+        for frame in dec.decode(packet):
+            out[frame.pts] = bytes(frame.planes[0])
+    return out
+
+
+def test_non_reference_pictures_can_be_left_out(shapes: Shapes) -> None:
+    """x264's non-reference B-frames are found by their slices' nal_ref_idc; a
+    GOP decoded without them gives every other picture bit for bit (what the
+    thumbnail path relies on); keyframes and P-frames are never disposable."""
+    path = shapes.get("progressive").files["video"]
+    with av.open(str(path)) as c:
+        v = c.streams.video[0]
+        extradata = bytes(v.codec_context.extradata)
+        packets = [p for p in c.demux(v) if p.size]
+    length_size = parse_avcc(extradata).length_size
+    gop = packets[: next(i for i, p in enumerate(packets) if i and p.is_keyframe)]
+    flags = [h264.disposable(bytes(p), length_size) for p in gop]
+    assert not flags[0] and any(flags) and not all(flags)
+    full = _decoded([_copy(p) for p in gop], extradata)
+    kept = _decoded([_copy(p) for p, f in zip(gop, flags, strict=True) if not f], extradata)
+    assert len(kept) == flags.count(False) and len(full) == len(gop)
+    assert all(full[pts] == data for pts, data in kept.items())
+    # Not a slice, or not length-prefixed as said: never disposable.
+    assert not h264.disposable(b"\x00\x00\x00\x02\x06\x05", 4)  # SEI only
+    assert not h264.disposable(b"\x00\x00\x00\x09\x01", 4)  # runs past the end
+    assert h264.disposable(b"\x00\x00\x00\x02\x01\x9a", 4)  # nal_ref_idc 0 slice
+    assert not h264.disposable(b"\x00\x00\x00\x02\x21\x9a", 4)  # nal_ref_idc 1
+
+
+def _copy(packet: Any) -> Any:
+    out = av.Packet(bytes(packet))
+    out.pts, out.dts, out.time_base = packet.pts, packet.dts, packet.time_base
+    return out
 
 
 def test_truncated_avcc_is_refused_cleanly() -> None:

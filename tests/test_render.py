@@ -531,6 +531,39 @@ async def test_animated_webp(media_server: MediaServer, progressive: Shape, tmp_
 # -- thumbnails -----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("at", [4.0, 4.1, 4.9, 5.9666])
+async def test_thumbnail_frames_anywhere_in_a_gop(
+    media_server: MediaServer, progressive: Shape, tmp_path: Path, at: float
+) -> None:
+    """The keyframe, a frame just after it, one mid-GOP and the GOP's last one
+    (decoded from the GOP's pictures up to it, its non-reference ones left
+    out) are each the source's frame at that time, not a neighbour."""
+    options = OutputOptions(format="png", thumbnail_at=at)
+    made = await make(media_server, progressive, tmp_path, options, (4.0, 8.0))
+    with av.open(str(made.path)) as c:
+        got = luma(next(c.decode(video=0)))
+    here = mad(got, luma(source_frame(progressive, at)))
+    assert here < 1.5
+    for t in (at - 1 / 30, at + 1 / 30):
+        assert here < mad(got, luma(source_frame(progressive, t))) / 2
+
+
+@pytest.mark.parametrize("shape", ["dash_fmp4", "webm_vp9", "hevc_mp4", "av1_fmp4"])
+async def test_thumbnail_of_every_source_shape(
+    media_server: MediaServer, shapes: Shapes, tmp_path: Path, shape: str
+) -> None:
+    """A mid-GOP thumbnail of each shape YouTube serves is the source's frame."""
+    src = shapes.get(shape)
+    options = OutputOptions(format="png", thumbnail_at=5.2)
+    made = await make(media_server, src, tmp_path, options, (4.0, 8.0))
+    with av.open(str(made.path)) as c:
+        got = luma(next(c.decode(video=0)))
+    here = mad(got, luma(source_frame(src, 5.2)))
+    assert here < 1.5
+    for t in (5.2 - 1 / 30, 5.2 + 1 / 30):
+        assert here < mad(got, luma(source_frame(src, t))) / 2
+
+
 async def test_thumbnail_is_the_source_frame_from_one_gop(
     media_server: MediaServer, progressive: Shape, tmp_path: Path
 ) -> None:

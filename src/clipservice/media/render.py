@@ -49,6 +49,7 @@ import structlog
 from clipservice.domain import OutputFormat, OutputOptions
 from clipservice.errors import ClipFailure
 from clipservice.media import ffmpeg_args, movtext
+from clipservice.media.bitstream import h264
 from clipservice.media.captions import (
     FONTS_DIR,
     MAX_CAPTIONS_BYTES,
@@ -60,7 +61,7 @@ from clipservice.media.captions import (
     to_ass,
     to_srt,
 )
-from clipservice.media.containers.base import ContainerError, Sample
+from clipservice.media.containers.base import ContainerError, Sample, Track
 from clipservice.media.containers.mp4 import Mp4Index, open_mp4
 from clipservice.media.fetch import Prefetch, RangeFetcher
 from clipservice.media.ffmpeg import FFmpegError, ProgressCallback, run_ffmpeg
@@ -657,7 +658,9 @@ def write_gop(
         if any(s.pts < key.pts for s in gop):
             return None  # an open GOP's leading pictures: FFmpeg seeks in the URL instead
         shown = sorted(s.pts for s in gop)
-        wanted = next((i for i, pts in enumerate(shown) if pts >= at), len(shown) - 1)
+        target_pts = shown[next((i for i, pts in enumerate(shown) if pts >= at), len(shown) - 1)]
+        gop = _needed(gop, target_pts, track, feed)
+        wanted = sorted(s.pts for s in gop).index(target_pts)
         container, template = _template(stream.init, stream)
         try:
             with av.open(str(out), "w", format="matroska") as oc:
@@ -676,7 +679,26 @@ def write_gop(
                     oc.mux(packet)
         finally:
             container.close()
-    return wanted, (shown[wanted] - stream.origin_ticks) / track.timescale
+    return wanted, (target_pts - stream.origin_ticks) / track.timescale
+
+
+def _needed(gop: list[Sample], target_pts: int, track: Track, feed: Feed) -> list[Sample]:
+    """The samples of a GOP (in decode order) that decoding the picture shown at
+    ``target_pts`` needs: none after it in decode order, and, for H.264, no
+    non-reference picture but that one (nothing is decoded from them)."""
+    end = next(i for i, s in enumerate(gop) if s.pts == target_pts) + 1
+    needed = gop[:end]
+    if track.codec != "h264":
+        return needed
+    try:
+        length_size = h264.parse_avcc(track.config).length_size
+    except h264.H264Unsupported:
+        return needed
+    return [
+        s
+        for s in needed
+        if s.key or s.pts == target_pts or not h264.disposable(feed.data(s), length_size)
+    ]
 
 
 def _video_input(source: SourceIndex, at_s: float) -> StreamInput | None:

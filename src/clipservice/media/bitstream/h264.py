@@ -179,3 +179,23 @@ PROFILES = {
 
 def level_name(level_idc: int) -> str:
     return f"{level_idc // 10}.{level_idc % 10}"
+
+
+def disposable(sample: bytes, length_size: int) -> bool:
+    """Whether a length-prefixed sample is a non-reference picture: every slice
+    of it has ``nal_ref_idc`` 0, so no other picture is decoded from it and a
+    decoder that skips it decodes the rest alike (FFmpeg's ``skip_frame
+    nonref``). False for anything it cannot read."""
+    pos, slices = 0, 0
+    while pos + length_size <= len(sample):
+        size = int.from_bytes(sample[pos : pos + length_size], "big")
+        pos += length_size
+        if size == 0 or pos + size > len(sample):
+            return False
+        header = sample[pos]
+        if 1 <= header & 0x1F <= 5:  # a slice (partition) of a picture
+            if header & 0x60:
+                return False
+            slices += 1
+        pos += size
+    return slices > 0 and pos == len(sample)
