@@ -224,6 +224,21 @@ def _check_duration(got_s: float, expected_s: float, tol_s: float) -> None:
         )
 
 
+def _first_frame(container: Any, stream: Any) -> Any:
+    """The stream's first frame, decoded from its first packet alone: no decoder
+    threads (they would start for one frame and, frame-threaded, wait for as
+    many packets) and no reorder delay (the decoder is flushed after that one
+    packet instead of fed the next ones, which B-frames would need)."""
+    stream.thread_type = "NONE"
+    stream.thread_count = 1
+    packet = next((p for p in container.demux(stream) if p.size), None)
+    if packet is None:
+        return None
+    cc = stream.codec_context
+    frames = cc.decode(packet) or cc.decode(None)
+    return frames[0] if frames else None
+
+
 def _validate_sync(path: Path, expected_s: float, expect_audio: bool, tol_s: float) -> OutputInfo:
     size = _size_of(path)
     try:
@@ -236,11 +251,7 @@ def _validate_sync(path: Path, expected_s: float, expect_audio: bool, tol_s: flo
             vs = c.streams.video[0]
             duration = float(c.duration / av.time_base) if c.duration else 0.0
             vdur = float(vs.duration * vs.time_base) if vs.duration and vs.time_base else duration
-            # One frame: a decoder with threads would start them all and, with
-            # frame threads, wait for as many packets (twice the time at 1080p).
-            vs.thread_type = "NONE"
-            vs.thread_count = 1
-            first = next(c.decode(video=0), None)
+            first = _first_frame(c, vs)
             if first is None:
                 raise ClipFailure("output_invalid", "output's first video frame does not decode")
             frames = vs.frames
