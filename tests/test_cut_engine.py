@@ -27,6 +27,7 @@ import pytest
 from clipservice.domain import CutMode, StreamUrls
 from clipservice.errors import ClipFailure
 from clipservice.media import cutter as cutter_module
+from clipservice.media import join as join_module
 from clipservice.media import joinproc
 from clipservice.media.bitstream import h264, hevc
 from clipservice.media.cutter import CutOutcome, CutSpec, Cutter
@@ -405,23 +406,86 @@ async def test_unsupported_codec_falls_back_to_reencode(
 async def test_invalid_output_is_retried_in_reencode(
     media_server: MediaServer, shapes: Shapes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An output failing validation is cut again in reencode mode, with a note."""
+    """An output failing validation is cut again in reencode mode, with a note
+    (the join's output is checked by its index, FFmpeg's by decoding)."""
     real = cutter_module.validate_output
     calls = []
 
-    async def failing_once(path: Path, expected_s: float, **kw: Any) -> Any:
-        calls.append(path)
-        if len(calls) == 1:
-            raise ClipFailure("output_invalid", "first frame does not decode")
+    async def failing(path: Path, expected_s: float, **kw: Any) -> Any:
+        calls.append(("joined", kw["first_frame"]))
+        raise ClipFailure("output_invalid", "moov damaged")
+
+    async def decoded(path: Path, expected_s: float, **kw: Any) -> Any:
+        calls.append(("decoded", None))
         return await real(path, expected_s, **kw)
 
-    monkeypatch.setattr(cutter_module, "validate_output", failing_once)
+    monkeypatch.setattr(cutter_module, "validate_joined", failing)
+    monkeypatch.setattr(cutter_module, "validate_output", decoded)
     shape = shapes.get("progressive")
     out = tmp_path / "clip.mp4"
     outcome = await cut(media_server, urls(media_server, shape), *CLIP, "accurate", out)
     assert outcome.note is not None and "failed validation" in outcome.note
-    assert len(calls) == 2
+    assert calls == [("joined", (320, 180)), ("decoded", None)]
     check_clip(out, shape, outcome, *CLIP, "accurate")
+
+
+@pytest.mark.parametrize(
+    ("shape", "mode"),
+    [("progressive", "accurate"), ("dash_fmp4", "fast"), ("webm_vp9", "accurate"),
+     ("hevc_mp4", "accurate"), ("av1_fmp4", "fast")],
+)  # fmt: skip
+async def test_join_check_agrees_with_decoding(
+    media_server: MediaServer,
+    shapes: Shapes,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    shape: str,
+    mode: CutMode,
+) -> None:
+    """What the join's own check learns of its clip (the first sample decoded as
+    it muxed, the rest from the MP4's index) is what decoding the file says."""
+    seen: list[Any] = []
+    real = cutter_module.validate_joined
+
+    async def recording(path: Path, expected_s: float, **kw: Any) -> Any:
+        info = await real(path, expected_s, **kw)
+        decoded = await cutter_module.validate_output(
+            path, expected_s, expect_audio=kw["expect_audio"], tol_s=kw["tol_s"]
+        )
+        seen.append((info, decoded))
+        return info
+
+    monkeypatch.setattr(cutter_module, "validate_joined", recording)
+    src = shapes.get(shape)
+    await cut(media_server, urls(media_server, src), *CLIP, mode, tmp_path / "c.mp4")
+    ((info, decoded),) = seen
+    assert (info.width, info.height, info.has_audio, info.subtitle_streams, info.size_bytes) == (
+        decoded.width, decoded.height, decoded.has_audio, 0, decoded.size_bytes
+    )  # fmt: skip
+    assert info.video_duration_s == pytest.approx(decoded.video_duration_s, abs=1e-3)
+    assert info.frames == decoded.frames
+
+
+async def test_a_first_frame_that_does_not_decode_fails_the_join(
+    media_server: MediaServer, shapes: Shapes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The join decodes its clip's first sample as it muxes; when that fails the
+    join fails as unsupported (the cutter then re-encodes) and leaves no file."""
+
+    def undecodable(*_: Any) -> Any:
+        raise join_module.JoinUnsupported("the clip's first frame does not decode")
+
+    monkeypatch.setattr(join_module, "_first_frame_size", undecodable)
+    src = urls(media_server, shapes.get("progressive"))
+    index = SourceIndex(src.video_url, src.audio_url)
+    await index.open()
+    out = tmp_path / "c.mp4"
+    deadline = asyncio.get_running_loop().time() + 60
+    request = index.request(*CLIP, "fast", str(out), deadline)
+    with pytest.raises(join_module.CutFailed, match="first frame") as info:
+        await asyncio.to_thread(join_module.run_cut, request)
+    assert info.value.unsupported
+    assert _leftovers(tmp_path) == []
 
 
 def _leftovers(folder: Path) -> list[str]:

@@ -30,7 +30,13 @@ from clipservice.media.captions import NO_CUES_NOTE, Cue, cue_tuples, load_cues
 from clipservice.media.fetch import FetchError
 from clipservice.media.ffmpeg import FFmpegError, ProgressCallback, run_ffmpeg
 from clipservice.media.join import CutFailed, CutRequest, CutResult
-from clipservice.media.probe import OutputInfo, SourceInfo, validate_media, validate_output
+from clipservice.media.probe import (
+    OutputInfo,
+    SourceInfo,
+    validate_joined,
+    validate_media,
+    validate_output,
+)
 from clipservice.media.source import SourceIndex, SourceUnsupported
 
 if TYPE_CHECKING:
@@ -318,12 +324,22 @@ class Cutter:
         result = await _in_join_process(request, budget, spec.on_progress)
         if spec.on_progress is not None:
             spec.on_progress(result.end_s - result.first_s)
-        out = await validate_output(
-            work.tmp,
-            result.end_s - result.first_s,
-            expect_audio=result.has_audio,
-            tol_s=1.5 * _frame_s(spec.info),
-        )
+        if result.first_frame is not None:
+            out = await validate_joined(
+                work.tmp,
+                result.end_s - result.first_s,
+                expect_audio=result.has_audio,
+                tol_s=1.5 * _frame_s(spec.info),
+                first_frame=result.first_frame,
+                frames=result.frames,
+            )
+        else:
+            out = await validate_output(
+                work.tmp,
+                result.end_s - result.first_s,
+                expect_audio=result.has_audio,
+                tol_s=1.5 * _frame_s(spec.info),
+            )
         notes = []
         if spec.info.audio is not None and not result.has_audio:
             notes.append("the source has no audio in this range")

@@ -119,6 +119,8 @@ class CutResult:
     bytes_fetched: int
     requests: int
     captions: int = 0  # text samples muxed (0: no track)
+    # The first video sample decoded alone: its frame size (None: not checked).
+    first_frame: tuple[int, int] | None = None
 
 
 class Guard:
@@ -690,6 +692,21 @@ def _describe_from_keyframe(vout: Any, feed: Feed, samples: list[Sample], track:
             setattr(cc, attr, getattr(frame, attr))
 
 
+def _first_frame_size(codec: str, extradata: bytes, data: bytes) -> tuple[int, int]:
+    """The output's first video sample decoded alone with the output's codec
+    configuration, as a player starts: its frame size (the check that the clip
+    starts on a picture that decodes, made while the rest is muxed)."""
+    dec: Any = av.CodecContext.create("libdav1d" if codec == "av1" else codec, "r")
+    dec.thread_type = "NONE"
+    dec.thread_count = 1
+    if extradata:
+        dec.extradata = extradata
+    frames = _decode(dec, av.Packet(data)) or _decode(dec, None)
+    if not frames:
+        raise JoinUnsupported("the clip's first frame does not decode")
+    return frames[0].width, frames[0].height
+
+
 def _trimmed(frame: Any, skip: int, keep: int, rate: int) -> Any:
     """``keep`` samples of a planar float frame from sample ``skip`` on."""
     out = av.AudioFrame(format="fltp", layout=frame.layout.name, samples=keep)
@@ -721,6 +738,7 @@ def _mux(
     counter = 0
     vtemplate, vin = _template(req.video.init, track)
     atemplate: Any = None
+    first_frame: _Worker | None = None
     first_user = (plan.first_pts - req.video.origin_ticks) / track.timescale
     end_user = (plan.end_pts - req.video.origin_ticks) / track.timescale
     text_samples = movtext.text_samples(movtext.clip_cues(req.captions, first_user, end_user))
@@ -834,11 +852,20 @@ def _mux(
                 if config is not None:
                     vout.codec_context.extradata = config
             last_dts: int | None = None
+            extradata = bytes(vout.codec_context.extradata or b"")
             for out_s, _, packet in merged:
                 guard.check()
                 if packet.stream is vout:
                     if last_dts is not None and packet.dts <= last_dts:
                         raise JoinUnsupported("joined decode times do not increase")
+                    if last_dts is None:
+                        first_frame = _Worker(
+                            functools.partial(
+                                _first_frame_size, track.codec, extradata, bytes(packet)
+                            ),
+                            guard,
+                            "clip-first-frame",
+                        )
                     last_dts = packet.dts
                 oc.mux(packet)
                 if on_progress is not None:
@@ -847,6 +874,9 @@ def _mux(
         vtemplate.close()
         if atemplate is not None:
             atemplate.close()
+    if first_frame is None:
+        raise JoinUnsupported("the clip has no video sample")
+    size = first_frame.result()
     audio_track = req.audio.track if req.audio is not None else None
     has_audio = bool(audio_copied) or (audio_track is not None and audio_track.codec != "aac")
     stats = list(
@@ -861,6 +891,7 @@ def _mux(
         bytes_fetched=sum(s.bytes for s in stats),
         requests=sum(s.requests for s in stats),
         captions=len(text_samples),
+        first_frame=size,
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 import av
 
 from clipservice.errors import ClipFailure, SourceError
+from clipservice.media.containers.base import ContainerError
+from clipservice.media.containers.mp4 import open_mp4
 from clipservice.media.fetch import FetchError
 from clipservice.media.ffmpeg import SOURCE_INPUT_OPTIONS, egress_proxy
 
@@ -260,6 +263,53 @@ def _validate_sync(path: Path, expected_s: float, expect_audio: bool, tol_s: flo
         raise ClipFailure("output_invalid", f"output does not decode: {exc}") from exc
     _check_duration(vdur, expected_s, tol_s)
     return OutputInfo(duration, vdur, has_audio, frames, size, first.width, first.height, subtitles)
+
+
+def _validate_joined(
+    path: Path,
+    expected_s: float,
+    expect_audio: bool,
+    tol_s: float,
+    frame: tuple[int, int],
+    frames: int,
+) -> OutputInfo:
+    size = _size_of(path)
+    try:
+        with path.open("rb") as f:
+            fd = f.fileno()
+            index = open_mp4(lambda offset, length: os.pread(fd, length, offset), size)
+    except (ContainerError, OSError) as exc:
+        raise ClipFailure("output_invalid", f"output does not open: {exc}") from exc
+    video, audio = index.track("video"), index.track("audio")
+    if video is None:
+        raise ClipFailure("output_invalid", "output has no video stream")
+    if expect_audio and audio is None:
+        raise ClipFailure("output_invalid", "output has no audio stream")
+    vdur = video.duration_s or 0.0
+    duration = max(vdur, (audio.duration_s or 0.0) if audio is not None else 0.0)
+    _check_duration(vdur, expected_s, tol_s)
+    subtitles = sum(1 for h in index.handlers if h in (b"sbtl", b"text", b"subt"))
+    return OutputInfo(
+        duration, vdur, audio is not None, frames, size, frame[0], frame[1], subtitles
+    )
+
+
+async def validate_joined(
+    path: Path,
+    expected_s: float,
+    *,
+    expect_audio: bool,
+    tol_s: float,
+    first_frame: tuple[int, int],
+    frames: int,
+) -> OutputInfo:
+    """Check a clip a join made (whose first sample it decoded as it muxed,
+    ``first_frame`` its size, ``frames`` the video samples it wrote): it opens
+    as an MP4 by its index (every box and sample table read, nothing decoded),
+    has its streams, lasts as expected."""
+    return await asyncio.to_thread(
+        _validate_joined, path, expected_s, expect_audio, tol_s, first_frame, frames
+    )
 
 
 async def validate_output(

@@ -299,6 +299,19 @@ def _parse_moov(moov: bytes, size_bytes: int) -> tuple[list[_TrakInfo], bool, fl
     return infos, fragmented, mehd_s
 
 
+def _handlers(moov: bytes) -> tuple[bytes, ...]:
+    """The handler type of each trak of a moov, in order."""
+    root = _box_at(moov, 0, len(moov))
+    out = []
+    for box in _boxes(moov, root.body, root.end):
+        if box.kind == b"trak":
+            mdia = _children(moov, box).get(b"mdia")
+            hdlr = _children(moov, mdia).get(b"hdlr") if mdia is not None else None
+            if hdlr is not None and hdlr.end - hdlr.body >= 12:
+                out.append(moov[hdlr.body + 8 : hdlr.body + 12])
+    return tuple(out)
+
+
 def _parse_trak(
     buf: bytes,
     trak: _Box,
@@ -1024,6 +1037,8 @@ class Mp4Index:
     init: bytes
     size_bytes: int
     fragmented: bool
+    # Every track's handler type, in order ("vide", "soun", "sbtl", "text"...).
+    handlers: tuple[bytes, ...] = ()
 
     def __init__(
         self,
@@ -1518,7 +1533,9 @@ def _open(src: _Source) -> Mp4Index:
         raise ContainerError("no audio or video track")
     if not fragmented:
         init = top.ftyp + _init_moov(top.moov, {i.track.track_id for i in infos})
-        return Mp4Index(src, infos, init)
+        index = Mp4Index(src, infos, init)
+        index.handlers = _handlers(top.moov)
+        return index
 
     init = src.get(0, top.moov_offset + len(top.moov))
     if top.first_moof is None:
@@ -1590,7 +1607,9 @@ def _open(src: _Source) -> Mp4Index:
         info = _TrakInfo(track, info.shift, None, info.trex)
         updated.append(info)
         frag_tracks[tid] = _FragTrack(info, first, segments, end_pts)
-    return Mp4Index(src, updated, init, frag_tracks, fragments_end)
+    index = Mp4Index(src, updated, init, frag_tracks, fragments_end)
+    index.handlers = _handlers(top.moov)
+    return index
 
 
 def _first_fragments(src: _Source, first_moof: int, info: _TrakInfo) -> list[_Frag]:
