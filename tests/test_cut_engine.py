@@ -464,6 +464,15 @@ async def test_join_check_agrees_with_decoding(
     )  # fmt: skip
     assert info.video_duration_s == pytest.approx(decoded.video_duration_s, abs=1e-3)
     assert info.frames == decoded.frames
+    # A sample the muxer did not write, or a length off by more than the
+    # tolerance, fails the check.
+    size = (info.width, info.height)
+    with pytest.raises(ClipFailure, match="video samples"):
+        await real(tmp_path / "c.mp4", info.video_duration_s, expect_audio=True, tol_s=0.05,
+                   first_frame=size, frames=info.frames + 1)  # fmt: skip
+    with pytest.raises(ClipFailure, match="lasts"):
+        await real(tmp_path / "c.mp4", info.video_duration_s + 0.5, expect_audio=True,
+                   tol_s=0.05, first_frame=size, frames=info.frames)  # fmt: skip
 
 
 async def test_a_first_frame_that_does_not_decode_fails_the_join(

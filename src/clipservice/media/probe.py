@@ -285,6 +285,9 @@ def _validate_joined(
         raise ClipFailure("output_invalid", "output has no video stream")
     if expect_audio and audio is None:
         raise ClipFailure("output_invalid", "output has no audio stream")
+    written = index.sample_count(video.track_id)
+    if written != frames:
+        raise ClipFailure("output_invalid", f"output holds {written} of {frames} video samples")
     vdur = video.duration_s or 0.0
     duration = max(vdur, (audio.duration_s or 0.0) if audio is not None else 0.0)
     _check_duration(vdur, expected_s, tol_s)
@@ -304,9 +307,9 @@ async def validate_joined(
     frames: int,
 ) -> OutputInfo:
     """Check a clip a join made (whose first sample it decoded as it muxed,
-    ``first_frame`` its size, ``frames`` the video samples it wrote): it opens
-    as an MP4 by its index (every box and sample table read, nothing decoded),
-    has its streams, lasts as expected."""
+    ``first_frame`` its size): it opens as an MP4 by its index (every box and
+    sample table read, nothing decoded), has its streams and the ``frames``
+    video samples the join wrote, and lasts as expected."""
     return await asyncio.to_thread(
         _validate_joined, path, expected_s, expect_audio, tol_s, first_frame, frames
     )

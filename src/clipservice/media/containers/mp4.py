@@ -1061,6 +1061,11 @@ class Mp4Index:
         """The first track of that kind."""
         return next((t for t in self.tracks if t.kind == kind), None)
 
+    def sample_count(self, track_id: int) -> int | None:
+        """How many samples a progressive file's track has (None: fragmented)."""
+        table = self._infos[track_id].table
+        return len(table) if table is not None else None
+
     def window(self, track_id: int, start_s: float, end_s: float) -> Window:
         """The bytes holding every sample from the sync sample at or before
         ``start_s`` through the whole GOP holding ``end_s`` (both clamped to
