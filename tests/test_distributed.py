@@ -8,6 +8,7 @@ asked to see under test (a killed worker's clip starts again elsewhere in under
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -323,7 +324,8 @@ async def test_killed_worker_clip_is_finished_by_the_other(
     orphans = ffmpeg_children(a.pid)
     a.kill()  # the machine dies: the worker and its FFmpeg
     for pid in orphans:
-        os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # (it may have ended by now)
+            os.kill(pid, signal.SIGKILL)
     await asyncio.to_thread(a.wait)
     doc = await cluster.job(job_id)
     cut_by = await cluster.store.clip_workers(job_id)
