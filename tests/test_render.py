@@ -20,7 +20,6 @@ import asyncio
 import io
 import itertools
 import subprocess
-from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -469,74 +468,6 @@ async def test_mp3_and_opus_to_m4a(
     assert (s["video"], s["audio"]) == (None, "aac")
     assert s["duration_s"] == pytest.approx(3.0, abs=0.03)
     assert {r["name"] for r in made.requests} == {webm.files["audio"].name}
-
-
-def _mono(path: Path) -> tuple[list[float], int]:
-    """A file's audio decoded and mixed to one channel of floats, and its rate."""
-    samples: list[float] = []
-    rate = 0
-    resampler: Any = None
-    with av.open(str(path)) as c:
-        for frame in c.decode(audio=0):
-            if resampler is None:
-                rate = frame.sample_rate
-                resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
-            for out in resampler.resample(frame):
-                samples.extend(array("f", bytes(out.planes[0]))[: out.samples])
-    return samples, rate
-
-
-def beeps(path: Path, window_s: float = 0.005) -> list[float]:
-    """When the test tone's beeps start (its 880 Hz beep every second, over a
-    440 Hz tone): windows whose zero crossings jump to the beep's rate."""
-    x, rate = _mono(path)
-    w = int(rate * window_s)
-    out, high = [], False
-    for i in range(0, len(x) - w, w):
-        seg = x[i : i + w]
-        crossings = sum(1 for a, b in itertools.pairwise(seg) if (a < 0) != (b < 0))
-        now = crossings > 0.75 * 880 * 2 * window_s
-        if now and not high:
-            out.append(i / rate)
-        high = now
-    return out
-
-
-@pytest.mark.parametrize(("shape", "share"), [("progressive", 0.5), ("webm_vp9", 0.9)])
-async def test_mp3_is_the_clips_audio_to_the_sample(
-    media_server: MediaServer, shapes: Shapes, tmp_path: Path, shape: str, share: float
-) -> None:
-    """An mp3 of 3.3-5.8 s (AAC or Opus source) is encoded by a join process
-    from the audio window's own bytes: the source's beeps at 4 s and 5 s are
-    at 0.7 s and 1.7 s of it (within a 5 ms window), it lasts 2.5 s, and only
-    the audio file is read, its window's bytes (WebM's are whole clusters)."""
-    src = shapes.get(shape)
-    made = await make(media_server, src, tmp_path, OutputOptions(format="mp3"), (3.3, 5.8))
-    assert streams(made.path)["video"] is None
-    assert made.outcome.duration_s == pytest.approx(2.5, abs=0.06)
-    got = beeps(made.path)
-    assert len(got) == 2 and got == pytest.approx([0.7, 1.7], abs=0.01), got
-    assert {r["name"] for r in made.requests} == {src.files["audio"].name}
-    assert sum(r["bytes"] for r in made.requests) < share * src.files["audio"].stat().st_size
-
-
-async def test_mp3_falls_back_to_ffmpeg(
-    media_server: MediaServer,
-    progressive: Shape,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """When the join process cannot encode it, FFmpeg makes the mp3 from the URL:
-    the same beeps, at the same times to within one AAC frame (FFmpeg's input
-    seeking in this m4a starts 1024 samples early: the join's own path is
-    the sample-exact one)."""
-
-    async def refused(*_: Any) -> Any:
-        raise CutFailed("not this time")
-
-    monkeypatch.setattr(render.joinproc, "run", refused)
-    made = await make(media_server, progressive, tmp_path, OutputOptions(format="mp3"), (3.3, 5.8))
-    assert beeps(made.path) == pytest.approx([0.7, 1.7], abs=0.03)
 
 
 # -- animations -----------------------------------------------------------------------------

@@ -12,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import os
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -98,17 +100,58 @@ def _frame_s(info: SourceInfo) -> float:
     return 1.0 / info.video.fps if info.video.fps else 1 / 30
 
 
+# Threads that wait on the join processes' answers (never the loop's default
+# executor, which serves file and probe work).
+_WAITERS = ThreadPoolExecutor(max_workers=32, thread_name_prefix="clip-join")
+# How long a killed join process's waiter is given to see it end.
+_JOIN_STOP_S = 2.0
+
+
 async def _in_join_process(
     request: CutRequest, budget: _Budget, on_progress: ProgressCallback | None = None
 ) -> CutResult:
-    """Run the cut in a worker process (see :mod:`clipservice.media.joinproc`)."""
-    result = await joinproc.run(request, budget.left_s, on_progress)
-    assert isinstance(result, CutResult)
-    return result
+    """Run the cut in a worker process (see :mod:`clipservice.media.joinproc`);
+    on timeout or cancellation kill it, as FFmpeg would be killed. Its
+    progress messages reach ``on_progress`` on the loop."""
+    loop = asyncio.get_running_loop()
+    proc = await loop.run_in_executor(_WAITERS, joinproc.POOL.acquire)
+
+    def progress(out_s: float) -> None:
+        if on_progress is not None:
+            loop.call_soon_threadsafe(on_progress, out_s)
+
+    done = loop.run_in_executor(_WAITERS, proc.call, request, progress)
+    done.add_done_callback(_retrieve)
+    healthy = False
+    try:
+        result: CutResult = await asyncio.wait_for(asyncio.shield(done), budget.left_s())
+        healthy = True
+        return result
+    except (CutFailed, FetchError):
+        healthy = True  # the process answered: it stays in the pool
+        raise
+    finally:
+        if not healthy:
+            proc.signal_kill()
+            await asyncio.wait({done}, timeout=_JOIN_STOP_S)
+        # Reaping (and recycling) may wait on the process: not on the loop.
+        await loop.run_in_executor(
+            _WAITERS, functools.partial(joinproc.POOL.release, proc, healthy=healthy)
+        )
 
 
-# (Started by the job runners.)
-warm_join_processes = joinproc.warm_in_background
+def warm_join_processes(concurrency: int) -> None:
+    """Size the pool of join processes for ``concurrency`` clips at once and
+    start one in the background (not awaited), so the first clip does not
+    wait a quarter of a second for it."""
+    warming = asyncio.get_running_loop().run_in_executor(_WAITERS, joinproc.POOL.warm, concurrency)
+    warming.add_done_callback(_retrieve)
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Mark a join's error as seen (a killed join's own error is expected)."""
+    if not future.cancelled():
+        future.exception()
 
 
 class _Budget:

@@ -123,28 +123,6 @@ class CutResult:
     first_frame: tuple[int, int] | None = None
 
 
-@dataclass(frozen=True)
-class AudioRequest:
-    """An audio clip a join process encodes: the audio of [start_s, end_s) (user
-    time) from ``audio``'s window, decoded and encoded to MP3 at ``out``."""
-
-    audio: StreamInput
-    start_s: float
-    end_s: float
-    out: str
-    deadline: float  # time.monotonic()
-    bit_rate: int = 192_000
-
-
-@dataclass(frozen=True)
-class AudioResult:
-    """What an audio clip covers, in user time, and what it cost to fetch."""
-
-    first_s: float
-    end_s: float
-    bytes_fetched: int
-
-
 class Guard:
     """A clip's deadline and cancel flag, checked by every loop of the join,
     and the first error any of its threads met (the one to report)."""
@@ -587,10 +565,9 @@ def _audio(
 
 def _encode_audio(
     feed: Feed, stream: StreamInput, first_s: float, end_s: float, origin: int, guard: Guard,
-    aout: Any, frame_size: int = _AAC_FRAME,
+    aout: Any,
 ) -> list[Any]:  # fmt: skip
-    """Audio of [first_s, end_s) decoded and encoded by ``aout``'s encoder (AAC;
-    MP3 with ``frame_size`` 1152), trimmed to the sample.
+    """Audio of [first_s, end_s) decoded and encoded to AAC, trimmed to the sample.
 
     ``first_s``/``end_s`` are seconds of the video's timeline; ``origin`` maps
     them to this track (see :func:`_audio`). Decoding starts a little before
@@ -618,8 +595,8 @@ def _encode_audio(
         nonlocal written
         frame.pts = None
         fifo.write(frame)
-        while fifo.samples >= frame_size:
-            chunk: Any = fifo.read(frame_size)
+        while fifo.samples >= _AAC_FRAME:
+            chunk: Any = fifo.read(_AAC_FRAME)
             chunk.pts = written
             written += chunk.samples
             packets.extend(aout.encode(chunk))
@@ -669,69 +646,6 @@ def _encode_audio(
         packets.extend(aout.encode(chunk))
     packets.extend(aout.encode(None))
     return packets
-
-
-_MP3_FRAME = 1152  # samples per MPEG-1 Layer III frame
-_MP3_RATES = (48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000)
-
-
-def run_audio(req: AudioRequest, on_progress: Callable[[float], None] | None = None) -> AudioResult:
-    """Make the MP3 ``req`` asks for at ``req.out`` from the audio window's own
-    bytes (fetched on two connections, nothing else read): decoded from a
-    little before the start (pre-roll), trimmed to the sample, encoded with
-    LAME. Remove the output on any failure."""
-    guard = Guard(req.deadline)
-    out = Path(req.out)
-    stream, track = req.audio, req.audio.track
-    fetcher = RangeFetcher(stream.url, connect_to=stream.connect_to)
-    prefetch = Prefetch(
-        fetcher,
-        list(stream.window.spans),
-        connections=2,
-        check=guard.check,
-        spill_path=f"{req.out}-spill",
-    )
-    try:
-        feed = Feed(stream, prefetch)
-        rate = track.sample_rate or 44100
-        if rate not in _MP3_RATES:
-            rate = min(_MP3_RATES, key=lambda r: abs(r - rate))
-        with av.open(req.out, "w", format="mp3") as oc:
-            aout = oc.add_stream("libmp3lame", rate=rate)
-            aout.codec_context.layout = "mono" if track.channels == 1 else "stereo"
-            aout.bit_rate = req.bit_rate
-            aout.time_base = Fraction(1, rate)
-            packets = _encode_audio(
-                feed, stream, req.start_s, req.end_s, stream.origin_ticks, guard, aout, _MP3_FRAME
-            )
-            if not packets:
-                raise CutFailed("the source has no audio in this range", unsupported=False)
-            for packet in packets:
-                guard.check()
-                packet.stream = aout
-                oc.mux(packet)
-        ts = track.timescale
-        end = round(req.end_s * ts) + stream.origin_ticks
-        last = max((s.pts + s.duration for s in feed.samples() if s.pts < end), default=end)
-        covered = min(req.end_s, (last - stream.origin_ticks) / ts)
-        if on_progress is not None:
-            on_progress(covered - req.start_s)
-        return AudioResult(req.start_s, covered, fetcher.stats.bytes)
-    except BaseException as exc:
-        guard.fail(exc)
-        with contextlib.suppress(OSError):
-            out.unlink()
-        cause = guard.error if guard.error is not None else exc
-        if isinstance(cause, JoinUnsupported | ContainerError):
-            raise CutFailed(str(cause)) from cause
-        if isinstance(cause, av.FFmpegError):
-            raise CutFailed(f"decoding or encoding failed: {cause}") from cause
-        if cause is not exc:
-            raise cause from None
-        raise
-    finally:
-        prefetch.close()
-        fetcher.close()
 
 
 def _audio_extradata(track: Track) -> bytes:
@@ -995,14 +909,4 @@ def _wait_for_config(head: _Worker | None, tail: _Worker | None, guard: Guard) -
     return head is not None or tail is not None
 
 
-__all__ = [
-    "AudioRequest",
-    "AudioResult",
-    "CutFailed",
-    "CutRequest",
-    "CutResult",
-    "FetchError",
-    "StreamInput",
-    "run_audio",
-    "run_cut",
-]
+__all__ = ["CutFailed", "CutRequest", "CutResult", "FetchError", "StreamInput", "run_cut"]

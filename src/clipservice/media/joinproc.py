@@ -22,10 +22,8 @@ heartbeat, as FFmpeg's ``-progress`` is for FFmpeg runs.
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import contextlib
-import functools
 import pickle
 import struct
 import subprocess
@@ -33,15 +31,11 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import IO, Any
 
 from clipservice.media.fetch import FetchError
 from clipservice.media.ffmpeg import _child_setup
-from clipservice.media.join import AudioRequest, AudioResult, CutFailed, CutRequest, CutResult
-
-Request = CutRequest | AudioRequest
-Result = CutResult | AudioResult
+from clipservice.media.join import CutFailed, CutRequest, CutResult
 
 _HEADER = struct.Struct(">I")
 # A process is replaced after this many joins (allocator growth stays bounded).
@@ -80,7 +74,9 @@ class JoinProcess:
         )
         self.joins = 0
 
-    def call(self, request: Request, on_progress: Callable[[float], None] | None = None) -> Result:
+    def call(
+        self, request: CutRequest, on_progress: Callable[[float], None] | None = None
+    ) -> CutResult:
         """Run one cut (blocking); raise what the cut raised, or CutFailed if
         the process died. ``on_progress`` hears the progress messages (on
         this thread)."""
@@ -96,7 +92,7 @@ class JoinProcess:
         except (EOFError, OSError, pickle.UnpicklingError) as exc:
             raise CutFailed("the cutting process ended unexpectedly") from exc
         if kind == "ok":
-            assert isinstance(value, CutResult | AudioResult)
+            assert isinstance(value, CutResult)
             return value
         if kind == "timeout":
             raise TimeoutError
@@ -204,60 +200,6 @@ POOL = JoinPool()
 atexit.register(POOL.close)  # (and the parent-death signal, if we die harder)
 
 
-# Threads that wait on the join processes' answers (never the loop's default
-# executor, which serves file and probe work).
-_WAITERS = ThreadPoolExecutor(max_workers=32, thread_name_prefix="clip-join")
-# How long a killed join process's waiter is given to see it end.
-_STOP_S = 2.0
-
-
-async def run(
-    request: Request,
-    left_s: Callable[[], float],
-    on_progress: Callable[[float], None] | None = None,
-) -> Result:
-    """Run ``request`` in a pooled worker process, within ``left_s()`` seconds;
-    on timeout or cancellation kill it, as FFmpeg would be killed. Its
-    progress messages reach ``on_progress`` on the loop."""
-    loop = asyncio.get_running_loop()
-    proc = await loop.run_in_executor(_WAITERS, POOL.acquire)
-
-    def progress(out_s: float) -> None:
-        if on_progress is not None:
-            loop.call_soon_threadsafe(on_progress, out_s)
-
-    done = loop.run_in_executor(_WAITERS, proc.call, request, progress)
-    done.add_done_callback(_retrieve)
-    healthy = False
-    try:
-        result = await asyncio.wait_for(asyncio.shield(done), left_s())
-        healthy = True
-        return result
-    except (CutFailed, FetchError):
-        healthy = True  # the process answered: it stays in the pool
-        raise
-    finally:
-        if not healthy:
-            proc.signal_kill()
-            await asyncio.wait({done}, timeout=_STOP_S)
-        # Reaping (and recycling) may wait on the process: not on the loop.
-        await loop.run_in_executor(_WAITERS, functools.partial(POOL.release, proc, healthy=healthy))
-
-
-def warm_in_background(concurrency: int) -> None:
-    """Size the pool for ``concurrency`` clips at once and start one process in
-    the background (not awaited), so the first clip does not wait a quarter
-    of a second for it."""
-    warming = asyncio.get_running_loop().run_in_executor(_WAITERS, POOL.warm, concurrency)
-    warming.add_done_callback(_retrieve)
-
-
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    """Mark a join's error as seen (a killed join's own error is expected)."""
-    if not future.cancelled():
-        future.exception()
-
-
 class _Progress:
     """Sends a cut's rising output time to the parent, at most every PROGRESS_INTERVAL_S."""
 
@@ -280,7 +222,7 @@ def _serve() -> None:
     """The worker process: runs cut requests from stdin until it closes."""
     import os
 
-    from clipservice.media.join import run_audio, run_cut
+    from clipservice.media.join import run_cut
 
     # SVT-AV1 prints its settings on every encoder it opens; errors only.
     os.environ.setdefault("SVT_LOG", "1")
@@ -292,8 +234,7 @@ def _serve() -> None:
         except EOFError:
             return
         try:
-            run = run_audio if isinstance(request, AudioRequest) else run_cut
-            answer: tuple[str, object] = ("ok", run(request, _Progress(answers)))
+            answer: tuple[str, object] = ("ok", run_cut(request, _Progress(answers)))
         except TimeoutError:
             answer = ("timeout", None)
         except FetchError as exc:

@@ -11,10 +11,8 @@ cutter (:mod:`.cutter`) takes each option set down one of these paths
   make, added by a stream copy remux (:func:`add_soft_captions`): no re-encode;
 - ``audio``: the audio alone. AAC from an indexed source is copied into the
   m4a from the audio window's own byte ranges (no decode, trimmed to the
-  sample by an edit list); an MP3 is decoded from those bytes and encoded
-  by a join process (:func:`.join.run_audio`: sample-exact, no FFmpeg
-  start); anything else, or what that cannot make, is encoded by FFmpeg
-  from the audio URL with input seeking;
+  sample by an edit list); MP3 is encoded from that copy; other audio
+  (Opus) is encoded by FFmpeg from the audio URL with input seeking;
 - ``thumbnail``: one frame. From an indexed source only the GOP holding it
   is fetched, written to a small local file, and FFmpeg decodes it from its
   keyframe and keeps the one frame (then shaped); else FFmpeg seeks in the
@@ -50,7 +48,7 @@ import structlog
 
 from clipservice.domain import OutputFormat, OutputOptions
 from clipservice.errors import ClipFailure
-from clipservice.media import ffmpeg_args, joinproc, movtext
+from clipservice.media import ffmpeg_args, movtext
 from clipservice.media.bitstream import h264
 from clipservice.media.captions import (
     FONTS_DIR,
@@ -67,7 +65,7 @@ from clipservice.media.containers.base import ContainerError, Sample, Track
 from clipservice.media.containers.mp4 import Mp4Index, open_mp4
 from clipservice.media.fetch import Prefetch, RangeFetcher
 from clipservice.media.ffmpeg import FFmpegError, ProgressCallback, run_ffmpeg
-from clipservice.media.join import AudioRequest, AudioResult, CutFailed, Feed, Guard, StreamInput
+from clipservice.media.join import CutFailed, Feed, Guard, StreamInput
 from clipservice.media.probe import OutputInfo, OutputKind, probe_source, validate_media
 from clipservice.media.source import SourceIndex
 
@@ -598,27 +596,28 @@ async def _audio(
     if spec.info.audio is None:
         raise ClipFailure("no_audio", "the source has no audio")
     covered: tuple[float, float] | None = None
-    source = await _open_index(spec, budget)
-    stream = await asyncio.to_thread(_audio_input, source, start, end)
-    if stream is not None and fmt == "mp3":
-        # The audio window's own bytes, decoded and encoded to MP3 in a join
-        # process: no FFmpeg start, no seeking in the URL.
-        request = AudioRequest(stream, start, end, str(tmp), budget.deadline)
-        try:
-            result = await joinproc.run(request, budget.left_s, spec.on_progress)
-        except CutFailed as exc:
-            log.info("audio_encode_fallback", reason=str(exc))
-        else:
-            assert isinstance(result, AudioResult)
-            covered = (result.first_s, result.end_s)
-    elif stream is not None and stream.track.codec == "aac":
+    # An MP3 of a separate audio stream is one FFmpeg run reading the stream
+    # itself (as a user's command would): copying the AAC out first only adds
+    # a step. From a muxed source, the copy reads the audio's bytes alone.
+    direct = fmt == "mp3" and spec.streams.audio_url is not None
+    stream = None
+    if not direct:
+        source = await _open_index(spec, budget)
+        stream = await asyncio.to_thread(_audio_input, source, start, end)
+    if stream is not None and stream.track.codec == "aac":
+        target = tmp if fmt == "m4a" else side_path(tmp, "copy.m4a")
+        if target != tmp:
+            sides.append(target)
         try:
             covered = await _in_thread(
-                lambda guard: copy_aac(stream, start, end, tmp, guard), budget
+                lambda guard: copy_aac(stream, start, end, target, guard), budget
             )
         except (CutFailed, ContainerError, av.FFmpegError) as exc:
             log.info("audio_copy_fallback", reason=str(exc))
             covered = None
+        if covered is not None and fmt == "mp3":
+            args = ffmpeg_args.transcode_audio_args(str(target), str(tmp), fmt)
+            await _ffmpeg(spec, args, budget, ffmpeg_path)
     if covered is None:
         url = spec.streams.audio_url or spec.streams.video_url
         await _ffmpeg(
