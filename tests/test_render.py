@@ -20,6 +20,7 @@ import asyncio
 import io
 import itertools
 import subprocess
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -468,6 +469,52 @@ async def test_mp3_and_opus_to_m4a(
     assert (s["video"], s["audio"]) == (None, "aac")
     assert s["duration_s"] == pytest.approx(3.0, abs=0.03)
     assert {r["name"] for r in made.requests} == {webm.files["audio"].name}
+
+
+def _mono(path: Path) -> tuple[list[float], int]:
+    """A file's audio decoded and mixed to one channel of floats, and its rate."""
+    samples: list[float] = []
+    rate = 0
+    resampler: Any = None
+    with av.open(str(path)) as c:
+        for frame in c.decode(audio=0):
+            if resampler is None:
+                rate = frame.sample_rate
+                resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
+            for out in resampler.resample(frame):
+                samples.extend(array("f", bytes(out.planes[0]))[: out.samples])
+    return samples, rate
+
+
+def beeps(path: Path, window_s: float = 0.005) -> list[float]:
+    """When the test tone's beeps start (its 880 Hz beep every second, over a
+    440 Hz tone): windows whose zero crossings jump to the beep's rate."""
+    x, rate = _mono(path)
+    w = int(rate * window_s)
+    out, high = [], False
+    for i in range(0, len(x) - w, w):
+        seg = x[i : i + w]
+        crossings = sum(1 for a, b in itertools.pairwise(seg) if (a < 0) != (b < 0))
+        now = crossings > 0.75 * 880 * 2 * window_s
+        if now and not high:
+            out.append(i / rate)
+        high = now
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["m4a", "mp3"])
+async def test_audio_is_the_clips_audio_to_the_sample(
+    media_server: MediaServer, progressive: Shape, tmp_path: Path, fmt: Any
+) -> None:
+    """An m4a or mp3 of 3.3-5.8 s holds the source's beeps at 4 s and 5 s at
+    0.7 s and 1.7 s (within a 5 ms window), lasts 2.5 s, and reads only the
+    audio file."""
+    made = await make(media_server, progressive, tmp_path, OutputOptions(format=fmt), (3.3, 5.8))
+    assert streams(made.path)["video"] is None
+    assert made.outcome.duration_s == pytest.approx(2.5, abs=0.06)
+    got = beeps(made.path)
+    assert len(got) == 2 and got == pytest.approx([0.7, 1.7], abs=0.01), got
+    assert {r["name"] for r in made.requests} == {progressive.files["audio"].name}
 
 
 # -- animations -----------------------------------------------------------------------------

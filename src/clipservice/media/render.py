@@ -596,14 +596,11 @@ async def _audio(
     if spec.info.audio is None:
         raise ClipFailure("no_audio", "the source has no audio")
     covered: tuple[float, float] | None = None
-    # An MP3 of a separate audio stream is one FFmpeg run reading the stream
-    # itself (as a user's command would): copying the AAC out first only adds
-    # a step. From a muxed source, the copy reads the audio's bytes alone.
-    direct = fmt == "mp3" and spec.streams.audio_url is not None
-    stream = None
-    if not direct:
-        source = await _open_index(spec, budget)
-        stream = await asyncio.to_thread(_audio_input, source, start, end)
+    # An MP3 is encoded from the AAC copy (a local m4a whose edit list trims it
+    # to the sample): FFmpeg's input seeking in the URL starts one AAC frame
+    # early (23 ms of audio from before the clip).
+    source = await _open_index(spec, budget)
+    stream = await asyncio.to_thread(_audio_input, source, start, end)
     if stream is not None and stream.track.codec == "aac":
         target = tmp if fmt == "m4a" else side_path(tmp, "copy.m4a")
         if target != tmp:
