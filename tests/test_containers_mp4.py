@@ -13,6 +13,7 @@ import random
 import struct
 import subprocess
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -228,6 +229,34 @@ def _check_window(
 
 
 # --------------------------------------------------------------------------- samples
+
+
+def test_samples_duration_is_what_the_edit_list_shows(mp4: dict[str, Path], tmp_path: Path) -> None:
+    """A track whose first sample shows two frames after it decodes and whose
+    last (a B-frame) one frame after: the muxer's mdhd counts a frame more
+    than the samples show; samples_s is their sum, what FFmpeg reports
+    (a clip cut like this was reported a frame too long)."""
+    tb = Fraction(1, 15360)
+    times = [(-1024, 0), (-512, 1536), (0, 512), (512, 1024), (1024, 2560), (1536, 2048)]
+    out = tmp_path / "delay.mp4"
+    with av.open(str(mp4["faststart"])) as ic:
+        v = ic.streams.video[0]
+        data = [bytes(p) for p in ic.demux(v) if p.size][: len(times)]
+        with av.open(str(out), "w", format="mp4", options={"movflags": "+faststart"}) as oc:
+            s = oc.add_stream_from_template(v)
+            s.time_base = tb
+            for payload, (dts, pts) in zip(data, times, strict=True):
+                packet = av.Packet(payload)
+                packet.stream, packet.time_base = s, tb
+                packet.dts, packet.pts, packet.duration = dts, pts, 512
+                packet.is_keyframe = dts == -1024
+                oc.mux(packet)
+    index, _ = _open(out)
+    track = index.tracks[0]
+    with av.open(str(out)) as c:
+        shown = float(c.streams.video[0].duration * c.streams.video[0].time_base)
+    assert index.samples_s(track.track_id) == pytest.approx(shown) == pytest.approx(0.2)
+    assert track.duration_s == pytest.approx(0.2 + 512 / 15360)  # the header's view
 
 
 @pytest.mark.parametrize("name", [*ALL, LYING_SIDX])

@@ -430,9 +430,11 @@ async def test_invalid_output_is_retried_in_reencode(
 
 
 @pytest.mark.parametrize(
-    ("shape", "mode"),
-    [("progressive", "accurate"), ("dash_fmp4", "fast"), ("webm_vp9", "accurate"),
-     ("hevc_mp4", "accurate"), ("av1_fmp4", "fast")],
+    ("shape", "mode", "clip"),
+    [("progressive", "accurate", CLIP), ("dash_fmp4", "fast", CLIP),
+     ("webm_vp9", "accurate", CLIP), ("hevc_mp4", "accurate", CLIP), ("av1_fmp4", "fast", CLIP),
+     ("dash_fmp4", "accurate", (2.0, 6.0)), ("dash_fmp4", "fast", (3.0, 6.5)),
+     ("progressive", "accurate", (2.5, 7.3))],
 )  # fmt: skip
 async def test_join_check_agrees_with_decoding(
     media_server: MediaServer,
@@ -441,6 +443,7 @@ async def test_join_check_agrees_with_decoding(
     monkeypatch: pytest.MonkeyPatch,
     shape: str,
     mode: CutMode,
+    clip: tuple[float, float],
 ) -> None:
     """What the join's own check learns of its clip (the first sample decoded as
     it muxed, the rest from the MP4's index) is what decoding the file says."""
@@ -457,7 +460,7 @@ async def test_join_check_agrees_with_decoding(
 
     monkeypatch.setattr(cutter_module, "validate_joined", recording)
     src = shapes.get(shape)
-    await cut(media_server, urls(media_server, src), *CLIP, mode, tmp_path / "c.mp4")
+    await cut(media_server, urls(media_server, src), *clip, mode, tmp_path / "c.mp4")
     ((info, decoded),) = seen
     assert (info.width, info.height, info.has_audio, info.subtitle_streams, info.size_bytes) == (
         decoded.width, decoded.height, decoded.has_audio, 0, decoded.size_bytes

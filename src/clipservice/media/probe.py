@@ -288,8 +288,9 @@ def _validate_joined(
     written = index.sample_count(video.track_id)
     if written != frames:
         raise ClipFailure("output_invalid", f"output holds {written} of {frames} video samples")
-    vdur = video.duration_s or 0.0
-    duration = max(vdur, (audio.duration_s or 0.0) if audio is not None else 0.0)
+    vdur = index.samples_s(video.track_id) or 0.0
+    adur = (index.samples_s(audio.track_id) or 0.0) if audio is not None else 0.0
+    duration = max(vdur, adur)
     _check_duration(vdur, expected_s, tol_s)
     subtitles = sum(1 for h in index.handlers if h in (b"sbtl", b"text", b"subt"))
     return OutputInfo(

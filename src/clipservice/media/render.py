@@ -799,7 +799,8 @@ def _describe_clip_index(path: Path) -> _Clip:
         else (t.kind, t.codec, t.config, t.timescale, t.width, t.height, t.sample_rate, t.channels)
         for t in (v, a)
     )
-    duration = (v.duration_s if v is not None else a.duration_s if a is not None else None) or 0.0
+    first = v if v is not None else a
+    duration = (index.samples_s(first.track_id) if first is not None else None) or 0.0
     fps = Fraction(v.fps).limit_denominator(1001) if v is not None and v.fps else None
     return _Clip(
         path,

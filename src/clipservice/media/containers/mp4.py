@@ -1066,6 +1066,16 @@ class Mp4Index:
         table = self._infos[track_id].table
         return len(table) if table is not None else None
 
+    def samples_s(self, track_id: int) -> float | None:
+        """How long a progressive file's track shows its samples: the sum of
+        their durations (what an edit list of the whole track presents; the
+        header's duration may also count a composition delay). None:
+        fragmented."""
+        info = self._infos[track_id]
+        if info.table is None:
+            return None
+        return sum(info.table.durations) / info.track.timescale
+
     def window(self, track_id: int, start_s: float, end_s: float) -> Window:
         """The bytes holding every sample from the sync sample at or before
         ``start_s`` through the whole GOP holding ``end_s`` (both clamped to
