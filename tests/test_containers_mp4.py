@@ -20,7 +20,7 @@ import av
 import pytest
 
 from clipservice.media.containers.base import ContainerError, Sample, Window
-from clipservice.media.containers.mp4 import FragmentReader, Mp4Index, open_mp4
+from clipservice.media.containers.mp4 import FragmentReader, Mp4Index, open_file, open_mp4
 from clipservice.media.ffmpeg import bundled_ffmpeg
 
 SECONDS = 10
@@ -229,6 +229,21 @@ def _check_window(
 
 
 # --------------------------------------------------------------------------- samples
+
+
+def test_moov_position_and_header_size(mp4: dict[str, Path]) -> None:
+    """The index says where the moov is (before the media: faststart) and how
+    many bytes the ftyp and moov take, as the file's top-level boxes do."""
+    for name, first in (("faststart", True), ("moov-end", False)):
+        data = mp4[name].read_bytes()
+        pos, sizes = 0, {}
+        while pos + 8 <= len(data):
+            size = int.from_bytes(data[pos : pos + 4], "big")
+            sizes[data[pos + 4 : pos + 8]] = size
+            pos += size
+        index = open_file(mp4[name])
+        assert index.moov_first is first
+        assert index.header_bytes == sizes[b"ftyp"] + sizes[b"moov"]
 
 
 def test_samples_duration_is_what_the_edit_list_shows(mp4: dict[str, Path], tmp_path: Path) -> None:

@@ -324,22 +324,14 @@ class Cutter:
         result = await _in_join_process(request, budget, spec.on_progress)
         if spec.on_progress is not None:
             spec.on_progress(result.end_s - result.first_s)
-        if result.first_frame is not None:
-            out = await validate_joined(
-                work.tmp,
-                result.end_s - result.first_s,
-                expect_audio=result.has_audio,
-                tol_s=1.5 * _frame_s(spec.info),
-                first_frame=result.first_frame,
-                frames=result.frames,
-            )
-        else:
-            out = await validate_output(
-                work.tmp,
-                result.end_s - result.first_s,
-                expect_audio=result.has_audio,
-                tol_s=1.5 * _frame_s(spec.info),
-            )
+        out = await validate_joined(
+            work.tmp,
+            result.end_s - result.first_s,
+            expect_audio=result.has_audio,
+            tol_s=1.5 * _frame_s(spec.info),
+            first_frame=result.first_frame,
+            frames=result.frames,
+        )
         notes = []
         if spec.info.audio is not None and not result.has_audio:
             notes.append("the source has no audio in this range")

@@ -118,9 +118,8 @@ class CutResult:
     has_audio: bool
     bytes_fetched: int
     requests: int
+    first_frame: tuple[int, int]  # the first video sample decoded alone: its size
     captions: int = 0  # text samples muxed (0: no track)
-    # The first video sample decoded alone: its frame size (None: not checked).
-    first_frame: tuple[int, int] | None = None
 
 
 class Guard:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ import av
 
 from clipservice.errors import ClipFailure, SourceError
 from clipservice.media.containers.base import ContainerError
-from clipservice.media.containers.mp4 import open_mp4
+from clipservice.media.containers.mp4 import open_file
 from clipservice.media.fetch import FetchError
 from clipservice.media.ffmpeg import SOURCE_INPUT_OPTIONS, egress_proxy
 
@@ -275,9 +274,7 @@ def _validate_joined(
 ) -> OutputInfo:
     size = _size_of(path)
     try:
-        with path.open("rb") as f:
-            fd = f.fileno()
-            index = open_mp4(lambda offset, length: os.pread(fd, length, offset), size)
+        index = open_file(path)
     except (ContainerError, OSError) as exc:
         raise ClipFailure("output_invalid", f"output does not open: {exc}") from exc
     video, audio = index.track("video"), index.track("audio")

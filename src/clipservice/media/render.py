@@ -62,7 +62,7 @@ from clipservice.media.captions import (
     to_srt,
 )
 from clipservice.media.containers.base import ContainerError, Sample, Track
-from clipservice.media.containers.mp4 import Mp4Index, open_mp4
+from clipservice.media.containers.mp4 import Mp4Index, open_file
 from clipservice.media.fetch import Prefetch, RangeFetcher
 from clipservice.media.ffmpeg import FFmpegError, ProgressCallback, run_ffmpeg
 from clipservice.media.join import CutFailed, Feed, Guard, StreamInput
@@ -773,13 +773,6 @@ class _Clip:
     header_bytes: int = 0  # its ftyp and moov (0: not known)
 
 
-def _local_index(path: Path) -> Mp4Index:
-    """The MP4 index of a local file (its moov read, nothing decoded)."""
-    with path.open("rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        return open_mp4(lambda offset, length: os.pread(f.fileno(), length, offset), size)
-
-
 def _describe_clip(path: Path) -> _Clip:
     """What a reel needs to know of a clip, from its MP4 index (a clip of ours
     is a faststart MP4: its moov alone says it all, nothing decoded); from
@@ -791,7 +784,10 @@ def _describe_clip(path: Path) -> _Clip:
 
 
 def _describe_clip_index(path: Path) -> _Clip:
-    index = _local_index(path)
+    return _clip_of(path, open_file(path))
+
+
+def _clip_of(path: Path, index: Mp4Index) -> _Clip:
     v, a = index.track("video"), index.track("audio")
     sig = tuple(
         None
@@ -811,7 +807,7 @@ def _describe_clip_index(path: Path) -> _Clip:
         v.width if v is not None else 0,
         v.height if v is not None else 0,
         fps,
-        sum(n for kind, n in _top_level_boxes(path) if kind in (b"ftyp", b"moov")),
+        index.header_bytes,
     )
 
 
@@ -831,13 +827,13 @@ def _check_copied_reel(path: Path, expected_s: float, tol_s: float, first: _Clip
     clips' streams and codec parameters (the samples are the validated clips'
     own, nothing to decode again), moov before the media, and lasts the sum."""
     try:
-        clip = _describe_clip_index(path)
-        moov_first = _moov_before_mdat(path)
+        index = open_file(path)
     except (ContainerError, OSError) as exc:
         raise ClipFailure("output_invalid", f"the reel does not open: {exc}") from exc
+    clip = _clip_of(path, index)
     if _streams(clip) != _streams(first):
         raise ClipFailure("output_invalid", "the reel's streams differ from its clips'")
-    if not moov_first:
+    if not index.moov_first:
         raise ClipFailure("output_invalid", "the reel's moov is not before its media")
     if abs(clip.duration_s - expected_s) > tol_s:
         raise ClipFailure(
@@ -854,32 +850,6 @@ def _streams(clip: _Clip) -> tuple[Any, ...]:
     """A clip's signature without the tracks' timescales (a muxer may pick its
     own for the joined file)."""
     return tuple(None if t is None else (*t[:3], *t[4:]) for t in clip.signature)
-
-
-def _top_level_boxes(path: Path) -> list[tuple[bytes, int]]:
-    """The kinds and sizes of a file's top-level boxes, in order, up to its mdat."""
-    boxes: list[tuple[bytes, int]] = []
-    with path.open("rb") as f:
-        pos, size = 0, os.fstat(f.fileno()).st_size
-        while pos + 8 <= size and len(boxes) < 64:
-            header = os.pread(f.fileno(), 16, pos)
-            length, kind = int.from_bytes(header[:4], "big"), header[4:8]
-            if length == 1 and len(header) == 16:
-                length = int.from_bytes(header[8:16], "big")
-            elif length == 0:
-                length = size - pos
-            if length < 8:
-                raise ContainerError(f"a {kind!r} box of {length} bytes at {pos}")
-            boxes.append((kind, length))
-            if kind == b"mdat":
-                break
-            pos += length
-    return boxes
-
-
-def _moov_before_mdat(path: Path) -> bool:
-    kinds = [kind for kind, _ in _top_level_boxes(path)]
-    return b"moov" in kinds and kinds[-1] == b"mdat"
 
 
 def _describe_decoded(path: Path) -> _Clip:

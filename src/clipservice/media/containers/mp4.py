@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import os
 import struct
 import sys
 from array import array
@@ -31,6 +32,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import accumulate, chain, repeat
 from operator import add, sub
+from pathlib import Path
 from typing import Literal, NamedTuple
 
 from .base import ContainerError, KnownSamples, Read, Sample, Track, Window
@@ -1037,12 +1039,14 @@ class Mp4Index:
     init: bytes
     size_bytes: int
     fragmented: bool
-    # Every track's handler type, in order ("vide", "soun", "sbtl", "text"...).
-    handlers: tuple[bytes, ...] = ()
+    handlers: tuple[bytes, ...]  # every track's handler type ("vide", "soun", "sbtl"...)
+    header_bytes: int  # the ftyp and moov boxes' sizes
+    moov_first: bool  # the moov comes before the media (faststart, or fragmented)
 
     def __init__(
         self,
         src: _Source,
+        top: _TopLevel,
         infos: list[_TrakInfo],
         init: bytes,
         frag_tracks: dict[int, _FragTrack] | None = None,
@@ -1056,6 +1060,13 @@ class Mp4Index:
         self.init = init
         self.size_bytes = src.size
         self.fragmented = frag_tracks is not None
+        self.handlers = _handlers(top.moov)
+        self.header_bytes = len(top.ftyp) + len(top.moov)
+        first_media = min(
+            (min(i.table.offsets) for i in infos if i.table is not None and len(i.table)),
+            default=src.size,
+        )
+        self.moov_first = top.moov_offset < first_media
 
     def track(self, kind: Literal["video", "audio"]) -> Track | None:
         """The first track of that kind."""
@@ -1463,6 +1474,13 @@ def open_mp4(read: Read, size_bytes: int) -> Mp4Index:
         raise ContainerError(f"damaged MP4: {exc}") from exc
 
 
+def open_file(path: Path) -> Mp4Index:
+    """The index of a local MP4 file (its moov read, nothing decoded)."""
+    with path.open("rb") as f:
+        fd = f.fileno()
+        return open_mp4(lambda offset, length: os.pread(fd, length, offset), os.fstat(fd).st_size)
+
+
 class _TopLevel(NamedTuple):
     ftyp: bytes
     moov: bytes
@@ -1548,9 +1566,7 @@ def _open(src: _Source) -> Mp4Index:
         raise ContainerError("no audio or video track")
     if not fragmented:
         init = top.ftyp + _init_moov(top.moov, {i.track.track_id for i in infos})
-        index = Mp4Index(src, infos, init)
-        index.handlers = _handlers(top.moov)
-        return index
+        return Mp4Index(src, top, infos, init)
 
     init = src.get(0, top.moov_offset + len(top.moov))
     if top.first_moof is None:
@@ -1622,9 +1638,7 @@ def _open(src: _Source) -> Mp4Index:
         info = _TrakInfo(track, info.shift, None, info.trex)
         updated.append(info)
         frag_tracks[tid] = _FragTrack(info, first, segments, end_pts)
-    index = Mp4Index(src, updated, init, frag_tracks, fragments_end)
-    index.handlers = _handlers(top.moov)
-    return index
+    return Mp4Index(src, top, updated, init, frag_tracks, fragments_end)
 
 
 def _first_fragments(src: _Source, first_moof: int, info: _TrakInfo) -> list[_Frag]:
