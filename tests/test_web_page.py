@@ -221,6 +221,15 @@ async def test_page_with_api_key(make_service: ServiceFactory, browser: Any) -> 
         }"""
     )
     await page.fill("#api-key", "k-test")
+    # Leaving the field asks again for the preview the 401 refused; it then fills the
+    # page above the button, so wait for it to settle before clicking (a click whose
+    # target moves between mouse-down and mouse-up is no click, for Chromium as for a user).
+    await page.press("#api-key", "Tab")
+    await page.wait_for_function(
+        """() => !document.getElementById('source-info').hidden
+              && document.getElementById('player').readyState >= 1
+              && document.getElementById('storyboard-status').textContent === ''"""
+    )
     await page.click("#submit")
     await page.wait_for_selector("#job-status.finished", timeout=60_000)
     assert await page.locator("#form-error").is_hidden()
