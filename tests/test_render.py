@@ -19,7 +19,9 @@ from __future__ import annotations
 import asyncio
 import io
 import itertools
+import os
 import subprocess
+import time
 from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,7 +39,7 @@ from clipservice.media import render
 from clipservice.media.captions import Cue, caption_style
 from clipservice.media.cutter import CutOutcome, CutSpec, Cutter
 from clipservice.media.ffmpeg import bundled_ffmpeg
-from clipservice.media.join import CutFailed
+from clipservice.media.join import CutFailed, Guard
 from clipservice.media.probe import probe_source, webp_info
 from clipservice.media.render import (
     check_options,
@@ -515,6 +517,91 @@ async def test_audio_is_the_clips_audio_to_the_sample(
     got = beeps(made.path)
     assert len(got) == 2 and got == pytest.approx([0.7, 1.7], abs=0.01), got
     assert {r["name"] for r in made.requests} == {progressive.files["audio"].name}
+
+
+def _pcm_of(path: Path) -> tuple[bytes, int, int]:
+    """A file's audio as PyAV decodes it, interleaved float32: bytes, rate, channels."""
+    out = bytearray()
+    with av.open(str(path)) as c:
+        stream = c.streams.audio[0]
+        rate, channels = stream.codec_context.sample_rate, stream.codec_context.channels
+        resampler = av.AudioResampler(format="flt", layout=stream.codec_context.layout, rate=rate)
+        for frame in c.decode(stream):
+            for packed in resampler.resample(frame):
+                out += bytes(packed.planes[0])[: packed.samples * 4 * channels]
+    return bytes(out), rate, channels
+
+
+async def test_piped_audio_is_the_exact_clip(
+    media_server: MediaServer, progressive: Shape, tmp_path: Path
+) -> None:
+    """What the mp3 encoder is fed: the AAC of 3.3-5.8 s decoded and cut to the
+    sample, the same audio (bit for bit) as the AAC copy decodes to within its
+    edit list, 2.5 s of it exactly."""
+    src = urls(media_server, progressive)
+    index = SourceIndex(src.video_url, src.audio_url)
+    await index.open()
+    stream = render._audio_input(index, 3.3, 5.8)
+    assert stream is not None
+    guard = Guard(time.monotonic() + 60)
+    copy = tmp_path / "copy.m4a"
+    await asyncio.to_thread(render.copy_aac, stream, 3.3, 5.8, copy, guard)
+    expected, rate, channels = _pcm_of(copy)
+
+    read, write = os.pipe()
+    pipe = render.PipeEnd(write)
+    with os.fdopen(read, "rb") as reader:
+        piped, covered = await asyncio.gather(
+            asyncio.to_thread(reader.read),
+            asyncio.to_thread(
+                render.pipe_aac_pcm, stream, 3.3, 5.8, pipe, tmp_path / "spill", guard
+            ),
+        )
+    assert not pipe.claim()  # the writer owned the pipe's end, and closed it
+    assert (rate, channels) == (stream.track.sample_rate, stream.track.channels)
+    assert len(piped) == round(2.5 * rate) * 4 * channels
+    assert covered == pytest.approx((3.3, 5.8), abs=1 / rate)
+    # (The copy's last AAC frame is shortened by the edit list, but decodes whole.)
+    assert piped == expected[: len(piped)]
+
+
+async def test_mp3_falls_back_to_the_aac_copy(
+    media_server: MediaServer, progressive: Shape, tmp_path: Path, monkeypatch: Any
+) -> None:
+    """When the audio cannot be piped (here: it fails at once), the mp3 is made from
+    the AAC copy, as exact, and nothing of the failed try is left."""
+    calls: list[str] = []
+
+    def broken(*args: Any) -> Any:
+        calls.append("pipe")
+        raise CutFailed("no pipe today")
+
+    monkeypatch.setattr(render, "_pipe_pcm", broken)
+    made = await make(media_server, progressive, tmp_path, OutputOptions(format="mp3"), (3.3, 5.8))
+    assert calls == ["pipe"]
+    assert beeps(made.path) == pytest.approx([0.7, 1.7], abs=0.01)
+    assert made.outcome.duration_s == pytest.approx(2.5, abs=0.06)
+
+
+async def test_mp3_encoder_that_fails_fails_the_clip(
+    media_server: MediaServer, progressive: Shape, tmp_path: Path
+) -> None:
+    """An encoder that dies before reading its input fails the clip with its own
+    message (the writer's broken pipe is not the story), leaves no file, and
+    does not hang the writer."""
+    fake = tmp_path / "ffmpeg"
+    fake.write_text("#!/bin/sh\necho 'encoder exploded' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    src = urls(media_server, progressive)
+    index = SourceIndex(src.video_url, src.audio_url)
+    info = await probe_source(src.video_url, src.audio_url, index)
+    final = _prepared(tmp_path / "out") / "clip.mp3"
+    spec = CutSpec(src, info, 3.3, 5.8, "accurate", final, 60, source=index,
+                   options=OutputOptions(format="mp3"))  # fmt: skip
+    with pytest.raises(ClipFailure) as failed:
+        await Cutter(ffmpeg_path=str(fake)).cut(spec)
+    assert failed.value.code == "ffmpeg_failed" and "encoder exploded" in failed.value.message
+    assert list(final.parent.iterdir()) == []
 
 
 # -- animations -----------------------------------------------------------------------------

@@ -190,21 +190,30 @@ async def run_ffmpeg(
     timeout_s: float,
     ffmpeg_path: str = "",
     on_progress: ProgressCallback | None = None,
+    stdin_fd: int | None = None,
 ) -> None:
-    """Run FFmpeg with ``args``; raise FFmpegError, TimeoutError or CancelledError."""
+    """Run FFmpeg with ``args``; raise FFmpegError, TimeoutError or CancelledError.
+
+    ``stdin_fd``: the read end of a pipe FFmpeg reads an input from (``pipe:0``);
+    this takes it over and closes it once FFmpeg has its own copy (or could not
+    start), so the writer sees a broken pipe as soon as FFmpeg is gone."""
     exe = ffmpeg_exe(ffmpeg_path)
     argv = [exe, "-hide_banner", "-nostdin", "-y", "-progress", "pipe:1", "-nostats", *args]
     t0 = time.monotonic()
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        start_new_session=True,
-        env=_child_env(),
-        # Tiny, lock-free set-up in the child: see _child_setup.
-        preexec_fn=_child_setup,
-    )
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL if stdin_fd is None else stdin_fd,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,
+            env=_child_env(),
+            # Tiny, lock-free set-up in the child: see _child_setup.
+            preexec_fn=_child_setup,
+        )
+    finally:
+        if stdin_fd is not None:
+            os.close(stdin_fd)
     running_processes.add(proc)
     tail: deque[str] = deque(maxlen=20)
     http_errors: list[str] = []

@@ -338,6 +338,16 @@ def audio_args(
     ]
 
 
+def pcm_audio_args(
+    pcm: str, rate: int, channels: int, out: str, fmt: Literal["m4a", "mp3"]
+) -> list[str]:
+    """Raw PCM read from standard input (the clip's exact audio) encoded to ``fmt``."""
+    return [
+        "-f", pcm, "-ar", str(rate), "-ac", str(channels), "-i", "pipe:0",
+        "-map", "0:a:0", *audio_codec_args(fmt), out,
+    ]  # fmt: skip
+
+
 def transcode_audio_args(local: str, out: str, fmt: Literal["m4a", "mp3"]) -> list[str]:
     """A local audio file (already the clip's audio) encoded to ``fmt``."""
     return ["-i", local, "-map", "0:a:0", "-vn", *audio_codec_args(fmt), out]

@@ -36,7 +36,10 @@ import asyncio
 import contextlib
 import io
 import os
+import sys
+import threading
 import uuid
+from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -588,6 +591,143 @@ def copy_aac(
     return start_s, min(end_s, (last_end - stream.origin_ticks) / track.timescale)
 
 
+class PipeEnd:
+    """The write end of a pipe, closed exactly once: by the thread that writes
+    it, or by its owner if that thread never came to run."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._lock = threading.Lock()
+        self._claimed = False
+
+    def claim(self) -> bool:
+        """True for the first caller only: it then owns (and closes) the fd."""
+        with self._lock:
+            claimed, self._claimed = self._claimed, True
+            return not claimed
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _interleaved(frame: Any, lo: int, hi: int, channels: int) -> bytes:
+    """Samples ``lo``..``hi`` of a planar float frame, interleaved."""
+    planes = [bytes(plane)[lo * 4 : hi * 4] for plane in frame.planes[:channels]]
+    if channels == 1:
+        return planes[0]
+    out = array("f", bytes(4 * (hi - lo) * channels))
+    for c, plane in enumerate(planes):
+        out[c::channels] = array("f", plane)
+    return out.tobytes()
+
+
+PCM_FORMAT = "f32le" if sys.byteorder == "little" else "f32be"
+
+
+def pipe_aac_pcm(
+    stream: StreamInput, start_s: float, end_s: float, pipe: PipeEnd, spill: Path, guard: Guard
+) -> tuple[float, float]:
+    """The AAC samples of [start_s, end_s) (user time) decoded, and exactly that
+    range's audio written to ``pipe`` as interleaved 32-bit floats at the
+    track's rate and channel count (PCM_FORMAT): the samples before the start
+    in the first AAC frame and after the end in the last are left out, a gap
+    before the first frame is silence. Closes the pipe. Returns the user times
+    written. Blocking."""
+    if not pipe.claim():
+        raise CutFailed("the audio pipe was closed before it was written")
+    try:
+        return _pipe_pcm(stream, start_s, end_s, pipe.fd, spill, guard)
+    finally:
+        os.close(pipe.fd)
+
+
+def _pipe_pcm(
+    stream: StreamInput, start_s: float, end_s: float, fd: int, spill: Path, guard: Guard
+) -> tuple[float, float]:
+    track = stream.track
+    rate, channels, scale = track.sample_rate, track.channels, track.timescale
+    start = round(start_s * scale) + stream.origin_ticks
+    end = round(end_s * scale) + stream.origin_ticks
+    total = round((end - start) * rate / scale)  # samples of the clip
+    written = 0
+    with _feed(stream, guard, spill) as feed:
+        decoder: Any = av.CodecContext.create("aac", "r")
+        decoder.extradata = track.config
+        for sample in feed.samples():
+            if sample.pts >= end or written >= total:
+                break
+            if sample.pts + max(sample.duration, 1) <= start:
+                continue
+            guard.check()
+            at = round((sample.pts - start) * rate / scale)  # the frame's first sample
+            for frame in decoder.decode(av.Packet(feed.data(sample))):
+                if (frame.format.name, frame.sample_rate, frame.layout.nb_channels) != (
+                    "fltp",
+                    rate,
+                    channels,
+                ):
+                    raise CutFailed(
+                        f"the AAC decodes to {frame.format.name} {frame.sample_rate} Hz "
+                        f"{frame.layout.nb_channels} ch, not the track's {rate} Hz {channels} ch"
+                    )
+                lo, hi = max(at, written), min(at + frame.samples, total)
+                if hi > lo:
+                    if lo > written:  # the audio starts late: silence until it does
+                        _write_all(fd, bytes(4 * channels * (lo - written)))
+                    _write_all(fd, _interleaved(frame, lo - at, hi - at, channels))
+                    written = hi
+                at += frame.samples
+    if written <= 0:
+        raise ClipFailure("no_audio", "the source has no audio in this range")
+    return start_s, start_s + written / rate
+
+
+async def _encode_piped(
+    spec: CutSpec, stream: StreamInput, tmp: Path, budget: Budget, ffmpeg_path: str
+) -> tuple[float, float]:
+    """The clip's audio decoded on a thread and piped, as exact PCM, to an FFmpeg
+    that encodes it as it comes (the decode on one core, the encoder on the
+    other). FFmpeg, whose encoding is the critical path, starts at once."""
+    track = stream.track
+    fmt: Literal["m4a", "mp3"] = "mp3" if spec.options.format == "mp3" else "m4a"
+    read, write = os.pipe()
+    pipe = PipeEnd(write)
+    spill = side_path(tmp, "spill")
+    feed = asyncio.ensure_future(
+        _in_thread(
+            lambda guard: pipe_aac_pcm(stream, spec.start_s, spec.end_s, pipe, spill, guard),
+            budget,
+        )
+    )
+    args = ffmpeg_args.pcm_audio_args(PCM_FORMAT, track.sample_rate, track.channels, str(tmp), fmt)
+    try:
+        try:
+            await run_ffmpeg(
+                args,
+                timeout_s=budget.left_s(),
+                ffmpeg_path=ffmpeg_path,
+                on_progress=spec.on_progress,
+                stdin_fd=read,
+            )
+        except BaseException:
+            feed.cancel()
+            await asyncio.wait({feed})
+            if not feed.cancelled():
+                failure = feed.exception()
+                # The thread's own failure (no audio, a fetch that failed) is the
+                # cause; a broken pipe only says that FFmpeg went first.
+                if failure is not None and not isinstance(failure, BrokenPipeError):
+                    raise failure from None
+            raise
+        return await feed
+    finally:
+        if pipe.claim():  # the thread never ran
+            os.close(write)
+
+
 async def _audio(
     spec: CutSpec, tmp: Path, budget: Budget, sides: list[Path], ffmpeg_path: str
 ) -> Rendered:
@@ -596,12 +736,25 @@ async def _audio(
     if spec.info.audio is None:
         raise ClipFailure("no_audio", "the source has no audio")
     covered: tuple[float, float] | None = None
-    # An MP3 is encoded from the AAC copy (a local m4a whose edit list trims it
-    # to the sample): FFmpeg's input seeking in the URL starts one AAC frame
-    # early (23 ms of audio from before the clip).
+    # An MP3 is encoded from the clip's exact audio: the AAC frames decoded
+    # here and trimmed to the sample, piped to the encoder as they come (or,
+    # failing that, the AAC copy: a local m4a whose edit list trims it).
+    # FFmpeg's input seeking in the URL starts one AAC frame early (23 ms of
+    # audio from before the clip): it is the last resort.
     source = await _open_index(spec, budget)
     stream = await asyncio.to_thread(_audio_input, source, start, end)
-    if stream is not None and stream.track.codec == "aac":
+    if (
+        stream is not None
+        and fmt == "mp3"
+        and stream.track.codec == "aac"
+        and stream.track.channels in (1, 2)
+        and stream.track.sample_rate > 0
+    ):
+        try:
+            covered = await _encode_piped(spec, stream, tmp, budget, ffmpeg_path)
+        except (CutFailed, ContainerError, av.FFmpegError) as exc:
+            log.info("audio_pipe_fallback", reason=str(exc))
+    if covered is None and stream is not None and stream.track.codec == "aac":
         target = tmp if fmt == "m4a" else side_path(tmp, "copy.m4a")
         if target != tmp:
             sides.append(target)
