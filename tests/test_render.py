@@ -971,6 +971,76 @@ async def test_reel_by_stream_copy_is_the_sum_in_order(
         )
 
 
+def _packets_by_stream(path: Path) -> dict[str, list[tuple[int, int, bytes]]]:
+    """(pts, dts, bytes) of every packet of an MP4, by stream kind, in file order."""
+    out: dict[str, list[tuple[int, int, bytes]]] = {}
+    with av.open(str(path)) as c:
+        for p in c.demux():
+            if p.dts is not None:
+                out.setdefault(p.stream.type, []).append((p.pts, p.dts, bytes(p)))
+    return out
+
+
+async def test_reel_copied_here_is_the_clips_packets_end_to_end(
+    media_server: MediaServer, progressive: Shape, tmp_path: Path, monkeypatch: Any
+) -> None:
+    """A copied reel is made in this process (no FFmpeg started): its packets are
+    the clips' own, byte for byte, in order, each clip's shifted as FFmpeg's
+    concat shifts them (all its streams by the clips' lengths before it), so
+    the first clip keeps its timing (its audio's edit list) and every clip its
+    own audio/video sync."""
+    paths = []
+    for i, clip in enumerate(((0.5, 2.5), (4.2, 6.0), (8.0, 9.5))):
+        _, path = await make(
+            media_server, progressive, tmp_path, OutputOptions(), clip, mode="fast", name=f"c{i}"
+        )
+        paths.append(path)
+
+    async def no_ffmpeg(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("FFmpeg was started for a reel copied by this process")
+
+    monkeypatch.setattr(render, "run_ffmpeg", no_ffmpeg)
+    reel = tmp_path / "reel.mp4"
+    merged = await merge_clips(paths, reel, timeout_s=60)
+    assert merged.copied and _parts(tmp_path) == []
+    got = _packets_by_stream(reel)
+    offset = Fraction(0)
+    expected: dict[str, list[tuple[int, int, bytes]]] = {"video": [], "audio": []}
+    for path in paths:
+        with av.open(str(path)) as c:
+            bases = {st.type: st.time_base for st in c.streams}
+            length = Fraction(c.duration, av.time_base)
+        for kind, packets in _packets_by_stream(path).items():
+            shift = round(offset / bases[kind])
+            expected[kind] += [(pts + shift, dts + shift, data) for pts, dts, data in packets]
+        offset += length
+    assert got == expected
+    assert merged.duration_s == pytest.approx(float(offset), abs=0.04)
+    assert _audio_timing(reel)[0] == pytest.approx(_audio_timing(paths[0])[0], abs=1e-6)
+    assert ffmpeg_errors(reel) == ""
+    boxes = _top_level(reel)
+    assert [kind for kind, _ in boxes[:3]] == [b"ftyp", b"moov", b"free"]
+
+
+async def test_reel_of_captioned_clips_is_copied_by_ffmpeg(
+    media_server: MediaServer, progressive: Shape, tmp_path: Path
+) -> None:
+    """Clips with a text track are joined by FFmpeg's concat (the copy here joins
+    one video and one audio stream only): the reel keeps the captions."""
+    options = OutputOptions(captions=Captions(text=VTT))
+    paths = []
+    for i, clip in enumerate(((3.5, 6.5), (3.5, 6.5))):
+        _, path = await make(
+            media_server, progressive, tmp_path, options, clip, mode="fast", name=f"s{i}"
+        )
+        paths.append(path)
+    reel = tmp_path / "reel.mp4"
+    merged = await merge_clips(paths, reel, timeout_s=60)
+    assert merged.copied
+    assert streams(reel)["subtitles"] == ["mov_text"] and ffmpeg_errors(reel) == ""
+    assert _parts(tmp_path) == []
+
+
 def _top_level(path: Path) -> list[tuple[bytes, int]]:
     """(kind, size) of each top-level box of an MP4."""
     data, pos, boxes = path.read_bytes(), 0, []
