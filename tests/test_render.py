@@ -34,8 +34,8 @@ import pytest
 
 from clipservice.domain import Captions, CutMode, OutputOptions, StreamUrls
 from clipservice.errors import ClipFailure
+from clipservice.media import ffmpeg, render
 from clipservice.media import ffmpeg_args as fa
-from clipservice.media import render
 from clipservice.media.captions import Cue, caption_style
 from clipservice.media.cutter import CutOutcome, CutSpec, Cutter
 from clipservice.media.ffmpeg import bundled_ffmpeg
@@ -602,6 +602,52 @@ async def test_mp3_encoder_that_fails_fails_the_clip(
         await Cutter(ffmpeg_path=str(fake)).cut(spec)
     assert failed.value.code == "ffmpeg_failed" and "encoder exploded" in failed.value.message
     assert list(final.parent.iterdir()) == []
+
+
+async def test_mp3_cancelled_while_piping_leaves_nothing(
+    media_server: MediaServer, progressive: Shape, tmp_path: Path, monkeypatch: Any
+) -> None:
+    """An mp3 clip cancelled while its encoder waits for audio that does not come
+    (the source stalls): the encoder is killed and reaped, the decoding thread
+    stops, no file is left."""
+    video = media_server.add("mp3-cancel.mp4", progressive.files["video"])
+    media_server.add("mp3-cancel.m4a", progressive.files["audio"])
+    audio = media_server.url("mp3-cancel.m4a", stall=True)
+    index = SourceIndex(video, audio)
+    info = await probe_source(video, audio, index)
+    final = _prepared(tmp_path / "out") / "clip.mp3"
+    spec = CutSpec(StreamUrls(video, audio), info, 8.0, 10.0, "accurate", final, 60,
+                   source=index, options=OutputOptions(format="mp3"))  # fmt: skip
+    ended: list[BaseException | None] = []
+    pipe_pcm = render._pipe_pcm
+
+    def watched(*args: Any) -> Any:
+        try:
+            result = pipe_pcm(*args)
+        except BaseException as exc:
+            ended.append(exc)
+            raise
+        ended.append(None)
+        return result
+
+    monkeypatch.setattr(render, "_pipe_pcm", watched)
+    task = asyncio.ensure_future(Cutter().cut(spec))
+    async with asyncio.timeout(10):
+        while not ffmpeg.running_processes:
+            await asyncio.sleep(0.02)
+    encoder = next(iter(ffmpeg.running_processes))
+    await asyncio.sleep(0.2)  # (the thread is waiting for the stalled bytes)
+    assert ended == []
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert encoder.returncode is not None and not ffmpeg.running_processes
+    assert list(final.parent.iterdir()) == []
+    async with asyncio.timeout(10):  # the thread stops at its next check
+        while not ended:
+            await asyncio.sleep(0.05)
+    assert ended[0] is not None  # it gave up; it did not go on to write the clip
+    media_server.unstall.set()
 
 
 # -- animations -----------------------------------------------------------------------------
