@@ -1068,6 +1068,30 @@ async def test_reel_copied_here_is_the_clips_packets_end_to_end(
     assert [kind for kind, _ in boxes[:3]] == [b"ftyp", b"moov", b"free"]
 
 
+async def test_reel_copy_here_that_fails_is_made_by_ffmpeg(
+    media_server: MediaServer, progressive: Shape, tmp_path: Path, monkeypatch: Any
+) -> None:
+    """Whatever stops the copy here (an error it did not foresee), the reel is
+    made by FFmpeg's concat instead, complete, and the failed try leaves nothing."""
+    paths = []
+    for i, clip in enumerate(((0.5, 2.5), (4.2, 6.0))):
+        _, path = await make(
+            media_server, progressive, tmp_path, OutputOptions(), clip, mode="fast", name=f"c{i}"
+        )
+        paths.append(path)
+
+    def broken(paths: list[Path], out: Path, *args: Any) -> None:
+        out.write_bytes(b"half a reel")
+        raise ValueError("unforeseen")
+
+    monkeypatch.setattr(render, "copy_reel", broken)
+    reel = tmp_path / "reel.mp4"
+    merged = await merge_clips(paths, reel, timeout_s=60)
+    assert merged.copied and ffmpeg_errors(reel) == ""
+    assert _top_level(reel)[1][0] == b"moov"
+    assert _parts(tmp_path) == []
+
+
 async def test_reel_of_captioned_clips_is_copied_by_ffmpeg(
     media_server: MediaServer, progressive: Shape, tmp_path: Path
 ) -> None:

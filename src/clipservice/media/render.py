@@ -1221,8 +1221,10 @@ async def merge_clips(
                 reserve = _moov_reserve(clips)
                 try:
                     await _copy_reel_here(paths, tmp, reserve, deadline, on_progress)
-                except (CutFailed, av.FFmpegError, OSError) as exc:
-                    log.info("reel_copy_by_ffmpeg", reason=str(exc))
+                except TimeoutError:
+                    raise
+                except Exception as exc:  # anything the copy here meets: FFmpeg's concat
+                    log.info("reel_copy_by_ffmpeg", reason=f"{type(exc).__name__}: {exc}")
                     await _concat_by_ffmpeg(
                         paths, tmp, reserve, sides, deadline, ffmpeg_path, on_progress
                     )
