@@ -1068,6 +1068,50 @@ async def test_reel_copied_here_is_the_clips_packets_end_to_end(
     assert [kind for kind, _ in boxes[:3]] == [b"ftyp", b"moov", b"free"]
 
 
+def _sample_entry(path: Path) -> bytes:
+    """The video track's sample entry type (avc1, hvc1, hev1, av01, vp09)."""
+    header = path.read_bytes()[:65536]  # (ftyp and moov: the clips are faststart)
+    return next(tag for tag in (b"avc1", b"hvc1", b"hev1", b"av01", b"vp09") if tag in header)
+
+
+@pytest.mark.parametrize(
+    ("name", "here"), [("hevc_mp4", True), ("av1_fmp4", True), ("webm_vp9", False)]
+)
+async def test_reel_copy_keeps_each_codecs_sample_entry(
+    media_server: MediaServer,
+    shapes: Shapes,
+    tmp_path: Path,
+    monkeypatch: Any,
+    name: str,
+    here: bool,
+) -> None:
+    """HEVC and AV1 clips are copied here too, each keeping its sample entry (an
+    HEVC reel stays hvc1, which Apple's players need, not the muxer's default
+    hev1); clips whose audio starts with a whole priming frame (AAC encoded from
+    WebM's Opus) would overlap at the join: FFmpeg's concat joins those."""
+    shape = shapes.get(name)
+    paths = []
+    for i, clip in enumerate(((2.0, 4.5), (6.0, 8.0))):
+        _, path = await make(
+            media_server, shape, tmp_path, OutputOptions(), clip, mode="fast", name=f"c{i}"
+        )
+        paths.append(path)
+    started: list[list[str]] = []
+    run_ffmpeg = render.run_ffmpeg
+
+    async def counted(args: list[str], **kwargs: Any) -> None:
+        started.append(args)
+        await run_ffmpeg(args, **kwargs)
+
+    monkeypatch.setattr(render, "run_ffmpeg", counted)
+    reel = tmp_path / "reel.mp4"
+    merged = await merge_clips(paths, reel, timeout_s=60)
+    assert merged.copied and (started == []) == here
+    assert _sample_entry(reel) == _sample_entry(paths[0])
+    assert render._describe_clip(reel).signature == render._describe_clip(paths[0]).signature
+    assert ffmpeg_errors(reel) == ""
+
+
 async def test_reel_copy_here_that_fails_is_made_by_ffmpeg(
     media_server: MediaServer, progressive: Shape, tmp_path: Path, monkeypatch: Any
 ) -> None:

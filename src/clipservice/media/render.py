@@ -1100,8 +1100,11 @@ def copy_reel(
         with av.open(str(out), "w", format="mp4", options={"moov_size": str(reserve)}) as oc:
             outs = []
             for st in first.streams:
-                copy = oc.add_stream_from_template(st)
+                copy = oc.add_stream_from_template(st, opaque=True)
                 copy.time_base = st.time_base
+                # The clip's sample entry (hvc1, not the muxer's default hev1,
+                # which Apple's players refuse, and its hvcC as it is).
+                copy.codec_context.codec_tag = st.codec_context.codec_tag
                 outs.append(copy)
             offset = Fraction(0)  # where the clip starts in the reel, in seconds
             last_dts: list[int | None] = [None] * len(outs)
