@@ -1068,6 +1068,30 @@ async def test_reel_copied_here_is_the_clips_packets_end_to_end(
     assert [kind for kind, _ in boxes[:3]] == [b"ftyp", b"moov", b"free"]
 
 
+async def test_reel_copied_here_that_fails_its_check_is_made_by_ffmpeg(
+    media_server: MediaServer, progressive: Shape, tmp_path: Path, monkeypatch: Any
+) -> None:
+    """A reel the copy here made but its check refuses (here: the copy left a
+    clip out, so it is too short) is made again by FFmpeg's concat, whole."""
+    paths = []
+    for i, clip in enumerate(((0.5, 2.5), (4.2, 6.0))):
+        _, path = await make(
+            media_server, progressive, tmp_path, OutputOptions(), clip, mode="fast", name=f"c{i}"
+        )
+        paths.append(path)
+    copy_reel = render.copy_reel
+
+    def short(paths: list[Path], *args: Any) -> None:
+        copy_reel(paths[:1], *args)
+
+    monkeypatch.setattr(render, "copy_reel", short)
+    reel = tmp_path / "reel.mp4"
+    merged = await merge_clips(paths, reel, timeout_s=60)
+    total = sum(render._describe_clip(p).duration_s for p in paths)
+    assert merged.copied and merged.duration_s == pytest.approx(total, abs=0.04)
+    assert ffmpeg_errors(reel) == "" and _parts(tmp_path) == []
+
+
 def _sample_entry(path: Path) -> bytes:
     """The video track's sample entry type (avc1, hvc1, hev1, av01, vp09)."""
     header = path.read_bytes()[:65536]  # (ftyp and moov: the clips are faststart)

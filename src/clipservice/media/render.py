@@ -1217,6 +1217,15 @@ async def merge_clips(
         expected = sum(c.duration_s for c in clips) - (n - 1) * crossfade_s
     first = clips[0]
     fps = first.fps or Fraction(30)
+    tol = len(clips) * 2 / float(fps) + 0.05
+    audio = any(c.has_audio for c in clips)
+
+    async def check() -> OutputInfo:
+        if copied and all(c.header_bytes for c in clips):
+            return await asyncio.to_thread(_check_copied_reel, tmp, expected, tol, clips[0])
+        return await validate_media(tmp, "video", expected, tol_s=tol, expect_audio=audio)
+
+    info: OutputInfo | None = None
     with _side_files() as sides:
         sides.append(tmp)
         try:
@@ -1224,10 +1233,13 @@ async def merge_clips(
                 reserve = _moov_reserve(clips)
                 try:
                     await _copy_reel_here(paths, tmp, reserve, deadline, on_progress)
+                    info = await check()
                 except TimeoutError:
                     raise
-                except Exception as exc:  # anything the copy here meets: FFmpeg's concat
+                except Exception as exc:  # whatever stops the copy here, or a reel its
+                    # check refuses: FFmpeg's concat makes the reel
                     log.info("reel_copy_by_ffmpeg", reason=f"{type(exc).__name__}: {exc}")
+                if info is None:
                     await _concat_by_ffmpeg(
                         paths, tmp, reserve, sides, deadline, ffmpeg_path, on_progress
                     )
@@ -1242,7 +1254,7 @@ async def merge_clips(
                     height=ffmpeg_args.even_floor(first.height),
                     fps=fps,
                     crossfade_s=crossfade_s if n > 1 else 0.0,
-                    audio=any(c.has_audio for c in clips),
+                    audio=audio,
                 )
                 await run_ffmpeg(
                     args,
@@ -1252,11 +1264,7 @@ async def merge_clips(
                 )
         except FFmpegError as exc:
             raise ClipFailure("ffmpeg_failed", exc.stderr_tail or str(exc)) from exc
-        tol = len(clips) * 2 / float(fps) + 0.05
-        audio = any(c.has_audio for c in clips)
-        if copied and all(c.header_bytes for c in clips):
-            info = await asyncio.to_thread(_check_copied_reel, tmp, expected, tol, clips[0])
-        else:
-            info = await validate_media(tmp, "video", expected, tol_s=tol, expect_audio=audio)
+        if info is None:
+            info = await check()
         await asyncio.to_thread(os.replace, tmp, out)
     return MergeOutcome(info.video_duration_s, info.size_bytes, copied, info.width, info.height)
