@@ -224,6 +224,18 @@ class Feed:
         return self.prefetch.read(sample.offset, sample.size)
 
 
+def overlapping(samples: list[Sample], start: int, end: int, guard: Guard) -> Iterator[Sample]:
+    """The samples (in decode order, up to the first at or after ``end``) that
+    show some of [start, end) (track ticks); the guard checked before each."""
+    for sample in samples:
+        guard.check()
+        if sample.pts >= end:
+            return
+        if sample.pts + max(sample.duration, 1) <= start:
+            continue
+        yield sample
+
+
 def _merged(spans: list[tuple[int, int]], gap: int = 64 * 1024) -> list[tuple[int, int]]:
     """Sorted spans with overlapping ones, and ones closer than ``gap``, joined."""
     out: list[tuple[int, int]] = []
@@ -550,12 +562,7 @@ def _audio(
     start = round(first_s * ts) + origin
     end = round(end_s * ts) + origin
     out = []
-    for sample in feed.samples():
-        if sample.pts >= end:
-            break
-        if sample.pts + max(sample.duration, 1) <= start:
-            continue
-        guard.check()
+    for sample in overlapping(feed.samples(), start, end, guard):
         out.append((feed.data(sample), sample.pts - start, sample.duration))
         if on_progress is not None:
             on_progress((sample.pts - start) / ts)
@@ -615,12 +622,7 @@ def _encode_audio(
                 write(_trimmed(out, skip, keep, rate) if skip or keep < n else out)
 
     first = True
-    for sample in feed.samples():
-        guard.check()
-        if sample.pts >= end:
-            break
-        if sample.pts + max(sample.duration, 1) <= start - preroll:
-            continue
+    for sample in overlapping(feed.samples(), start - preroll, end, guard):
         packet = av.Packet(feed.data(sample))
         packet.pts = packet.dts = sample.pts
         try:

@@ -69,7 +69,7 @@ from clipservice.media.containers.base import ContainerError, Sample, Track
 from clipservice.media.containers.mp4 import Mp4Index, open_file
 from clipservice.media.fetch import Prefetch, RangeFetcher
 from clipservice.media.ffmpeg import FFmpegError, ProgressCallback, run_ffmpeg
-from clipservice.media.join import CutFailed, Feed, Guard, StreamInput
+from clipservice.media.join import CutFailed, Feed, Guard, StreamInput, overlapping
 from clipservice.media.probe import OutputInfo, OutputKind, probe_source, validate_media
 from clipservice.media.source import SourceIndex
 
@@ -551,6 +551,15 @@ def _audio_input(source: SourceIndex, start_s: float, end_s: float) -> StreamInp
     )
 
 
+def _range_ticks(stream: StreamInput, start_s: float, end_s: float) -> tuple[int, int]:
+    """[start_s, end_s) (user time) in the stream's track ticks."""
+    scale = stream.track.timescale
+    return (
+        round(start_s * scale) + stream.origin_ticks,
+        round(end_s * scale) + stream.origin_ticks,
+    )
+
+
 def copy_aac(
     stream: StreamInput, start_s: float, end_s: float, out: Path, guard: Guard
 ) -> tuple[float, float]:
@@ -560,8 +569,7 @@ def copy_aac(
     is cut). Returns the user times the audio really covers. Blocking."""
     track = stream.track
     tb = Fraction(1, track.timescale)
-    start = round(start_s * track.timescale) + stream.origin_ticks
-    end = round(end_s * track.timescale) + stream.origin_ticks
+    start, end = _range_ticks(stream, start_s, end_s)
     last_end = start
     with _feed(stream, guard, side_path(out, "spill")) as feed:
         samples = feed.samples()
@@ -570,12 +578,7 @@ def copy_aac(
             with av.open(str(out), "w", format="ipod", options={"movflags": "+faststart"}) as oc:
                 aout = oc.add_stream_from_template(template)
                 aout.time_base = tb
-                for sample in samples:
-                    if sample.pts >= end:
-                        break
-                    if sample.pts + max(sample.duration, 1) <= start:
-                        continue
-                    guard.check()
+                for sample in overlapping(samples, start, end, guard):
                     packet = av.Packet(feed.data(sample))
                     packet.stream = aout
                     packet.time_base = tb
@@ -650,19 +653,15 @@ def _pipe_pcm(
 ) -> tuple[float, float]:
     track = stream.track
     rate, channels, scale = track.sample_rate, track.channels, track.timescale
-    start = round(start_s * scale) + stream.origin_ticks
-    end = round(end_s * scale) + stream.origin_ticks
+    start, end = _range_ticks(stream, start_s, end_s)
     total = round((end - start) * rate / scale)  # samples of the clip
     written = 0
     with _feed(stream, guard, spill) as feed:
         decoder: Any = av.CodecContext.create("aac", "r")
         decoder.extradata = track.config
-        for sample in feed.samples():
-            if sample.pts >= end or written >= total:
+        for sample in overlapping(feed.samples(), start, end, guard):
+            if written >= total:
                 break
-            if sample.pts + max(sample.duration, 1) <= start:
-                continue
-            guard.check()
             at = round((sample.pts - start) * rate / scale)  # the frame's first sample
             for frame in decoder.decode(av.Packet(feed.data(sample))):
                 if (frame.format.name, frame.sample_rate, frame.layout.nb_channels) != (
@@ -687,13 +686,17 @@ def _pipe_pcm(
 
 
 async def _encode_piped(
-    spec: CutSpec, stream: StreamInput, tmp: Path, budget: Budget, ffmpeg_path: str
+    spec: CutSpec,
+    stream: StreamInput,
+    fmt: Literal["m4a", "mp3"],
+    tmp: Path,
+    budget: Budget,
+    ffmpeg_path: str,
 ) -> tuple[float, float]:
     """The clip's audio decoded on a thread and piped, as exact PCM, to an FFmpeg
     that encodes it as it comes (the decode on one core, the encoder on the
     other). FFmpeg, whose encoding is the critical path, starts at once."""
     track = stream.track
-    fmt: Literal["m4a", "mp3"] = "mp3" if spec.options.format == "mp3" else "m4a"
     read, write = os.pipe()
     pipe = PipeEnd(write)
     spill = side_path(tmp, "spill")
@@ -752,7 +755,7 @@ async def _audio(
         and stream.track.sample_rate > 0
     ):
         try:
-            covered = await _encode_piped(spec, stream, tmp, budget, ffmpeg_path)
+            covered = await _encode_piped(spec, stream, fmt, tmp, budget, ffmpeg_path)
         except (CutFailed, ContainerError, av.FFmpegError) as exc:
             log.info("audio_pipe_fallback", reason=str(exc))
     if covered is None and stream is not None and stream.track.codec == "aac":
@@ -1057,7 +1060,7 @@ async def _copy_reel_here(
     paths: list[Path],
     out: Path,
     reserve: int,
-    deadline: float,
+    budget: Budget,
     on_progress: ProgressCallback | None,
 ) -> None:
     """The clips joined by stream copy on a thread of this process (no FFmpeg
@@ -1068,9 +1071,7 @@ async def _copy_reel_here(
         if on_progress is not None:
             loop.call_soon_threadsafe(on_progress, out_s)
 
-    await _in_thread(
-        lambda guard: copy_reel(paths, out, reserve, guard, progress), _Until(deadline)
-    )
+    await _in_thread(lambda guard: copy_reel(paths, out, reserve, guard, progress), budget)
 
 
 def copy_reel(
@@ -1141,7 +1142,7 @@ async def _concat_by_ffmpeg(
     tmp: Path,
     reserve: int,
     sides: list[Path],
-    deadline: float,
+    budget: Budget,
     ffmpeg_path: str,
     on_progress: ProgressCallback | None,
 ) -> None:
@@ -1155,7 +1156,7 @@ async def _concat_by_ffmpeg(
     try:
         await run_ffmpeg(
             args,
-            timeout_s=_Until(deadline).left_s(),
+            timeout_s=budget.left_s(),
             ffmpeg_path=ffmpeg_path,
             on_progress=on_progress,
         )
@@ -1164,7 +1165,7 @@ async def _concat_by_ffmpeg(
             raise
         log.warning("reel_moov_reserve_short", reserved=reserve)
         args = ffmpeg_args.concat_copy_args(str(listing), str(tmp))
-        await run_ffmpeg(args, timeout_s=_Until(deadline).left_s(), ffmpeg_path=ffmpeg_path)
+        await run_ffmpeg(args, timeout_s=budget.left_s(), ffmpeg_path=ffmpeg_path)
 
 
 def _concat_list(paths: list[Path]) -> str:
@@ -1200,8 +1201,7 @@ async def merge_clips(
         raise ValueError("a reel needs at least one clip")
     if not 0 <= crossfade_s <= MAX_CROSSFADE_S:
         raise ValueError(f"crossfade_s must be between 0 and {MAX_CROSSFADE_S:g}")
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
+    budget = _Until(time.monotonic() + timeout_s)
     # (Described side by side: each is a file open and a few reads.)
     clips = list(await asyncio.gather(*(asyncio.to_thread(_describe_clip, p) for p in paths)))
     if not all(c.has_video for c in clips):
@@ -1232,7 +1232,7 @@ async def merge_clips(
             if copied:
                 reserve = _moov_reserve(clips)
                 try:
-                    await _copy_reel_here(paths, tmp, reserve, deadline, on_progress)
+                    await _copy_reel_here(paths, tmp, reserve, budget, on_progress)
                     info = await check()
                 except TimeoutError:
                     raise
@@ -1241,7 +1241,7 @@ async def merge_clips(
                     log.info("reel_copy_by_ffmpeg", reason=f"{type(exc).__name__}: {exc}")
                 if info is None:
                     await _concat_by_ffmpeg(
-                        paths, tmp, reserve, sides, deadline, ffmpeg_path, on_progress
+                        paths, tmp, reserve, sides, budget, ffmpeg_path, on_progress
                     )
             else:
                 parts = [
@@ -1258,7 +1258,7 @@ async def merge_clips(
                 )
                 await run_ffmpeg(
                     args,
-                    timeout_s=max(0.001, deadline - loop.time()),
+                    timeout_s=budget.left_s(),
                     ffmpeg_path=ffmpeg_path,
                     on_progress=on_progress,
                 )
